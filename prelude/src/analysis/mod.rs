@@ -1,0 +1,14 @@
+//! Analyses of vision encoders: Platonic alignment (mutual k-NN, CKA, CKNNA over layer × layer
+//! grids) and gradient maps (PIVOT's token-gradient map, Grad-CAM, overlays, localisation scores).
+
+pub mod align;
+pub mod gradmap;
+
+pub use align::{
+    AlignmentGrid, AlignmentMetric, OutlierClamp, cka, cknna, hsic_biased, hsic_unbiased, l2_normalize, mutual_knn,
+    prepare_features, remove_outliers,
+};
+pub use gradmap::{
+    GradMapOptions, LocalisationScore, TokenNorm, border_fix, colorize, energy_in_mask, grad_cam, jet, localisation,
+    min_max, overlay, overlay_with, pivot_map, pointing_game, tensor_to_rgb,
+};

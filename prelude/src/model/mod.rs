@@ -1,0 +1,35 @@
+//! The models of the study, one file each (candle-transformers style): a config that
+//! deserialises HF `config.json` or comes from a named preset, a constructor from a checkpoint,
+//! and a `forward`.
+
+pub mod encoder;
+pub mod layers;
+pub mod mllm;
+pub mod preprocess;
+pub mod projector;
+pub mod qwen2;
+pub mod tokenizer;
+pub mod vision;
+pub mod weights;
+
+pub use encoder::{Pooling, Provenance, Stage, VisionEncoder};
+pub use layers::Activation;
+pub use mllm::{Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Mllm, MllmConfig, MllmOutput};
+pub use preprocess::{ImageProcessor, ResizeMode, Resample};
+pub use projector::{Projector, ProjectorConfig};
+pub use qwen2::{KvCache, LanguageModel, LmOutput, Qwen2Config};
+pub use tokenizer::Tokenizer;
+pub use vision::{FeatureSelect, VisionConfig, VisionFamily, VisionOutput, VisionTower};
+pub use weights::Checkpoint;
+
+use tch::nn::VarStore;
+
+/// Gives `dst` the same requires-grad flags as `src` (a deep copy keeps what was frozen).
+pub(crate) fn copy_trainable_flags(src: &VarStore, dst: &VarStore) {
+    let dst_vars = dst.variables();
+    for (name, t) in src.variables() {
+        if let Some(d) = dst_vars.get(&name) {
+            let _ = d.shallow_clone().set_requires_grad(t.requires_grad());
+        }
+    }
+}

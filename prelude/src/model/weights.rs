@@ -1,0 +1,312 @@
+//! Reading and writing Hugging Face safetensors checkpoints.
+//!
+//! A checkpoint is a single `*.safetensors` file, a sharded set described by
+//! `model.safetensors.index.json`, or a directory holding either. Files are memory-mapped and a
+//! tensor is copied out only when a model asks for it, so loading a tower out of a whole MLLM
+//! checkpoint does not read the language model. Errors always name the file and the tensor.
+
+use crate::error::{PivotError, Result};
+use safetensors::{Dtype, SafeTensors};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor, nn::VarStore};
+
+struct Shard {
+    path: PathBuf,
+    mmap: memmap2::Mmap,
+}
+
+/// Where one tensor lives: which shard, its dtype and shape.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub shard: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<i64>,
+}
+
+/// An opened (possibly sharded) safetensors checkpoint.
+pub struct Checkpoint {
+    root: PathBuf,
+    shards: Vec<Shard>,
+    index: BTreeMap<String, TensorInfo>,
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::I16 => Kind::Int16,
+        Dtype::I8 => Kind::Int8,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Result<Dtype> {
+    Ok(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        other => return Err(PivotError::invalid(format!("cannot write a {other:?} tensor to safetensors"))),
+    })
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, a `model.safetensors.index.json`, or a directory containing
+    /// either (the index wins, then `model.safetensors`; otherwise every `*.safetensors` in the
+    /// directory is a shard).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(PivotError::file(path, "no such file or directory"));
+        }
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let index = path.join("model.safetensors.index.json");
+            if index.is_file() {
+                Self::shards_from_index(&index)?
+            } else if path.join("model.safetensors").is_file() {
+                vec![path.join("model.safetensors")]
+            } else {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                    .map_err(|e| PivotError::file(path, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                files.sort();
+                if files.is_empty() {
+                    return Err(PivotError::file(path, "no *.safetensors file and no model.safetensors.index.json here"));
+                }
+                files
+            }
+        } else if path.file_name().is_some_and(|n| n.to_string_lossy().ends_with(".index.json")) {
+            Self::shards_from_index(path)?
+        } else {
+            vec![path.to_path_buf()]
+        };
+
+        let mut shards = Vec::with_capacity(files.len());
+        let mut index = BTreeMap::new();
+        for (i, file) in files.into_iter().enumerate() {
+            let handle = std::fs::File::open(&file).map_err(|e| PivotError::file(&file, e))?;
+            // SAFETY: the map is read-only; a checkpoint modified while we read it is the
+            // user's race, and the worst outcome is wrong numbers, not memory unsafety in Rust code
+            // that only reads bytes.
+            let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| PivotError::file(&file, e))?;
+            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
+                PivotError::file(&file, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
+            })?;
+            for (name, view) in st.tensors() {
+                let shape = view.shape().iter().map(|&d| d as i64).collect();
+                if index.insert(name.clone(), TensorInfo { shard: i, dtype: view.dtype(), shape }).is_some() {
+                    return Err(PivotError::file(&file, format!("tensor `{name}` appears in more than one shard")));
+                }
+            }
+            shards.push(Shard { path: file, mmap });
+        }
+        Ok(Checkpoint { root: path.to_path_buf(), shards, index })
+    }
+
+    fn shards_from_index(index_path: &Path) -> Result<Vec<PathBuf>> {
+        let text = std::fs::read_to_string(index_path).map_err(|e| PivotError::file(index_path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| PivotError::file(index_path, format!("invalid JSON: {e}")))?;
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| PivotError::file(index_path, "field `weight_map` is missing or not an object"))?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                PivotError::file(index_path, format!("field `weight_map.{tensor}` is not a file name"))
+            })?;
+            let p = dir.join(file);
+            if !files.contains(&p) {
+                files.push(p);
+            }
+        }
+        for f in &files {
+            if !f.is_file() {
+                return Err(PivotError::file(index_path, format!("shard {} listed in weight_map does not exist", f.display())));
+            }
+        }
+        files.sort();
+        Ok(files)
+    }
+
+    /// The path the checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name)
+    }
+
+    /// File that holds `name` (for error messages), or the checkpoint root.
+    pub fn file_of(&self, name: &str) -> &Path {
+        self.index.get(name).map(|i| self.shards[i.shard].path.as_path()).unwrap_or(&self.root)
+    }
+
+    /// Copies one tensor out of the checkpoint, on the CPU, in the file's dtype.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .index
+            .get(name)
+            .ok_or_else(|| PivotError::MissingTensor { path: self.root.clone(), name: name.to_string(), expected: vec![] })?;
+        let shard = &self.shards[info.shard];
+        let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| PivotError::file(&shard.path, e))?;
+        let view = st.tensor(name).map_err(|e| PivotError::file(&shard.path, e))?;
+        let kind = kind_of(info.dtype).ok_or_else(|| {
+            PivotError::file(&shard.path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype))
+        })?;
+        Ok(Tensor::f_from_data_size(view.data(), &info.shape, kind)?)
+    }
+
+    /// The first of `prefixes` under which `probe` exists, e.g. to find whether a tower is stored
+    /// as `vision_model.*` or `model.vision_tower.vision_tower.vision_model.*`.
+    pub fn find_prefix<'a>(&self, prefixes: &[&'a str], probe: &str) -> Option<&'a str> {
+        prefixes.iter().copied().find(|p| self.contains(&format!("{p}{probe}")))
+    }
+
+    /// Copies every variable of `vs` from `prefix + <var name>`, converting to the variable's
+    /// dtype and device (the file's dtype never leaks into the model). A missing tensor or a
+    /// shape mismatch is an error naming both.
+    pub fn load_into(&self, vs: &VarStore, prefix: &str) -> Result<()> {
+        self.load_mapped(vs, |name| format!("{prefix}{name}"))
+    }
+
+    /// Like [`Checkpoint::load_into`] with an arbitrary variable-name → checkpoint-key mapping.
+    pub fn load_mapped(&self, vs: &VarStore, key_of: impl Fn(&str) -> String) -> Result<()> {
+        let vars = vs.variables();
+        let mut names: Vec<&String> = vars.keys().collect();
+        names.sort();
+        for name in names {
+            let var = &vars[name];
+            let key = key_of(name);
+            let expected = var.size();
+            let Some(info) = self.index.get(&key) else {
+                return Err(PivotError::MissingTensor { path: self.root.clone(), name: key, expected });
+            };
+            if info.shape != expected {
+                return Err(PivotError::ShapeMismatch {
+                    path: self.file_of(&key).to_path_buf(),
+                    name: key,
+                    expected,
+                    found: info.shape.clone(),
+                });
+            }
+            let src = self.tensor(&key)?;
+            tch::no_grad(|| -> Result<()> {
+                let mut dst = var.shallow_clone();
+                dst.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Number of encoder layers stored under `prefix` with the given layer path, e.g.
+    /// `layers_under("vision_model.encoder.layers.")`. PIVOT checkpoints drop the last layer.
+    pub fn count_layers(&self, layer_prefix: &str) -> usize {
+        let mut max: Option<usize> = None;
+        for name in self.index.keys() {
+            if let Some(rest) = name.strip_prefix(layer_prefix) {
+                if let Some(idx) = rest.split('.').next().and_then(|s| s.parse::<usize>().ok()) {
+                    max = Some(max.map_or(idx, |m: usize| m.max(idx)));
+                }
+            }
+        }
+        max.map_or(0, |m| m + 1)
+    }
+}
+
+/// Writes named tensors to one safetensors file with `{"format": "pt"}` metadata (which
+/// `transformers` requires), atomically: the data goes to `<path>.partial` and is renamed into
+/// place only when complete, so a crash never leaves a truncated checkpoint under the real name.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    struct Owned {
+        dtype: Dtype,
+        shape: Vec<usize>,
+        data: Vec<u8>,
+    }
+    impl safetensors::View for &Owned {
+        fn dtype(&self) -> Dtype {
+            self.dtype
+        }
+        fn shape(&self) -> &[usize] {
+            &self.shape
+        }
+        fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+            std::borrow::Cow::Borrowed(&self.data)
+        }
+        fn data_len(&self) -> usize {
+            self.data.len()
+        }
+    }
+    let mut owned: Vec<(String, Owned)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
+        let dtype = dtype_of(t.kind())?;
+        let numel = t.numel();
+        let nbytes = numel * t.kind().elt_size_in_bytes();
+        let mut data = vec![0u8; nbytes];
+        t.f_copy_data_u8(&mut data, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), Owned { dtype, shape, data }));
+    }
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let views: Vec<(&str, &Owned)> = owned.iter().map(|(n, o)| (n.as_str(), o)).collect();
+    let partial = partial_path(path);
+    safetensors::serialize_to_file(views, Some(metadata), &partial).map_err(|e| PivotError::file(&partial, e))?;
+    std::fs::rename(&partial, path).map_err(|e| PivotError::file(path, e))?;
+    Ok(())
+}
+
+/// Writes a text file atomically (see [`write_safetensors`]).
+pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
+    let partial = partial_path(path);
+    std::fs::write(&partial, text).map_err(|e| PivotError::file(&partial, e))?;
+    std::fs::rename(&partial, path).map_err(|e| PivotError::file(path, e))?;
+    Ok(())
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    path.with_file_name(name)
+}
+
+/// The variables of a store as (name, tensor) pairs, sorted by name, under a key prefix.
+pub fn named_tensors(vs: &VarStore, prefix: &str) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> =
+        vs.variables().into_iter().map(|(n, t)| (format!("{prefix}{n}"), t.detach())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Reads and parses a JSON file, naming the file on error.
+pub fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| PivotError::file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| PivotError::file(path, format!("invalid JSON: {e}")))
+}
