@@ -139,3 +139,20 @@ fn splicing_masks_image_positions_and_truncates() {
     let err = mllm.forward(&pixels, &[e.clone(), e], &[0, 1]).err().expect("image index out of range");
     assert!(err.to_string().contains("only 1 were encoded"), "{err}");
 }
+
+#[test]
+fn bf16_weights_run_through_the_same_path_with_fp32_log_probs() {
+    tch::manual_seed(5);
+    let mllm = Mllm::tiny(Device::Cpu);
+    let e = mllm.encode_chat("What colour is the square ?", Some("The square is red .")).unwrap();
+    let pixels = Tensor::randn([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let f32_logp = mllm.sequence_logps(&mllm.forward(&pixels, std::slice::from_ref(&e), &[0]).unwrap()).unwrap();
+    let bf16 = mllm.clone().to_kind(Kind::BFloat16);
+    assert_eq!(bf16.tower.kind(), Kind::BFloat16);
+    let out = bf16.forward(&pixels, std::slice::from_ref(&e), &[0]).unwrap();
+    assert_eq!(out.hidden.kind(), Kind::BFloat16);
+    let logp = bf16.sequence_logps(&out).unwrap();
+    assert_eq!(logp.kind(), Kind::Float);
+    // bf16 keeps ~3 significant digits; the summed log-prob of ~6 tokens stays within a few %.
+    assert_close("bf16 vs f32 answer log-prob", &logp, &f32_logp, 0.05);
+}

@@ -291,6 +291,12 @@ impl Mllm {
         VisionEncoder::new(tower, self.provenance.clone(), self.feature_select())
     }
 
+    /// Casts every part's weights (e.g. `Kind::BFloat16` on CUDA). Norms, softmax and the
+    /// answer log-probabilities stay in fp32 whatever the weights are.
+    pub fn to_kind(self, kind: Kind) -> Self {
+        Mllm { tower: self.tower.to_kind(kind), projector: self.projector.to_kind(kind), lm: self.lm.to_kind(kind), ..self }
+    }
+
     /// Freezes or unfreezes each part.
     pub fn set_trainable(&mut self, tower: bool, projector: bool, lm: bool) {
         self.tower.set_trainable(tower);

@@ -63,6 +63,10 @@ impl Projector {
     pub fn kind(&self) -> Kind {
         self.l0.weight.kind()
     }
+    pub fn to_kind(mut self, kind: Kind) -> Self {
+        self.vs.set_kind(kind);
+        self
+    }
     pub fn set_trainable(&mut self, trainable: bool) {
         if trainable { self.vs.unfreeze() } else { self.vs.freeze() }
     }
