@@ -15,6 +15,7 @@ pub mod runtime;
 pub mod probe;
 pub mod analysis;
 pub mod plot;
+pub mod train;
 
 pub use error::{PivotError, Result};
 
@@ -29,5 +30,6 @@ pub mod prelude {
         EvcxrDisplay, MimeBundle, Progress, Rich,
     };
     pub use crate::{probe::*, analysis::*, plot::*};
+    pub use crate::train::*;
     pub use tch::{self, Device, Kind, Tensor};
 }

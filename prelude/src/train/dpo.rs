@@ -1,0 +1,288 @@
+//! Sigmoid DPO (TRL's default, PIVOT's stage 2) with the vision tower trainable.
+//!
+//! Chosen and rejected run as one batch `[chosen_0..B; rejected_0..B]`. By default each image is
+//! encoded once and both sequences read the same image tokens (`image_of = [0..B, 0..B]`), which
+//! halves the tower's cost; the tower's gradient is the same sum PIVOT gets from its two copies.
+//! `double_encoding` reproduces PIVOT's `images + images` literally.
+
+use super::checkpoint;
+use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
+use super::log::{StepMetrics, TrainLog};
+use crate::data::{PreferenceDataset, PreferenceSample};
+use crate::error::{PivotError, Result};
+use crate::model::{Checkpoint, Encoded, Mllm, MllmOutput, Stage};
+use tch::{Kind, Tensor};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct DpoConfig {
+    /// Inverse temperature of the implicit reward (PIVOT / TRL: 0.1).
+    pub beta: f64,
+    /// cDPO label smoothing ε: loss = −(1−ε)·logσ(βz) − ε·logσ(−βz). 0 in PIVOT.
+    pub label_smoothing: f64,
+    /// Weight of an added token-mean CE on the chosen answer (PIVOT's `gamma`, RPO): 0 in PIVOT.
+    pub sft_weight: f64,
+    /// Encode every image twice (once per sequence), as PIVOT does.
+    pub double_encoding: bool,
+    /// Compute reference log-probs once for the whole data set before training, instead of a
+    /// reference forward every step. No reference copy of the model is kept then.
+    pub cached_reference: bool,
+    pub train: TrainConfig,
+}
+
+impl Default for DpoConfig {
+    fn default() -> Self {
+        DpoConfig {
+            beta: 0.1,
+            label_smoothing: 0.0,
+            sft_weight: 0.0,
+            double_encoding: false,
+            cached_reference: false,
+            train: TrainConfig { lr: 1e-6, ..TrainConfig::default() },
+        }
+    }
+}
+
+impl std::ops::Deref for DpoConfig {
+    type Target = TrainConfig;
+    fn deref(&self) -> &TrainConfig {
+        &self.train
+    }
+}
+impl std::ops::DerefMut for DpoConfig {
+    fn deref_mut(&mut self) -> &mut TrainConfig {
+        &mut self.train
+    }
+}
+
+/// The DPO loss and its implicit rewards for one batch.
+pub struct DpoTerms {
+    /// Mean loss (scalar, with graph).
+    pub loss: Tensor,
+    /// Per-pair losses [B].
+    pub losses: Tensor,
+    /// β(logπ(y_w) − logπ_ref(y_w)), detached [B].
+    pub chosen_rewards: Tensor,
+    pub rejected_rewards: Tensor,
+}
+
+/// TRL's sigmoid DPO loss on summed sequence log-probs [B] (fp32):
+/// z = (π_w − π_l) − (ref_w − ref_l), loss = mean(−(1−ε)·logσ(βz) − ε·logσ(−βz)).
+pub fn dpo_loss(
+    policy_chosen: &Tensor,
+    policy_rejected: &Tensor,
+    ref_chosen: &Tensor,
+    ref_rejected: &Tensor,
+    beta: f64,
+    label_smoothing: f64,
+) -> DpoTerms {
+    let pc = policy_chosen.to_kind(Kind::Float);
+    let pr = policy_rejected.to_kind(Kind::Float);
+    let rc = ref_chosen.to_kind(Kind::Float).detach();
+    let rr = ref_rejected.to_kind(Kind::Float).detach();
+    let z = (&pc - &pr) - (&rc - &rr);
+    let bz = &z * beta;
+    let losses = -bz.log_sigmoid() * (1.0 - label_smoothing) - (-&bz).log_sigmoid() * label_smoothing;
+    DpoTerms {
+        loss: losses.mean(Kind::Float),
+        chosen_rewards: ((&pc - &rc) * beta).detach(),
+        rejected_rewards: ((&pr - &rr) * beta).detach(),
+        losses,
+    }
+}
+
+impl DpoTerms {
+    /// `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins` (TRL names,
+    /// batch means).
+    pub fn metrics(&self) -> Vec<(String, f64)> {
+        let m = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+        let margins = &self.chosen_rewards - &self.rejected_rewards;
+        vec![
+            ("rewards/chosen".into(), m(&self.chosen_rewards)),
+            ("rewards/rejected".into(), m(&self.rejected_rewards)),
+            ("rewards/accuracies".into(), m(&margins.gt(0.0).to_kind(Kind::Float))),
+            ("rewards/margins".into(), m(&margins)),
+        ]
+    }
+}
+
+enum Reference {
+    None,
+    /// A frozen deep copy of the policy at the start of training.
+    Model(Box<Mllm>),
+    /// [N, 2] (chosen, rejected) reference log-probs per data-set row.
+    Cached(Tensor),
+}
+
+struct DpoObjective {
+    beta: f64,
+    label_smoothing: f64,
+    sft_weight: f64,
+    double_encoding: bool,
+    cached: bool,
+    reference: Reference,
+}
+
+fn encode_pairs(mllm: &Mllm, batch: &[(usize, &PreferenceSample)]) -> Result<(Tensor, Vec<Encoded>)> {
+    let images = batch.iter().map(|(_, s)| s.image.load()).collect::<Result<Vec<_>>>()?;
+    let mut seqs = Vec::with_capacity(2 * batch.len());
+    for (_, s) in batch {
+        seqs.push(mllm.encode_chat(&s.question, Some(&s.chosen))?);
+    }
+    for (_, s) in batch {
+        seqs.push(mllm.encode_chat(&s.question, Some(&s.rejected))?);
+    }
+    Ok((mllm.preprocess(&images)?, seqs))
+}
+
+/// Summed log-probs [2B] of `[chosen; rejected]` with each image encoded once.
+fn shared_logps(mllm: &Mllm, pixels: &Tensor, seqs: &[Encoded]) -> Result<(MllmOutput, Tensor)> {
+    let b = seqs.len() / 2;
+    let image_of: Vec<usize> = (0..b).chain(0..b).collect();
+    let out = mllm.forward(pixels, seqs, &image_of)?;
+    let logps = mllm.sequence_logps(&out)?;
+    Ok((out, logps))
+}
+
+/// Reference log-probs [N, 2] of a whole data set, computed without gradient.
+pub fn reference_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize) -> Result<Tensor> {
+    let indexed: Vec<(usize, &PreferenceSample)> = data.iter().enumerate().collect();
+    let mut rows = Vec::new();
+    tch::no_grad(|| -> Result<()> {
+        for chunk in indexed.chunks(batch_size.max(1)) {
+            let (pixels, seqs) = encode_pairs(mllm, chunk)?;
+            let (_, logps) = shared_logps(mllm, &pixels, &seqs)?;
+            rows.push(logps.view([2, -1]).transpose(0, 1));
+        }
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&rows, 0))
+}
+
+impl Objective<PreferenceSample> for DpoObjective {
+    fn name(&self) -> &str {
+        "dpo"
+    }
+
+    fn prepare(&mut self, mllm: &Mllm, data: &[PreferenceSample], resumed: Option<&Checkpoint>) -> Result<()> {
+        // On resume the reference must be the model as it was at step 0, which only the checkpoint has.
+        self.reference = match (self.cached, resumed) {
+            (true, Some(ck)) => Reference::Cached(ck.tensor("ref_logps")?.to_device(mllm.device())),
+            (true, None) => Reference::Cached(reference_logps(mllm, data, 16)?),
+            (false, resumed) => {
+                let mut r = mllm.deep_clone()?;
+                r.set_trainable(false, false, false);
+                if let Some(ck) = resumed {
+                    checkpoint::load_model(&r, ck, "ref.")?;
+                }
+                Reference::Model(Box::new(r))
+            }
+        };
+        Ok(())
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        match &self.reference {
+            Reference::None => Vec::new(),
+            Reference::Model(r) => checkpoint::model_tensors(r, "ref."),
+            Reference::Cached(t) => vec![("ref_logps".into(), t.shallow_clone())],
+        }
+    }
+
+    fn micro_step(&mut self, mllm: &Mllm, batch: &[(usize, &PreferenceSample)]) -> Result<Micro> {
+        let b = batch.len() as i64;
+        let (pixels, seqs) = encode_pairs(mllm, batch)?;
+        let (out, logps) = if self.double_encoding {
+            let image_of: Vec<usize> = (0..2 * batch.len()).collect();
+            let out = mllm.forward(&Tensor::cat(&[&pixels, &pixels], 0), &seqs, &image_of)?;
+            let logps = mllm.sequence_logps(&out)?;
+            (out, logps)
+        } else {
+            shared_logps(mllm, &pixels, &seqs)?
+        };
+        let (pc, pr) = (logps.narrow(0, 0, b), logps.narrow(0, b, b));
+        let (rc, rr) = match &self.reference {
+            Reference::Model(r) => {
+                let l = tch::no_grad(|| shared_logps(r, &pixels, &seqs).map(|(_, l)| l))?;
+                (l.narrow(0, 0, b), l.narrow(0, b, b))
+            }
+            Reference::Cached(t) => {
+                let idx: Vec<i64> = batch.iter().map(|(i, _)| *i as i64).collect();
+                let rows = t.index_select(0, &Tensor::from_slice(&idx).to_device(t.device()));
+                (rows.select(1, 0), rows.select(1, 1))
+            }
+            Reference::None => return Err(PivotError::invalid("DPO reference was not prepared")),
+        };
+        let terms = dpo_loss(&pc, &pr, &rc, &rr, self.beta, self.label_smoothing);
+        let mut metrics = terms.metrics();
+        let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
+        metrics.push(("logps/chosen".into(), mean(&pc)));
+        metrics.push(("logps/rejected".into(), mean(&pr)));
+        let mut loss = terms.loss;
+        if self.sft_weight != 0.0 {
+            let chosen = MllmOutput {
+                hidden: out.hidden.narrow(0, 0, b),
+                labels: out.labels.narrow(0, 0, b),
+                attention_mask: out.attention_mask.narrow(0, 0, b),
+                image_tokens: out.image_tokens.shallow_clone(),
+            };
+            let nll = mllm.answer_loss(&chosen)?;
+            metrics.push(("nll_loss".into(), nll.double_value(&[])));
+            loss = loss + nll * self.sft_weight;
+        }
+        let tokens = out.attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        Ok(Micro { loss, metrics, samples: batch.len(), tokens })
+    }
+}
+
+/// Stage-2 DPO (PIVOT: β 0.1, lr 1e-6 for every part, 3 epochs, 256 pairs per step).
+pub struct DpoTrainer {
+    pub config: DpoConfig,
+    hooks: Hooks,
+}
+
+impl DpoTrainer {
+    pub fn new(config: DpoConfig) -> Self {
+        DpoTrainer { config, hooks: Hooks::default() }
+    }
+
+    pub fn on_step(mut self, f: impl FnMut(&StepMetrics) + 'static) -> Self {
+        self.hooks.on_step.push(Box::new(f));
+        self
+    }
+
+    /// Trains `mllm` in place against a frozen copy of itself (or cached reference log-probs) and
+    /// records `Stage::Dpo` in its provenance. On error the model keeps its last good weights
+    /// and [`DpoTrainer::last_log`] holds the steps done so far.
+    pub fn run(&mut self, mllm: &mut Mllm, data: &PreferenceDataset) -> Result<TrainLog> {
+        let c = &self.config;
+        if !(c.beta.is_finite() && c.beta > 0.0) {
+            return Err(PivotError::config("DpoConfig", "beta", format!("{} must be positive", c.beta)));
+        }
+        if !(0.0..=0.5).contains(&c.label_smoothing) {
+            return Err(PivotError::config("DpoConfig", "label_smoothing", format!("{} is outside [0, 0.5]", c.label_smoothing)));
+        }
+        let mut obj = DpoObjective {
+            beta: c.beta,
+            label_smoothing: c.label_smoothing,
+            sft_weight: c.sft_weight,
+            double_encoding: c.double_encoding,
+            cached: c.cached_reference,
+            reference: Reference::None,
+        };
+        let log = engine::run("DPO", mllm, &data.samples, &c.train, &mut obj, &mut self.hooks)?;
+        let what = format!("DPO beta {} lr {:e}", c.beta, c.train.lr);
+        mllm.provenance.record(Stage::Dpo, log.len(), c.train.seed, what);
+        Ok(log)
+    }
+
+    pub fn resume(&mut self, mllm: &mut Mllm, data: &PreferenceDataset, checkpoint: impl Into<std::path::PathBuf>) -> Result<TrainLog> {
+        self.config.train.resume_from = Some(checkpoint.into());
+        let r = self.run(mllm, data);
+        self.config.train.resume_from = None;
+        r
+    }
+
+    pub fn last_log(&self) -> Option<&TrainLog> {
+        self.hooks.last_log.as_ref()
+    }
+}

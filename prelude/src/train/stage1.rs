@@ -1,0 +1,134 @@
+//! Stage 1, the LLaVA recipe that makes the common starting point of SFT and DPO: projector-only
+//! alignment on captions (`plain` template), then full training on instruction data. The same
+//! two steps, with the tower frozen, finish a transplant (`Stage1::transplant()`).
+
+use super::engine::{self, Hooks, TrainConfig};
+use super::log::{StepMetrics, TrainLog};
+use super::sft::{LmObjective, caption_sample, chat_sample};
+use crate::data::{CaptionDataset, VqaDataset};
+use crate::error::Result;
+use crate::model::{LanguageModel, Mllm, MllmConfig, Stage, VisionEncoder};
+use crate::plot::{Figure, curves};
+use crate::runtime::{MimeBundle, Rich};
+
+/// Settings of the two steps. Defaults: projector-only at lr 1e-3 (stage1-proj), then tower +
+/// projector + LM at lr 1e-5 with the tower at 2e-6 (stage1-full), one epoch each.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stage1 {
+    pub projector: TrainConfig,
+    pub full: TrainConfig,
+}
+
+impl Default for Stage1 {
+    fn default() -> Self {
+        Stage1 {
+            projector: TrainConfig { lr: 1e-3, ..TrainConfig::default() }.trainable(false, true, false),
+            full: TrainConfig { lr: 1e-5, tower_lr: Some(2e-6), ..TrainConfig::default() }.trainable(true, true, true),
+        }
+    }
+}
+
+/// The logs of both steps.
+#[derive(Clone, Debug, Default)]
+pub struct Stage1Log {
+    pub projector: TrainLog,
+    pub full: TrainLog,
+}
+
+impl Stage1 {
+    /// PIVOT's transplant recipe (pivot-proj, pivot-full): the same steps with the tower frozen.
+    pub fn transplant() -> Self {
+        let mut s = Stage1::default();
+        s.full = s.full.trainable(false, true, true);
+        s.full.tower_lr = None;
+        s
+    }
+
+    /// Sets the seed of both steps.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.projector.seed = seed;
+        self.full.seed = seed;
+        self
+    }
+
+    /// Projector alignment on `captions`, then full training on `vqa`; records `Stage::Base`.
+    pub fn run(&self, mllm: &mut Mllm, captions: &CaptionDataset, vqa: &VqaDataset) -> Result<Stage1Log> {
+        let projector = self.run_projector(mllm, captions)?;
+        let full = self.run_full(mllm, vqa)?;
+        let steps = projector.len() + full.len();
+        mllm.provenance.record(Stage::Base, steps, self.full.seed, format!("stage1 ({} + {} steps)", projector.len(), full.len()));
+        Ok(Stage1Log { projector, full })
+    }
+
+    /// Only the alignment step (captions, `plain` template).
+    pub fn run_projector(&self, mllm: &mut Mllm, captions: &CaptionDataset) -> Result<TrainLog> {
+        let mut obj = LmObjective { name: "stage1-projector", encode: caption_sample };
+        engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut Hooks::default())
+    }
+
+    /// Only the full-training step (ChatML VQA).
+    pub fn run_full(&self, mllm: &mut Mllm, vqa: &VqaDataset) -> Result<TrainLog> {
+        let mut obj = LmObjective { name: "stage1-full", encode: chat_sample };
+        engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut Hooks::default())
+    }
+
+    /// Like [`Stage1::run`], reporting every step of both parts to `f`.
+    pub fn run_with(
+        &self,
+        mllm: &mut Mllm,
+        captions: &CaptionDataset,
+        vqa: &VqaDataset,
+        f: impl FnMut(&StepMetrics) + 'static,
+    ) -> Result<Stage1Log> {
+        let f = std::rc::Rc::new(std::cell::RefCell::new(f));
+        let mut hooks = Hooks::default();
+        let g = f.clone();
+        hooks.on_step.push(Box::new(move |m| (g.borrow_mut())(m)));
+        let mut obj = LmObjective { name: "stage1-projector", encode: caption_sample };
+        let projector = engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut hooks)?;
+        let mut obj = LmObjective { name: "stage1-full", encode: chat_sample };
+        let full = engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut hooks)?;
+        let steps = projector.len() + full.len();
+        mllm.provenance.record(Stage::Base, steps, self.full.seed, format!("stage1 ({} + {} steps)", projector.len(), full.len()));
+        Ok(Stage1Log { projector, full })
+    }
+}
+
+impl Stage1Log {
+    pub fn plot(&self) -> Result<Figure> {
+        let mut full = self.full.series("loss");
+        let offset = self.projector.len() as f64;
+        full.points.iter_mut().for_each(|p| p.0 += offset);
+        curves("stage 1 loss", "step", "loss", &[self.projector.series("loss"), full])
+    }
+}
+
+impl Rich for Stage1Log {
+    fn mime_bundle(&self) -> MimeBundle {
+        let text = format!("{}\n{}", self.projector.to_text(3), self.full.to_text(3));
+        let mut html = format!("{}{}", self.projector.to_html(3), self.full.to_html(3));
+        let mut b = MimeBundle::text(text);
+        if let Ok(fig) = self.plot() {
+            html.push_str(&fig.to_html());
+            b = b.with_png(&fig.png);
+        }
+        b.with_html(html)
+    }
+}
+
+/// The PIVOT recipe's first half: a fresh MLLM around a trained tower, the tower frozen, a new
+/// projector, features read from the layer the encoder's MLLM read. Follow with
+/// `Stage1::transplant().run(..)`.
+pub fn transplant(encoder: VisionEncoder, lm: LanguageModel, config: MllmConfig) -> Mllm {
+    let select = encoder.select();
+    let source = encoder.provenance().clone();
+    let mut config = config;
+    config.select_layer = select.layer;
+    config.drop_class_token = select.drop_class_token;
+    let mut mllm = Mllm::new(encoder.into_tower().frozen(), lm, config);
+    mllm.provenance.history = source.history.clone();
+    mllm.provenance.history.push(format!("transplanted tower ({}) into {}", source.label(), mllm.provenance.lm));
+    mllm.provenance.stage = Stage::Custom(format!("transplant of {}", source.label()));
+    mllm.provenance.seed = source.seed;
+    mllm
+}
