@@ -3,6 +3,8 @@
 
 pub mod align;
 pub mod gradmap;
+pub mod maps;
+pub mod platonic;
 
 pub use align::{
     AlignmentGrid, AlignmentMetric, OutlierClamp, cka, cknna, hsic_biased, hsic_unbiased, l2_normalize, mutual_knn,
@@ -12,3 +14,8 @@ pub use gradmap::{
     GradMapOptions, LocalisationScore, TokenNorm, border_fix, colorize, energy_in_mask, grad_cam, jet, localisation,
     min_max, overlay, overlay_with, pivot_map, pointing_game, tensor_to_rgb,
 };
+pub use maps::{
+    AsGradInput, DpoCopy, GradInput, GradMap, GradMapResult, LocalisationRow, LocalisationSample, MapMethod, MaskTarget,
+    Objective, localisation_row, localisation_score, shapes_localisation_set,
+};
+pub use platonic::{Alignment, language_features};

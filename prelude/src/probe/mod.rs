@@ -5,11 +5,20 @@
 //! on CPU or CUDA, deterministically for a given seed. Feature extraction from an encoder sits on
 //! top of these functions (`fit_features` / `fit_tokens`).
 
+mod encoder;
+pub mod features;
 pub mod lbfgs;
 pub mod linear;
 pub mod logreg;
 pub mod seg;
 
+pub use encoder::{
+    EncoderProbeReport, FeatureSpec, Keyed, OnFeatures, SegMethod, SegProbe, SegProbeReport, SegResult, default_pooling,
+};
+pub use features::{
+    FeatureCache, FeatureExtractor, Features, Fingerprint, ImageSet, default_cache_dir, extract_features, mask_tensor,
+    preprocess_mask, tower_fingerprint,
+};
 pub use lbfgs::{LbfgsInfo, LbfgsOptions};
 pub use linear::{
     CSearch, FeatureSet, LinearProbe, ProbeReport, SgdLinearProbe, Standardizer, SweepPoint, confusion_matrix,
