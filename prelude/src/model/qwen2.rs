@@ -211,7 +211,8 @@ impl DecoderLayer {
         }
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
+    /// `mask: None` means plain causal attention (no padding, or right padding only).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, cache: Option<&mut Option<(Tensor, Tensor)>>) -> Tensor {
         let (b, t, _) = x.size3().expect("[batch, time, hidden]");
         let h = self.input_layernorm.forward(x);
         let shape = |y: Tensor, n: i64| y.view([b, t, n, self.head_dim]).transpose(1, 2);
@@ -229,8 +230,18 @@ impl DecoderLayer {
             *slot = Some((k.shallow_clone(), v.shallow_clone()));
         }
         let rep = self.heads / self.kv_heads;
-        let (k, v) = if rep > 1 { (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None)) } else { (k, v) };
-        let y = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, None, false);
+        let y = match mask {
+            // The causal kernels handle grouped KV heads natively: no repeated K/V copies.
+            None => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, None, rep > 1),
+            Some(m) => {
+                let (k, v) = if rep > 1 {
+                    (k.repeat_interleave_self_int(rep, 1, None), v.repeat_interleave_self_int(rep, 1, None))
+                } else {
+                    (k, v)
+                };
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+            }
+        };
         let x = x + self.o_proj.forward(&y.transpose(1, 2).reshape([b, t, self.heads * self.head_dim]));
         let h = self.post_attention_layernorm.forward(&x);
         let m = self.down_proj.forward(&(self.act.forward(&self.gate_proj.forward(&h)) * self.up_proj.forward(&h)));
@@ -412,11 +423,18 @@ impl LanguageModel {
         let sin = angles.sin().to_kind(kind).unsqueeze(1);
         // Causal and padding mask; each position may always see itself so that no softmax row is
         // empty (a fully masked row of left padding would otherwise produce NaN).
-        let q_idx = (Tensor::arange(t, (Kind::Int64, dev)) + t_past).unsqueeze(1);
-        let k_idx = Tensor::arange(t_all, (Kind::Int64, dev)).unsqueeze(0);
-        let causal = k_idx.le_tensor(&q_idx);
-        let own = k_idx.eq_tensor(&q_idx);
-        let mask = causal.unsqueeze(0).logical_and(&full_mask.unsqueeze(1)).logical_or(&own.unsqueeze(0)).unsqueeze(1);
+        // With right padding only (training batches), plain causal attention gives every real
+        // token exactly what the padding mask would: its keys are all real. Only left padding or
+        // a cache needs the explicit mask.
+        let right_padded = t_past == 0
+            && (t < 2 || full_mask.narrow(1, 1, t - 1).le_tensor(&full_mask.narrow(1, 0, t - 1)).all().int64_value(&[]) == 1);
+        let mask = (!right_padded).then(|| {
+            let q_idx = (Tensor::arange(t, (Kind::Int64, dev)) + t_past).unsqueeze(1);
+            let k_idx = Tensor::arange(t_all, (Kind::Int64, dev)).unsqueeze(0);
+            let causal = k_idx.le_tensor(&q_idx);
+            let own = k_idx.eq_tensor(&q_idx);
+            causal.unsqueeze(0).logical_and(&full_mask.unsqueeze(1)).logical_or(&own.unsqueeze(0)).unsqueeze(1)
+        });
 
         let mut x = embeds.to_device(dev);
         let mut hidden_states = Vec::new();
@@ -425,7 +443,7 @@ impl LanguageModel {
                 hidden_states.push(x.shallow_clone());
             }
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, &mask, slot);
+            x = layer.forward(&x, &cos, &sin, mask.as_ref(), slot);
         }
         let last_hidden = self.norm.forward(&x);
         if output_hidden_states {
