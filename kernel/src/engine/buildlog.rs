@@ -1,0 +1,56 @@
+//! Shows cargo's "Compiling …" lines to the user.
+//!
+//! evcxr writes them to the host process's own fd 2, which for a Jupyter kernel ends up in the
+//! server log: a researcher waiting minutes for the first build would see nothing. We put a pipe
+//! on fd 2, copy everything to the original stderr, and pass compile-progress lines to the
+//! session's sink.
+
+use std::io::{BufRead, Write};
+use std::os::fd::FromRawFd;
+use std::sync::Mutex;
+
+use super::output::{Event, Sink, StreamName};
+
+static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+
+/// Must run before other threads start (it replaces fd 2).
+pub fn install() {
+    // SAFETY: descriptor juggling on fd 2 while single-threaded.
+    unsafe {
+        let orig = libc::dup(2);
+        let mut fds = [0; 2];
+        if orig < 0 || libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return;
+        }
+        libc::fcntl(orig, libc::F_SETFD, libc::FD_CLOEXEC);
+        if libc::dup2(fds[1], 2) < 0 {
+            return;
+        }
+        libc::close(fds[1]);
+        let reader = std::fs::File::from_raw_fd(fds[0]);
+        let mut orig = std::fs::File::from_raw_fd(orig);
+        let _ = std::thread::Builder::new().name("pivot-stderr".into()).spawn(move || {
+            let mut r = std::io::BufReader::new(reader);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match r.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let _ = orig.write_all(&line);
+                let text = String::from_utf8_lossy(&line);
+                if text.trim_start().starts_with("Compiling ") {
+                    let sink = SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(sink) = sink {
+                        sink(Event::Stream { name: StreamName::Stderr, text: text.into_owned() });
+                    }
+                }
+            }
+        });
+    }
+}
+
+pub fn set_sink(sink: Option<Sink>) {
+    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = sink;
+}

@@ -1,0 +1,121 @@
+//! Where the prelude, Python/libtorch, caches and our evcxr config live.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The prelude crate: `PIVOT_PRELUDE`, else the source tree this binary was built from.
+pub fn prelude_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PIVOT_PRELUDE") {
+        return PathBuf::from(p);
+    }
+    let built = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../prelude"));
+    built.canonicalize().unwrap_or_else(|_| built.to_path_buf())
+}
+
+/// The Python that has torch: `PIVOT_PYTHON`, else the workspace's `.venv` next to the prelude,
+/// else `$VIRTUAL_ENV/bin/python`, else `python3` on PATH.
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("PIVOT_PYTHON") {
+        return PathBuf::from(p);
+    }
+    if let Some(root) = prelude_dir().parent() {
+        let venv = root.join(".venv/bin/python");
+        if venv.exists() {
+            return venv;
+        }
+    }
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
+        let p = PathBuf::from(v).join("bin/python");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("python3")
+}
+
+/// How libtorch is found, for building (torch-sys) and for running (the child's library path).
+#[derive(Debug, Clone)]
+pub struct Torch {
+    /// Directory containing libtorch*.so.
+    pub lib_dir: PathBuf,
+    /// Build environment for torch-sys.
+    pub build_env: Vec<(String, String)>,
+}
+
+pub fn torch() -> anyhow::Result<Torch> {
+    // An explicit LIBTORCH wins, as it does for torch-sys.
+    if let Ok(l) = std::env::var("LIBTORCH") {
+        if std::env::var_os("LIBTORCH_USE_PYTORCH").is_none() {
+            return Ok(Torch { lib_dir: PathBuf::from(&l).join("lib"), build_env: vec![("LIBTORCH".into(), l)] });
+        }
+    }
+    let py = python();
+    let out = Command::new(&py)
+        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {} to find torch: {e}; set PIVOT_PYTHON or LIBTORCH", py.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} cannot import torch ({}); set PIVOT_PYTHON to a Python with torch==2.11.0, or LIBTORCH",
+            py.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+        );
+    }
+    let torch_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
+    // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
+    let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let path = if bin.as_os_str().is_empty() || path.split(':').next() == Some(bin.to_str().unwrap_or("")) {
+        path
+    } else {
+        format!("{}:{path}", bin.display())
+    };
+    Ok(Torch {
+        lib_dir: torch_dir.join("lib"),
+        build_env: vec![("LIBTORCH_USE_PYTORCH".into(), "1".into()), ("PATH".into(), path)],
+    })
+}
+
+/// Root for build slots and other caches: `PIVOT_CACHE_DIR`, else `~/.cache/pivot-lab`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PIVOT_CACHE_DIR") {
+        return PathBuf::from(p);
+    }
+    dirs::cache_dir().unwrap_or_else(std::env::temp_dir).join("pivot-lab")
+}
+
+/// Our own evcxr config dir, so a user's `~/.config/evcxr` (init.evcxr, prelude.rs) cannot
+/// change the kernel.
+pub fn evcxr_config_dir() -> PathBuf {
+    cache_dir().join("evcxr-config")
+}
+
+/// Data dir for history files etc.
+pub fn data_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("PIVOT_DATA_DIR") {
+        return PathBuf::from(p);
+    }
+    dirs::data_dir().unwrap_or_else(std::env::temp_dir).join("pivot-lab")
+}
+
+/// Directory holding the toolchain's `libstd-*.so`. Cells link std dynamically and find it
+/// through a relative RUNPATH computed for `target/…/deps`, but evcxr loads them from one level
+/// up; that only happens to work when the slot shares no path prefix with the toolchain (the
+/// default /tmp). Slots under the home directory need the child's library path instead.
+pub fn rust_std_lib_dir() -> Option<PathBuf> {
+    let out = Command::new("rustc").args(["--print", "target-libdir"]).output().ok()?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    dir.is_dir().then_some(dir)
+}
+
+/// `rustc --version` for kernel_info (cached by the caller).
+pub fn rustc_version() -> String {
+    Command::new("rustc")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
+}

@@ -1,0 +1,566 @@
+//! One evaluation session: an evcxr `CommandContext` with the prelude loaded, its output pump,
+//! and cooperative interrupt. Front ends (Jupyter kernel, REPL, notebook runner) only translate
+//! `Event`s and `CellResult`s into their own vocabulary.
+
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use evcxr::{CommandContext, EvalCallbacks, EvalContext, Theme};
+use serde_json::{Map, Value};
+
+use super::output::{CellSignals, Pump, Sink};
+use super::paths;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    Jupyter,
+    Repl,
+}
+
+impl Frontend {
+    fn env_value(self) -> &'static str {
+        match self {
+            Frontend::Jupyter => "jupyter",
+            Frontend::Repl => "repl",
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SessionOptions {
+    pub frontend: Frontend,
+    /// The evcxr child executable: must call `child::child_main` when `EVCXR_IS_RUNTIME` is set.
+    pub child_exe: PathBuf,
+    pub prelude_dir: PathBuf,
+    /// Load the prelude at start (tests of the engine itself may skip it).
+    pub preload: bool,
+    /// Seconds between an interrupt and killing a cell that ignores it.
+    pub interrupt_grace: Duration,
+    /// ariadne colours for compile errors: light backgrounds (Jupyter) or dark (terminals).
+    pub dark_theme: bool,
+}
+
+impl SessionOptions {
+    pub fn new(frontend: Frontend) -> anyhow::Result<Self> {
+        let grace = std::env::var("PIVOT_INTERRUPT_GRACE_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(5.0);
+        Ok(SessionOptions {
+            frontend,
+            child_exe: std::env::current_exe()?,
+            prelude_dir: paths::prelude_dir(),
+            preload: std::env::var_os("PIVOT_NO_PRELUDE").is_none(),
+            interrupt_grace: Duration::from_secs_f64(grace),
+            dark_theme: frontend != Frontend::Jupyter,
+        })
+    }
+}
+
+/// Sets the process environment evcxr reads while creating a context. Call from `main` while
+/// the process is still single-threaded (setting the environment later races with getenv).
+pub fn prepare_process_env(slot_dir: &Path) {
+    let config = paths::evcxr_config_dir();
+    let _ = std::fs::create_dir_all(&config);
+    // SAFETY: called before any thread is started (documented requirement of this function).
+    unsafe {
+        std::env::set_var("EVCXR_TMPDIR", slot_dir);
+        std::env::set_var("EVCXR_CONFIG_DIR", &config);
+    }
+}
+
+/// A failed cell, ready to show: `ename`/`evalue` name it, `traceback` lines explain it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellError {
+    pub ename: String,
+    pub evalue: String,
+    pub traceback: Vec<String>,
+}
+
+impl CellError {
+    pub fn new(ename: &str, evalue: impl Into<String>) -> Self {
+        let evalue = evalue.into();
+        CellError { ename: ename.to_string(), traceback: vec![format!("{ename}: {evalue}")], evalue }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct CellResult {
+    /// Mime bundle of the final expression (`execute_result`).
+    pub value: Option<Map<String, Value>>,
+    pub error: Option<CellError>,
+    /// The child process was restarted (all variables lost).
+    pub restarted: bool,
+    pub duration: Duration,
+}
+
+/// Sends interrupts to the running cell from any thread.
+#[derive(Clone)]
+pub struct Interrupter {
+    inner: Arc<InterruptState>,
+}
+
+struct InterruptState {
+    process: Arc<Mutex<std::process::Child>>,
+    executing: AtomicBool,
+    requested: AtomicBool,
+    killed: AtomicBool,
+    generation: AtomicU64,
+    grace: Duration,
+}
+
+impl Interrupter {
+    /// Asks the running cell to stop: cargo is stopped if it is compiling; the child gets SIGINT
+    /// (the prelude's `check_interrupt` sees it); a cell still running after the grace period is
+    /// killed and the user is told what was lost. No-op when nothing runs.
+    pub fn interrupt(&self) {
+        let s = &self.inner;
+        if !s.executing.load(Ordering::SeqCst) {
+            return;
+        }
+        s.requested.store(true, Ordering::SeqCst);
+        let generation = s.generation.load(Ordering::SeqCst);
+        let compiling = kill_cargo_children();
+        let pid = child_pid(&s.process);
+        if let Some(pid) = pid {
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(pid as i32, libc::SIGINT) };
+        }
+        if compiling {
+            return;
+        }
+        let inner = self.inner.clone();
+        let _ = std::thread::Builder::new().name("pivot-interrupt".into()).spawn(move || {
+            let deadline = Instant::now() + inner.grace;
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+                if !inner.executing.load(Ordering::SeqCst) || inner.generation.load(Ordering::SeqCst) != generation {
+                    return;
+                }
+            }
+            let Some(pid) = child_pid(&inner.process) else { return };
+            // Only kill a child that is running user code; while evcxr is still analysing or
+            // compiling, the child is idle in its command read and the SIGINT flag will stop the
+            // cell as soon as it starts.
+            if child_is_idle(pid) {
+                return;
+            }
+            inner.killed.store(true, Ordering::SeqCst);
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        });
+    }
+}
+
+impl Interrupter {
+    /// Ends the child process now (kernel shutdown).
+    pub fn kill_child(&self) {
+        if let Some(pid) = child_pid(&self.inner.process) {
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn child_pid(process: &Arc<Mutex<std::process::Child>>) -> Option<u32> {
+    process.try_lock().ok().map(|c| c.id()).or_else(|| process.lock().ok().map(|c| c.id()))
+}
+
+/// True when the child's main thread waits in `read(0, …)`: evcxr's runtime loop between cells.
+fn child_is_idle(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
+        .map(|s| {
+            let mut it = s.split_whitespace();
+            it.next() == Some("0") && it.next() == Some("0x0")
+        })
+        .unwrap_or(false)
+}
+
+/// Stops cargo builds started by this process. Returns whether one was running.
+fn kill_cargo_children() -> bool {
+    let me = std::process::id();
+    let mut found = false;
+    for pid in children_of(me) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() == "cargo" {
+            found = true;
+            kill_tree(pid);
+        }
+    }
+    found
+}
+
+fn children_of(ppid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return vec![] };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok()))
+                == Some(ppid)
+        })
+        .collect()
+}
+
+fn kill_tree(pid: u32) {
+    for child in children_of(pid) {
+        kill_tree(child);
+    }
+    // SAFETY: kill with a pid of our own descendant.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+}
+
+pub struct Session {
+    ctx: CommandContext,
+    pump: Pump,
+    interrupter: Interrupter,
+    opts: SessionOptions,
+    child_pid: Option<u32>,
+    cell: u64,
+    /// Time the start took (context creation + prelude build).
+    pub startup: Duration,
+}
+
+const PANIC_HOOK_CODE: &str = "pivot::runtime::install_panic_hook();";
+
+impl Session {
+    /// Creates the evcxr context in the current slot (see `prepare_process_env`) and loads the
+    /// prelude. This is the slow part of a kernel start: minutes in a cold slot, seconds warm.
+    pub fn start(opts: SessionOptions, sink: Sink) -> anyhow::Result<Session> {
+        let started = Instant::now();
+        let torch = paths::torch()?;
+        let mut cmd = Command::new(&opts.child_exe);
+        let mut ld = torch.lib_dir.display().to_string();
+        if let Some(std_dir) = paths::rust_std_lib_dir() {
+            ld = format!("{ld}:{}", std_dir.display());
+        }
+        if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
+            if !old.is_empty() {
+                ld = format!("{ld}:{old}");
+            }
+        }
+        cmd.env("LD_LIBRARY_PATH", ld).env("PIVOT_FRONTEND", opts.frontend.env_value());
+        let (ec, outputs) = catch(|| EvalContext::with_subprocess_command(cmd)).map_err(anyhow::Error::msg)?
+            .map_err(|e| anyhow::anyhow!("cannot start the evcxr child process: {e}"))?;
+        let mut ctx = CommandContext::with_eval_context(ec);
+        let pump = Pump::start(outputs.stdout, outputs.stderr, sink);
+        let process = ctx.process_handle();
+        let interrupter = Interrupter {
+            inner: Arc::new(InterruptState {
+                process,
+                executing: AtomicBool::new(false),
+                requested: AtomicBool::new(false),
+                killed: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                grace: opts.interrupt_grace,
+            }),
+        };
+        // Fixed settings: any change to these invalidates the slot's build cache.
+        let mut setup = String::from(":offline 1\n:opt 2\n:linker system\n");
+        for (k, v) in &torch.build_env {
+            setup.push_str(&format!(":build_env {k}={v}\n"));
+        }
+        catch(|| ctx.execute(&setup)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
+        let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, startup: Duration::ZERO };
+        if session.opts.preload {
+            seed_cargo_lock(&session.opts.prelude_dir);
+            let code = format!(
+                ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
+                session.opts.prelude_dir.display().to_string()
+            );
+            let mut r = session.execute(&code, &|_, _| String::new());
+            if r.error.as_ref().is_some_and(|e| e.evalue.contains("--offline") || e.traceback.iter().any(|l| l.contains("--offline"))) {
+                // Some crate of the prelude's dependency graph is not in cargo's local cache
+                // (`cargo fetch` in the workspace prevents this): resolve once online.
+                let _ = catch(|| session.ctx.execute(":offline 0"));
+                r = session.execute(&code, &|_, _| String::new());
+            }
+            if let Some(e) = r.error {
+                anyhow::bail!("loading the prelude failed: {}\n{}", e.evalue, strip_ansi(&e.traceback.join("\n")));
+            }
+        }
+        session.child_pid = child_pid(&session.ctx.process_handle());
+        session.startup = started.elapsed();
+        Ok(session)
+    }
+
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
+    }
+
+    /// Runs one cell. `input` answers `evcxr_input` prompts (prompt, is_password).
+    pub fn execute(&mut self, code: &str, input: &dyn Fn(&str, bool) -> String) -> CellResult {
+        let started = Instant::now();
+        if let Some(cmd) = code.lines().map(str::trim).find(|l| *l == ":quit" || l.starts_with(":quit ")) {
+            return CellResult {
+                error: Some(CellError::new("UnsupportedCommand", format!("`{cmd}` would end the kernel process; use the front end's restart/shutdown instead"))),
+                ..Default::default()
+            };
+        }
+        let vars_before: Vec<String> = self.ctx.variables_and_types().map(|(n, _)| n.to_string()).collect();
+        self.cell += 1;
+        let st = &self.interrupter.inner;
+        st.requested.store(false, Ordering::SeqCst);
+        st.killed.store(false, Ordering::SeqCst);
+        st.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(pid) = child_pid(&st.process) {
+            // Clears a request left from an earlier cell that never polled the flag.
+            // SAFETY: kill with a pid we own.
+            unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
+        }
+        let _ = self.pump.take_signals();
+        st.executing.store(true, Ordering::SeqCst);
+        let result = {
+            let ctx = &mut self.ctx;
+            catch(|| {
+                let mut callbacks = EvalCallbacks { input_reader: &|r| input(&r.prompt, r.is_password) };
+                ctx.execute_with_callbacks(code, &mut callbacks)
+            })
+        };
+        st.executing.store(false, Ordering::SeqCst);
+        self.pump.flush();
+        let signals = self.pump.take_signals();
+        let interrupted = st.requested.swap(false, Ordering::SeqCst);
+        let killed = st.killed.swap(false, Ordering::SeqCst);
+        let mut out = CellResult::default();
+        match result {
+            Err(internal) => out.error = Some(internal_error(&internal)),
+            Ok(Err(e)) => {
+                let (err, restarted) = self.translate_error(e, code, &vars_before, interrupted, killed);
+                out.error = Some(err);
+                out.restarted = restarted;
+            }
+            Ok(Ok(outputs)) => {
+                if let Some(err) = signal_error(&signals, interrupted) {
+                    out.error = Some(err);
+                } else if !outputs.content_by_mime_type.is_empty() {
+                    let mut data = Map::new();
+                    for (mime, content) in outputs.content_by_mime_type {
+                        let v = if mime.contains("json") {
+                            serde_json::from_str(&content).unwrap_or(Value::String(content))
+                        } else {
+                            Value::String(content)
+                        };
+                        data.insert(mime, v);
+                    }
+                    out.value = Some(data);
+                }
+            }
+        }
+        // A new child process (restart, `:restart`, crash) has no panic hook yet.
+        let pid = child_pid(&self.ctx.process_handle());
+        if self.opts.preload && self.child_pid.is_some() && pid != self.child_pid {
+            out.restarted = true;
+            let _ = catch(|| self.ctx.execute(PANIC_HOOK_CODE));
+            self.pump.flush();
+            let _ = self.pump.take_signals();
+        }
+        self.child_pid = pid;
+        if code.lines().any(|l| l.trim() == ":clear") && self.opts.preload {
+            // `:clear` drops our `:dep`/`use` lines too; bring the prelude back.
+            let code = format!(
+                ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
+                self.opts.prelude_dir.display().to_string()
+            );
+            let _ = catch(|| self.ctx.execute(&code));
+            self.pump.flush();
+        }
+        out.duration = started.elapsed();
+        out
+    }
+
+    fn translate_error(&mut self, e: evcxr::Error, code: &str, vars_before: &[String], interrupted: bool, killed: bool) -> (CellError, bool) {
+        match e {
+            evcxr::Error::CompilationErrors(errors) => (self.compile_error(&errors, code, interrupted), false),
+            evcxr::Error::TypeRedefinedVariablesLost(vars) => (
+                CellError::new("VariablesLost", format!("redefining a type dropped the variables that used it: {}", vars.join(", "))),
+                false,
+            ),
+            evcxr::Error::SubprocessTerminated(msg) => {
+                let lost = if vars_before.is_empty() { "no variables were defined".to_string() } else { format!("lost variables: {}", vars_before.join(", ")) };
+                let err = if killed {
+                    CellError::new(
+                        "Interrupted",
+                        format!(
+                            "the cell did not stop within {:.0} s of the interrupt, so the Rust process was restarted; {lost}. Long loops should call check_interrupt(..) to stop cleanly.",
+                            self.opts.interrupt_grace.as_secs_f64()
+                        ),
+                    )
+                } else {
+                    CellError::new("ProcessCrashed", format!("{} — the Rust process was restarted; {lost}", msg.trim()))
+                };
+                (err, true)
+            }
+            evcxr::Error::Message(m) => {
+                if interrupted {
+                    (CellError::new("Interrupted", format!("interrupted while compiling: {}", m.trim())), false)
+                } else {
+                    (CellError::new("Error", m.trim().to_string()), false)
+                }
+            }
+        }
+    }
+
+    fn compile_error(&self, errors: &[evcxr::CompilationError], code: &str, interrupted: bool) -> CellError {
+        if interrupted {
+            return CellError::new("Interrupted", "interrupted while compiling");
+        }
+        let errors: Vec<&evcxr::CompilationError> = {
+            let user: Vec<_> = errors.iter().filter(|e| e.is_from_user_code()).collect();
+            if user.is_empty() { errors.iter().collect() } else { user }
+        };
+        let mut traceback = Vec::new();
+        for e in &errors {
+            let mut buf = Vec::new();
+            let rendered = e.build_report("cell".to_string(), code.to_string(), if self.opts.dark_theme { Theme::Dark } else { Theme::Light }).and_then(|r| {
+                r.write(ariadne::sources([("cell".to_string(), code.to_string())]), &mut buf).ok()
+            });
+            if rendered.is_some() && !buf.is_empty() {
+                traceback.extend(String::from_utf8_lossy(&buf).lines().map(str::to_string));
+            } else {
+                traceback.push(format!("error: {}", e.message()));
+                if let Some(m) = e.primary_spanned_message() {
+                    if let Some(span) = &m.span {
+                        traceback.push(format!("  --> cell:{}:{}", span.start_line, span.start_column));
+                    }
+                    traceback.extend(m.lines.iter().cloned());
+                    if !m.label.is_empty() {
+                        traceback.push(format!("  {}", m.label));
+                    }
+                }
+            }
+            for h in e.help() {
+                traceback.push(format!("help: {h}"));
+            }
+            if let Some(hint) = e.evcxr_extra_hint() {
+                traceback.push(format!("note: {hint}"));
+            }
+        }
+        let first = errors.first().map(|e| e.message()).unwrap_or_else(|| "compilation failed".into());
+        let evalue = if errors.len() > 1 { format!("{first} (and {} more errors)", errors.len() - 1) } else { first };
+        let ename = errors.first().and_then(|e| e.code()).map(|c| format!("CompileError[{c}]")).unwrap_or_else(|| "CompileError".into());
+        CellError { ename, evalue, traceback }
+    }
+
+    /// Completions at a byte offset: (start byte, end byte, candidates with kinds).
+    pub fn complete(&mut self, code: &str, pos: usize) -> (usize, usize, Vec<(String, String)>) {
+        match catch(|| self.ctx.completions(code, pos)) {
+            Ok(Ok(c)) => (
+                c.start_offset,
+                c.end_offset,
+                c.completions.into_iter().map(|c| (c.code, c.kind.to_string())).collect(),
+            ),
+            _ => (pos, pos, vec![]),
+        }
+    }
+
+    /// Documentation at a byte offset: (plain text, html), or None.
+    pub fn inspect(&mut self, code: &str, pos: usize) -> Option<(String, String)> {
+        match catch(|| self.ctx.hover_at(code, pos)) {
+            Ok(Ok((plain, html))) if !plain.trim().is_empty() && !plain.contains("No documentation found") => Some((plain, html)),
+            _ => None,
+        }
+    }
+
+    pub fn variables(&self) -> Vec<(String, String)> {
+        self.ctx.variables_and_types().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+}
+
+/// The `?` and panic signals the child reported, as an error.
+fn signal_error(s: &CellSignals, interrupted: bool) -> Option<CellError> {
+    if let Some(p) = &s.panic {
+        let msg = p.get("msg").and_then(Value::as_str).unwrap_or("panic").to_string();
+        let loc = p.get("loc").and_then(Value::as_str).unwrap_or("");
+        let mut tb = vec![format!("\x1b[31mpanic\x1b[0m: {msg}")];
+        if !loc.is_empty() && !loc.starts_with("src/lib.rs") {
+            tb.push(format!("  at {loc}"));
+        }
+        if let Some(frames) = p.get("frames").and_then(Value::as_array) {
+            let frames: Vec<&str> = frames.iter().filter_map(Value::as_str).collect();
+            if !frames.is_empty() {
+                tb.push("backtrace (innermost first):".into());
+                tb.extend(frames.iter().map(|f| format!("  {f}")));
+            }
+        }
+        tb.push("Variables this cell defined are dropped; earlier ones it did not move are kept.".into());
+        return Some(CellError { ename: "Panic".into(), evalue: msg, traceback: tb });
+    }
+    if let Some(lines) = &s.panic_notice {
+        let text = lines.join("\n");
+        let msg = lines.iter().skip_while(|l| !l.contains("panicked at")).nth(1).cloned().unwrap_or_else(|| text.clone());
+        return Some(CellError { ename: "Panic".into(), evalue: msg, traceback: lines.clone() });
+    }
+    if let Some(lines) = &s.question_mark_error {
+        let text = lines.join("\n").trim().to_string();
+        let ename = if text.starts_with("interrupted by the user") || (interrupted && text.contains("interrupt")) { "Interrupted" } else { "Error" };
+        let mut tb = vec![format!("\x1b[31m{ename}\x1b[0m: {text}")];
+        tb.push("(returned with `?`; variables this cell defined are dropped, earlier ones are kept)".into());
+        return Some(CellError { ename: ename.into(), evalue: text, traceback: tb });
+    }
+    None
+}
+
+fn internal_error(msg: &str) -> CellError {
+    CellError::new("InternalError", format!("the evaluation engine failed ({msg}); the session continues, but if cells misbehave, restart the kernel"))
+}
+
+/// Runs `f`, turning a panic inside evcxr/rust-analyzer (evcxr #150, #422) into an error value
+/// instead of a dead kernel.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into())
+    })
+}
+
+/// Pins the slot's dependency versions to the workspace's, so the prelude builds in the cell
+/// crate exactly as it does in the workspace (same tch, same torch-sys).
+fn seed_cargo_lock(prelude_dir: &Path) {
+    let Some(slot) = std::env::var_os("EVCXR_TMPDIR").map(PathBuf::from) else { return };
+    let target = slot.join("Cargo.lock");
+    if target.exists() {
+        return;
+    }
+    if let Some(ws_lock) = prelude_dir.parent().map(|p| p.join("Cargo.lock")).filter(|p| p.exists()) {
+        let _ = std::fs::copy(ws_lock, target);
+    }
+}
+
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ansi_is_stripped() {
+        assert_eq!(strip_ansi("\x1b[31mred\x1b[0m x"), "red x");
+    }
+
+    #[test]
+    fn idle_detection_reads_proc() {
+        // Our own main thread is running, not blocked in read(0).
+        assert!(!child_is_idle(std::process::id()));
+    }
+}

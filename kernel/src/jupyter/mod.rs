@@ -1,0 +1,7 @@
+//! Jupyter front end: wire protocol, kernel server, kernelspec install, notebook runner.
+
+pub mod history;
+pub mod install;
+pub mod nbrun;
+pub mod server;
+pub mod wire;

@@ -1,0 +1,172 @@
+//! `pivot-kernel`: the PIVOT Lab Jupyter kernel.
+//!
+//!   pivot-kernel kernel --connection-file FILE   serve Jupyter (what kernel.json runs)
+//!   pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name N]
+//!   pivot-kernel uninstall [same location flags]
+//!   pivot-kernel warm [--slot K]                 build the prelude into a slot (default 0)
+//!   pivot-kernel run NB.ipynb [--allow-errors] [-p name=value]... [--output OUT.ipynb]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use pivot_kernel::engine::{self, buildlog, paths, slots};
+use pivot_kernel::jupyter::{install, nbrun, server};
+
+fn main() -> ExitCode {
+    // This executable is also evcxr's child process and its rustc wrapper: those roles must be
+    // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
+    if pivot_kernel::child::is_runtime_child() {
+        pivot_kernel::child::child_main();
+    }
+    evcxr::runtime_hook();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match real_main(args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pivot-kernel: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: pivot-kernel kernel --connection-file FILE
+       pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
+       pivot-kernel uninstall [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
+       pivot-kernel warm [--slot K]
+       pivot-kernel run NOTEBOOK.ipynb [--allow-errors] [-p NAME=RUST_EXPR]... [--output OUT.ipynb]";
+
+fn take_value(args: &[String], i: &mut usize, flag: &str) -> anyhow::Result<String> {
+    *i += 1;
+    args.get(*i).cloned().ok_or_else(|| anyhow::anyhow!("{flag} needs a value\n{USAGE}"))
+}
+
+fn location(args: &[String]) -> anyhow::Result<(install::Location, String)> {
+    let mut loc = install::Location::User;
+    let mut name = install::KERNEL_NAME.to_string();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--user" => loc = install::Location::User,
+            "--sys-prefix" => loc = install::Location::SysPrefix,
+            "--prefix" => loc = install::Location::Prefix(PathBuf::from(take_value(args, &mut i, "--prefix")?)),
+            "--dir" => loc = install::Location::Dir(PathBuf::from(take_value(args, &mut i, "--dir")?)),
+            "--name" => name = take_value(args, &mut i, "--name")?,
+            other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+        }
+        i += 1;
+    }
+    Ok((loc, name))
+}
+
+/// Locks a build slot and exports it to evcxr; must run before any thread starts.
+fn take_slot(want: Option<usize>) -> anyhow::Result<slots::Slot> {
+    let want = want.or_else(|| std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok()));
+    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    engine::prepare_process_env(&slot.dir);
+    Ok(slot)
+}
+
+fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
+    let Some(cmd) = args.first().map(String::as_str) else {
+        println!("{USAGE}");
+        return Ok(ExitCode::from(2));
+    };
+    let rest = &args[1..];
+    match cmd {
+        "kernel" => {
+            let mut file = None;
+            let mut i = 0;
+            while i < rest.len() {
+                match rest[i].as_str() {
+                    // -f is what `jupyter console --existing` style tooling passes; --control_file
+                    // is evcxr_jupyter's spelling, accepted so old kernelspecs keep working.
+                    "--connection-file" | "-f" | "--control_file" => file = Some(take_value(rest, &mut i, "--connection-file")?),
+                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+                }
+                i += 1;
+            }
+            let file = file.ok_or_else(|| anyhow::anyhow!("--connection-file is required\n{USAGE}"))?;
+            let conn = server::ConnectionInfo::load(std::path::Path::new(&file))?;
+            buildlog::install();
+            let slot = take_slot(None)?;
+            eprintln!("pivot-kernel: serving {} with build slot {} ({})", file, slot.index, slot.dir.display());
+            server::run(conn, slot)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        "install" => {
+            let (loc, name) = location(rest)?;
+            let dir = install::install(&loc, &name)?;
+            println!("installed kernelspec {name:?} in {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        "uninstall" => {
+            let (loc, name) = location(rest)?;
+            let dir = install::uninstall(&loc, &name)?;
+            println!("removed {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        "warm" => {
+            let mut want = Some(0);
+            let mut i = 0;
+            while i < rest.len() {
+                match rest[i].as_str() {
+                    "--slot" => want = Some(take_value(rest, &mut i, "--slot")?.parse()?),
+                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+                }
+                i += 1;
+            }
+            let slot = take_slot(want)?;
+            slot.seed_if_cold();
+            let started = std::time::Instant::now();
+            let sink: engine::Sink = std::sync::Arc::new(|e| {
+                if let engine::Event::Stream { text, .. } = e {
+                    eprint!("{text}");
+                }
+            });
+            let session = engine::Session::start(engine::SessionOptions::new(engine::Frontend::Jupyter)?, sink)?;
+            slot.mark_warm();
+            drop(session);
+            println!("slot {} ({}) is warm: {:.1} s", slot.index, slot.dir.display(), started.elapsed().as_secs_f64());
+            Ok(ExitCode::SUCCESS)
+        }
+        "run" => {
+            let mut nb = None;
+            let mut opts = nbrun::RunOptions { allow_errors: false, params: vec![], output: None };
+            let mut i = 0;
+            while i < rest.len() {
+                match rest[i].as_str() {
+                    "--allow-errors" => opts.allow_errors = true,
+                    "-p" | "--param" => {
+                        let kv = take_value(rest, &mut i, "-p")?;
+                        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("-p wants NAME=VALUE, got {kv:?}"))?;
+                        opts.params.push((k.trim().to_string(), v.to_string()));
+                    }
+                    "--output" | "-o" => opts.output = Some(PathBuf::from(take_value(rest, &mut i, "--output")?)),
+                    other if !other.starts_with('-') && nb.is_none() => nb = Some(PathBuf::from(other)),
+                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+                }
+                i += 1;
+            }
+            let nb = nb.ok_or_else(|| anyhow::anyhow!("which notebook?\n{USAGE}"))?;
+            let slot = take_slot(None)?;
+            slot.seed_if_cold();
+            let failure = nbrun::run(&nb, &opts)?;
+            slot.mark_warm();
+            match failure {
+                None => {
+                    println!("executed {}", opts.output.as_ref().unwrap_or(&nb).display());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Some(msg) => {
+                    eprintln!("pivot-kernel run: {msg} (outputs written to {})", opts.output.as_ref().unwrap_or(&nb).display());
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        other => anyhow::bail!("unknown command {other}\n{USAGE}"),
+    }
+}

@@ -1,0 +1,367 @@
+"""The kernel driven by real Jupyter clients: nbclient notebooks, raw sockets, interrupts,
+several kernels at once, and the headless `pivot-kernel run`."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+import zmq
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from conftest import BIN, STARTUP_TIMEOUT
+
+# A 1x1 PNG, as a plot would produce.
+PNG = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360f8cfc0f01f0005000201a5f64a5a0000000049454e44ae426082"
+)
+
+
+def start_kernel(env: dict[str, str] | None = None):
+    km = KernelManager(kernel_name="pivot")
+    # jupyter_client uses `env` as the whole environment, not as additions.
+    km.start_kernel(env={**os.environ, **env}) if env else km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=120)
+    return km, kc
+
+
+def run(kc, code: str, timeout: float = 60, **kw):
+    """Executes `code`; returns (reply content, list of iopub messages before idle)."""
+    outputs = []
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=outputs.append, **kw)
+    return reply["content"], outputs
+
+
+def of_type(msgs, t):
+    return [m for m in msgs if m["msg_type"] == t]
+
+
+def text_of(msgs, name="stdout"):
+    return "".join(m["content"]["text"] for m in of_type(msgs, "stream") if m["content"]["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    km, kc = start_kernel({"PIVOT_INTERRUPT_GRACE_SECS": "3"})
+    reply, _ = run(kc, "let _warm = 1;", timeout=STARTUP_TIMEOUT)
+    assert reply["status"] == "ok", reply
+    yield km, kc
+    kc.stop_channels()
+    km.shutdown_kernel(now=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_compile_error_has_name_value_traceback(kernel):
+    _, kc = kernel
+    reply, msgs = run(kc, 'let x: i32 = "a";')
+    assert reply["status"] == "error"
+    assert reply["ename"].startswith("CompileError")
+    assert "mismatched types" in reply["evalue"]
+    assert reply["traceback"]
+    assert len(of_type(msgs, "error")) == 1
+
+
+def test_question_mark_error_is_an_error(kernel):
+    _, kc = kernel
+    reply, msgs = run(kc, 'let r: Result<i32, String> = Err("bad input".to_string());\nlet v = r?;')
+    assert reply["status"] == "error", reply
+    assert "bad input" in reply["evalue"]
+    # The text is the error, not stray stderr.
+    assert "bad input" not in text_of(msgs, "stderr")
+
+
+def test_panic_keeps_earlier_variables(kernel):
+    _, kc = kernel
+    assert run(kc, "let kept = vec![1, 2, 3];")[0]["status"] == "ok"
+    reply, msgs = run(kc, 'let lost = 5;\nif kept.len() == 3 { panic!("boom {}", kept.len()); }')
+    assert reply["status"] == "error" and reply["ename"] == "Panic"
+    assert reply["evalue"] == "boom 3"
+    reply, msgs = run(kc, 'println!("{}", kept.len());')
+    assert reply["status"] == "ok"
+    assert text_of(msgs).strip() == "3"
+
+
+def test_stop_on_error_aborts_queued_cells(kernel):
+    _, kc = kernel
+    first = kc.execute('panic!("first fails");')
+    second = kc.execute("1 + 1")
+    replies = {}
+    while len(replies) < 2:
+        msg = kc.get_shell_msg(timeout=60)
+        replies[msg["parent_header"]["msg_id"]] = msg["content"]
+    assert replies[first]["status"] == "error"
+    assert replies[second]["status"] == "aborted"
+    # Drain iopub so later tests start clean.
+    time.sleep(0.5)
+    while True:
+        try:
+            kc.get_iopub_msg(timeout=0.2)
+        except Exception:
+            break
+
+
+def test_execution_count_only_counts_stored_history(kernel):
+    _, kc = kernel
+    a, _ = run(kc, "1")
+    b, _ = run(kc, "2", store_history=False)
+    c, _ = run(kc, "3", silent=True)
+    d, _ = run(kc, "4")
+    assert b["execution_count"] == a["execution_count"]
+    assert c["execution_count"] == a["execution_count"]
+    assert d["execution_count"] == a["execution_count"] + 1
+
+
+def test_silent_publishes_no_input_or_result(kernel):
+    _, kc = kernel
+    reply, msgs = run(kc, "40 + 2", silent=True)
+    assert reply["status"] == "ok"
+    assert not of_type(msgs, "execute_input") and not of_type(msgs, "execute_result")
+
+
+def test_outputs_in_order_with_parent(kernel):
+    _, kc = kernel
+    code = 'println!("a");\ndisplay(&MimeBundle::text("mid"));\nprintln!("b");\nclear_output(true);\nprintln!("c");'
+    msg_id = kc.execute(code)
+    seen = []
+    while True:
+        m = kc.get_iopub_msg(timeout=60)
+        assert m["parent_header"].get("msg_id") == msg_id, m
+        seen.append(m)
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            break
+    kinds = [m["msg_type"] for m in seen]
+    assert kinds[0] == "status" and kinds[1] == "execute_input"
+    body = [(m["msg_type"], m["content"].get("text") or m["content"].get("data", {}).get("text/plain")) for m in seen[2:-1]]
+    assert body == [("stream", "a\n"), ("display_data", "mid"), ("stream", "b\n"), ("clear_output", None), ("stream", "c\n")]
+    assert kc.get_shell_msg(timeout=10)["content"]["status"] == "ok"
+
+
+def test_comms_and_unknown_targets(kernel):
+    _, kc = kernel
+    msg = kc.session.msg("comm_info_request", {})
+    kc.shell_channel.send(msg)
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["content"] == {"status": "ok", "comms": {}}
+    comm_id = uuid.uuid4().hex
+    kc.shell_channel.send(kc.session.msg("comm_open", {"comm_id": comm_id, "target_name": "nope", "data": {}}))
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = kc.get_iopub_msg(timeout=10)
+        if m["msg_type"] == "comm_close":
+            assert m["content"]["comm_id"] == comm_id
+            break
+    else:
+        pytest.fail("no comm_close for an unknown target")
+
+
+# ------------------------------------------------------------------------------------------
+# Malformed input on the wire
+
+
+def _raw_shell(km):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    info = km.get_connection_info()
+    sock.connect(f"{info['transport']}://{info['ip']}:{info['shell_port']}")
+    return sock
+
+
+@pytest.mark.parametrize("kind", ["forged", "truncated", "garbage"])
+def test_bad_messages_are_dropped_and_kernel_keeps_serving(kernel, kind):
+    km, kc = kernel
+    sock = _raw_shell(km)
+    session = kc.session
+    header = session.pack(session.msg_header("kernel_info_request"))
+    parts = [header, b"{}", b"{}", b"{}"]
+    if kind == "forged":
+        frames = [b"<IDS|MSG>", b"0" * 64] + parts
+    elif kind == "truncated":
+        frames = [b"<IDS|MSG>", session.sign(parts), header]
+    else:
+        garbage = [b"{not json", b"{}", b"{}", b"{}"]
+        frames = [b"<IDS|MSG>", session.sign(garbage)] + garbage
+    sock.send_multipart(frames)
+    assert sock.poll(1500) == 0, "the kernel answered a message it should have dropped"
+    sock.close(linger=0)
+    # Still alive and answering.
+    assert km.is_alive()
+    kc.kernel_info()
+    reply = kc.get_shell_msg(timeout=10)
+    assert reply["msg_type"] == "kernel_info_reply"
+    assert run(kc, "2 * 21")[0]["status"] == "ok"
+
+
+# ------------------------------------------------------------------------------------------
+# Interrupt
+
+
+def run_and_interrupt_when(km, kc, code: str, ready, timeout: float = 300):
+    """Runs `code`, interrupts once an iopub message satisfies `ready` (so the cell is running,
+    not compiling), and returns (reply content, outputs)."""
+    msg_id = kc.execute(code)
+    outputs, interrupted = [], False
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        m = kc.get_iopub_msg(timeout=timeout)
+        if m["parent_header"].get("msg_id") != msg_id:
+            continue
+        if m["msg_type"] == "status" and m["content"]["execution_state"] == "idle":
+            break
+        outputs.append(m)
+        if not interrupted and ready(m):
+            time.sleep(0.5)
+            km.interrupt_kernel()
+            interrupted = True
+    assert interrupted, "the cell never showed that it runs"
+    reply = kc.get_shell_msg(timeout=30)
+    return reply["content"], outputs
+
+
+def test_interrupt_stops_training_loop_and_keeps_state(kernel):
+    km, kc = kernel
+    assert run(kc, "let mut losses: Vec<f64> = Vec::new();\nlet mut w = Tensor::zeros(&[2], (Kind::Float, Device::Cpu));")[0]["status"] == "ok"
+    loop = (
+        "let mut bar = Progress::new(\"train\", 0);\n"
+        "loop {\n"
+        "    check_interrupt(\"training\")?;\n"
+        "    w += 1.0;\n"
+        "    losses.push(1.0 / (losses.len() as f64 + 1.0));\n"
+        "    bar.set(losses.len() as u64, format!(\"loss {:.3}\", losses.last().unwrap()));\n"
+        "    std::thread::sleep(std::time::Duration::from_millis(20));\n"
+        "}"
+    )
+    t0 = time.time()
+    reply, msgs = run_and_interrupt_when(km, kc, loop, lambda m: m["msg_type"] in ("display_data", "update_display_data"))
+    assert reply["status"] == "error", reply
+    assert reply["ename"] == "Interrupted", reply
+    # The live progress bar was updated in place while the loop ran.
+    assert of_type(msgs, "update_display_data")
+    reply, msgs = run(kc, 'println!("{} {}", losses.len(), w.sum(Kind::Float).double_value(&[]));')
+    assert reply["status"] == "ok", reply
+    n, s = text_of(msgs).split()
+    assert int(n) > 0 and float(s) == 2 * int(n)
+
+
+def test_interrupt_escalates_when_cell_ignores_it(kernel):
+    km, kc = kernel
+    assert run(kc, "let before = 7;")[0]["status"] == "ok"
+    code = 'println!("looping");\nloop { std::thread::sleep(std::time::Duration::from_millis(50)); }'
+    reply, _ = run_and_interrupt_when(km, kc, code, lambda m: m["msg_type"] == "stream")
+    assert reply["status"] == "error"
+    assert reply["ename"] == "Interrupted" and "restarted" in reply["evalue"]
+    assert "before" in reply["evalue"]
+    # The kernel lives on with a fresh process; the prelude is still in scope.
+    reply, msgs = run(kc, 'display(&MimeBundle::text("after restart"));')
+    assert reply["status"] == "ok", reply
+    reply, msgs = run(kc, 'panic!("hook back");')
+    assert reply["ename"] == "Panic"
+
+
+# ------------------------------------------------------------------------------------------
+# Notebooks
+
+
+def make_notebook(cells: list[str]):
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {"name": "pivot", "display_name": "Rust (PIVOT)", "language": "rust"}
+    return nb
+
+
+NOTEBOOK_CELLS = [
+    f"let png: Vec<u8> = vec!{list(PNG)};\nlet plot = display(&MimeBundle::text(\"<plot>\").with_png(&png));",
+    'display(&MimeBundle::text("a table").with_html("<table><tr><th>lr</th><th>acc</th></tr><tr><td>1e-3</td><td>0.91</td></tr></table>"));',
+    'let live = display(&MimeBundle::text("epoch 0"));\nfor i in 1..=3 { live.update(&MimeBundle::text(format!("epoch {i}"))); }',
+    'let mut p = Progress::new("steps", 5);\nfor _ in 0..5 { p.inc(); }\np.finish();',
+    'println!("done");\n6 * 7',
+]
+
+
+def check_notebook_outputs(nb):
+    c = nb.cells
+    png = c[0].outputs[0]
+    assert png.output_type == "display_data" and "image/png" in png.data
+    assert "<table>" in c[1].outputs[0].data["text/html"]
+    assert c[2].outputs[0].data["text/plain"] == "epoch 3"
+    assert "<progress" in c[3].outputs[0].data["text/html"]
+    assert "5/5" in c[3].outputs[0].data["text/plain"]
+    kinds = [o.output_type for o in c[4].outputs]
+    assert kinds == ["stream", "execute_result"]
+    assert c[4].outputs[1].data["text/plain"] == "42"
+
+
+def test_nbclient_executes_notebook_with_rich_outputs(tmp_path):
+    nb = make_notebook(NOTEBOOK_CELLS)
+    NotebookClient(nb, kernel_name="pivot", timeout=STARTUP_TIMEOUT, startup_timeout=120).execute()
+    check_notebook_outputs(nb)
+    assert nb.metadata["language_info"]["name"] == "rust"
+    path = tmp_path / "out.ipynb"
+    nbformat.write(nb, path)
+    nbformat.validate(nbformat.read(path, as_version=4))
+
+
+def test_nbclient_raises_on_panicking_cell():
+    nb = make_notebook(['println!("ok");', 'panic!("cell failed on purpose");', 'println!("never");'])
+    client = NotebookClient(nb, kernel_name="pivot", timeout=STARTUP_TIMEOUT, startup_timeout=120)
+    with pytest.raises(CellExecutionError) as e:
+        client.execute()
+    assert "cell failed on purpose" in str(e.value)
+    assert nb.cells[2].outputs == []
+
+
+def test_headless_run_writes_outputs_and_fails_on_error(tmp_path):
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(make_notebook(NOTEBOOK_CELLS), path)
+    r = subprocess.run([str(BIN), "run", str(path)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    check_notebook_outputs(nbformat.read(path, as_version=4))
+
+    bad = tmp_path / "bad.ipynb"
+    nbformat.write(make_notebook(["let a = 1;", 'panic!("nope");', "a"]), bad)
+    r = subprocess.run([str(BIN), "run", str(bad)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    assert r.returncode != 0 and "cell 2 failed" in r.stderr
+    out = nbformat.read(bad, as_version=4)
+    assert out.cells[1].outputs[0].output_type == "error"
+    r = subprocess.run([str(BIN), "run", str(bad), "--allow-errors", "-p", "a=41"], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Several kernels
+
+
+def test_two_kernels_at_once_use_separate_slots():
+    kernels = [start_kernel(), start_kernel()]
+    try:
+        results = [None, None]
+
+        def go(i):
+            _, kc = kernels[i]
+            results[i] = run(kc, 'println!("{}", std::env::var("EVCXR_TMPDIR").unwrap());', timeout=STARTUP_TIMEOUT)
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        dirs = []
+        for reply, msgs in results:
+            assert reply["status"] == "ok", reply
+            dirs.append(text_of(msgs).strip())
+        assert dirs[0] != dirs[1] and all("slots" in d for d in dirs)
+    finally:
+        for km, kc in kernels:
+            kc.stop_channels()
+            km.shutdown_kernel(now=False)
