@@ -26,7 +26,8 @@ pub mod prelude {
     pub use crate::error::{PivotError, Result};
     pub use crate::model::*;
     pub use crate::runtime::{
-        check_interrupt, clear_interrupt, clear_output, display, interrupt_requested, show, DisplayHandle,
+        check_interrupt, clear_interrupt, clear_output, display, input, input_password, interrupt_requested, show,
+        DisplayHandle,
         EvcxrDisplay, MimeBundle, Progress, Rich,
     };
     pub use crate::{probe::*, analysis::*, plot::*};

@@ -245,6 +245,54 @@ pub fn clear_output(wait: bool) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Input
+
+/// Asks the user for one line of text and returns it without its line ending.
+///
+/// In the Jupyter kernel the front end shows `prompt` in an input box (a Jupyter
+/// `input_request`); in `pivot-repl` it is read from the terminal; in a plain program it is
+/// printed and a line is read from stdin. When the Jupyter client does not allow stdin
+/// (`allow_stdin: false`, e.g. `nbclient`/`pivot-kernel run`), the kernel answers with an empty
+/// string and writes a notice on stderr. Call it as `pivot::runtime::input("name? ")`.
+pub fn input(prompt: &str) -> String {
+    read_input(prompt, false)
+}
+
+/// Like [`input`], but the front end hides what is typed (a password prompt).
+pub fn input_password(prompt: &str) -> String {
+    read_input(prompt, true)
+}
+
+fn read_input(prompt: &str, password: bool) -> String {
+    let stdout = std::io::stdout();
+    match frontend() {
+        Frontend::Plain => {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(prompt.as_bytes()).and_then(|_| lock.flush());
+        }
+        Frontend::Jupyter | Frontend::Repl => {
+            // evcxr's protocol (the `evcxr_input` crate): one stdout line
+            // `EVCXR_INPUT_REQUEST[_PASSWORD]:<prompt>`, answered with one line on stdin. evcxr
+            // keeps only the text up to the next `:`, so colons in the prompt travel as U+A789,
+            // which the PIVOT session turns back into `:`. The request must start its own line:
+            // pass the prompt here rather than `print!`ing it first.
+            let cmd = if password { "EVCXR_INPUT_REQUEST_PASSWORD" } else { "EVCXR_INPUT_REQUEST" };
+            let prompt = prompt.replace(':', "\u{a789}").replace(['\n', '\r'], " ");
+            let mut lock = stdout.lock();
+            let _ = writeln!(lock, "{cmd}:{prompt}").and_then(|_| lock.flush());
+        }
+    }
+    let mut line = String::new();
+    if std::io::stdin().read_line(&mut line).is_err() {
+        return String::new();
+    }
+    while line.ends_with('\n') || line.ends_with('\r') {
+        line.pop();
+    }
+    line
+}
+
+// ---------------------------------------------------------------------------------------------
 // Interrupt
 
 /// Used when no front end exports a flag (plain programs, tests).

@@ -132,6 +132,84 @@ def test_silent_publishes_no_input_or_result(kernel):
     assert not of_type(msgs, "execute_input") and not of_type(msgs, "execute_result")
 
 
+# ------------------------------------------------------------------------------------------
+# user_expressions and stdin
+
+
+def test_user_expressions_ok_and_error(kernel):
+    _, kc = kernel
+    exprs = {
+        "len": "ue_v.len()",
+        "text": '"a:b".to_string()',
+        "vec": "ue_v.iter().map(|x| x * 10).collect::<Vec<_>>()",
+        "bad": "no_such_variable + 1",
+        "panics": "ue_v[10]",
+    }
+    reply, msgs = run(kc, "let ue_v = vec![1, 2, 3];", user_expressions=exprs)
+    assert reply["status"] == "ok", reply
+    ue = reply["user_expressions"]
+    assert set(ue) == set(exprs)
+    assert ue["len"] == {"status": "ok", "data": {"text/plain": "3"}, "metadata": {}}
+    assert ue["text"]["data"]["text/plain"] == '"a:b"'
+    assert ue["vec"]["data"]["text/plain"] == "[10, 20, 30]"
+    assert ue["bad"]["status"] == "error"
+    assert ue["bad"]["ename"].startswith("CompileError")
+    assert "no_such_variable" in ue["bad"]["evalue"]
+    assert isinstance(ue["bad"]["traceback"], list) and ue["bad"]["traceback"]
+    assert ue["panics"]["status"] == "error" and ue["panics"]["ename"] == "Panic", ue["panics"]
+    # Nothing of the expressions reaches iopub: no output, no error, no second execute_input.
+    assert [m["msg_type"] for m in msgs if m["msg_type"] != "status"] == ["execute_input"], msgs
+    # Neither the counter nor the session suffered.
+    after, out = run(kc, "ue_v.len()")
+    assert after["status"] == "ok"
+    assert after["execution_count"] == reply["execution_count"] + 1
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "3"
+
+
+def test_user_expressions_skipped_when_cell_fails(kernel):
+    _, kc = kernel
+    reply, _ = run(kc, 'panic!("cell fails");', user_expressions={"x": "1 + 1"})
+    assert reply["status"] == "error"
+    assert not reply.get("user_expressions")
+
+
+def test_stdin_input_request_is_answered(kernel):
+    _, kc = kernel
+    requests = []
+
+    def answer(msg):
+        requests.append(msg)
+        kc.input("Ada Lovelace" if not msg["content"]["password"] else "s3cret")
+
+    code = (
+        'let who = pivot::runtime::input("Your name: ");\n'
+        'let pw = pivot::runtime::input_password("Password: ");\n'
+        'println!("hello {who} ({} chars)", pw.len());'
+    )
+    reply, msgs = run(kc, code, allow_stdin=True, stdin_hook=answer)
+    assert reply["status"] == "ok", reply
+    assert [m["content"] for m in requests] == [
+        {"prompt": "Your name: ", "password": False},
+        {"prompt": "Password: ", "password": True},
+    ]
+    assert requests[0]["parent_header"]["msg_type"] == "execute_request"
+    assert text_of(msgs).strip() == "hello Ada Lovelace (6 chars)"
+    after, out = run(kc, "who.len()")
+    assert of_type(out, "execute_result")[0]["content"]["data"]["text/plain"] == "12"
+
+
+def test_stdin_not_allowed_gives_empty_string(kernel):
+    _, kc = kernel
+
+    def unexpected(msg):
+        raise AssertionError(f"input_request although allow_stdin=False: {msg}")
+
+    reply, msgs = run(kc, 'let got = pivot::runtime::input("Name: ");\nprintln!("[{got}]");', allow_stdin=False, stdin_hook=unexpected)
+    assert reply["status"] == "ok", reply
+    assert text_of(msgs).strip() == "[]"
+    assert "does not allow stdin" in text_of(msgs, "stderr")
+
+
 def test_outputs_in_order_with_parent(kernel):
     _, kc = kernel
     code = 'println!("a");\ndisplay(&MimeBundle::text("mid"));\nprintln!("b");\nclear_output(true);\nprintln!("c");'

@@ -5,6 +5,7 @@
 //! order. At the end of a cell the session asks the pump to flush and waits for the answer, so
 //! every output of a cell reaches the sink before the cell's result.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,9 @@ pub(crate) enum Control {
 pub(crate) struct Pump {
     pub control: Sender<Control>,
     pub signals: Arc<Mutex<CellSignals>>,
+    /// While set, events are dropped instead of reaching the sink (signals are still recorded):
+    /// used for evaluations the user did not ask to see, such as `user_expressions`.
+    pub muted: Arc<AtomicBool>,
 }
 
 impl Pump {
@@ -67,11 +71,13 @@ impl Pump {
         let (control, control_rx) = crossbeam_channel::unbounded();
         let signals = Arc::new(Mutex::new(CellSignals::default()));
         let sig = signals.clone();
+        let muted = Arc::new(AtomicBool::new(false));
+        let mute = muted.clone();
         std::thread::Builder::new()
             .name("pivot-output".into())
-            .spawn(move || PumpState { sink, signals: sig, pending: None }.run(stdout, stderr, control_rx))
+            .spawn(move || PumpState { sink, signals: sig, pending: None, muted: mute }.run(stdout, stderr, control_rx))
             .expect("spawn output thread");
-        Pump { control, signals }
+        Pump { control, signals, muted }
     }
 
     /// Waits until every line the child has written so far has reached the sink.
@@ -80,6 +86,12 @@ impl Pump {
         if self.control.send(Control::Flush(tx)).is_ok() {
             let _ = rx.recv_timeout(Duration::from_secs(10));
         }
+    }
+
+    /// Drops (true) or delivers (false) events from now on. Call `flush` first so that earlier
+    /// output is not affected.
+    pub fn set_muted(&self, muted: bool) {
+        self.muted.store(muted, Ordering::SeqCst);
     }
 
     pub fn take_signals(&self) -> CellSignals {
@@ -91,6 +103,7 @@ struct PumpState {
     sink: Sink,
     signals: Arc<Mutex<CellSignals>>,
     pending: Option<(StreamName, String, Instant)>,
+    muted: Arc<AtomicBool>,
 }
 
 impl PumpState {
@@ -143,7 +156,7 @@ impl PumpState {
 
     fn flush_text(&mut self) {
         if let Some((name, text, _)) = self.pending.take() {
-            if !text.is_empty() {
+            if !text.is_empty() && !self.muted.load(Ordering::SeqCst) {
                 (self.sink)(Event::Stream { name, text });
             }
         }
@@ -151,7 +164,9 @@ impl PumpState {
 
     fn emit(&mut self, e: Event) {
         self.flush_text();
-        (self.sink)(e);
+        if !self.muted.load(Ordering::SeqCst) {
+            (self.sink)(e);
+        }
     }
 
     fn stdout_line(&mut self, line: String) {

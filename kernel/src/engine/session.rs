@@ -315,7 +315,9 @@ impl Session {
         let result = {
             let ctx = &mut self.ctx;
             catch(|| {
-                let mut callbacks = EvalCallbacks { input_reader: &|r| input(&r.prompt, r.is_password) };
+                // The prelude's `runtime::input` sends `:` as U+A789 (evcxr cuts the prompt at the
+                // first `:`); give the front end the prompt as written.
+                let mut callbacks = EvalCallbacks { input_reader: &|r| input(&r.prompt.replace('\u{a789}', ":"), r.is_password) };
                 ctx.execute_with_callbacks(code, &mut callbacks)
             })
         };
@@ -369,6 +371,49 @@ impl Session {
         }
         out.duration = started.elapsed();
         out
+    }
+
+    /// Evaluates Jupyter `user_expressions` after a cell: each expression's `{:?}` text, or the
+    /// error it produced. All expressions are compiled together once; if that fails (a compile
+    /// error, a panic), each expression is evaluated on its own so errors land on the right one
+    /// (expressions with side effects may then run twice). Nothing they print reaches the front
+    /// end, and they define no variables, so a failing expression cannot hurt the session.
+    pub fn eval_user_expressions(&mut self, exprs: &[String]) -> Vec<Result<String, CellError>> {
+        if exprs.is_empty() {
+            return vec![];
+        }
+        self.pump.flush();
+        self.pump.set_muted(true);
+        let nonce = format!(
+            "{:x}{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+            std::process::id()
+        );
+        let refs: Vec<&str> = exprs.iter().map(String::as_str).collect();
+        let all = self.execute(&user_expressions_code(&refs, &nonce), &|_, _| String::new());
+        let mut results: Vec<Option<Result<String, CellError>>> = match (&all.error, &all.value) {
+            (None, Some(v)) => match decode_user_expressions(v, &nonce, exprs.len()) {
+                Some(texts) => texts.into_iter().map(|t| Some(Ok(t))).collect(),
+                None => vec![None; exprs.len()],
+            },
+            _ => vec![None; exprs.len()],
+        };
+        for (i, expr) in exprs.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let r = self.execute(&user_expressions_code(&[expr.as_str()], &nonce), &|_, _| String::new());
+            results[i] = Some(match (r.error, r.value) {
+                (Some(e), _) => Err(e),
+                (None, Some(v)) => decode_user_expressions(&v, &nonce, 1)
+                    .and_then(|mut t| t.pop())
+                    .ok_or_else(|| CellError::new("Error", "the expression produced no value")),
+                (None, None) => Err(CellError::new("Error", "the expression produced no value")),
+            });
+        }
+        self.pump.flush();
+        self.pump.set_muted(false);
+        results.into_iter().map(|r| r.unwrap_or_else(|| Err(CellError::new("Error", "not evaluated")))).collect()
     }
 
     fn translate_error(&mut self, e: evcxr::Error, code: &str, vars_before: &[String], interrupted: bool, killed: bool) -> (CellError, bool) {
@@ -469,6 +514,37 @@ impl Session {
     }
 }
 
+/// One block expression that formats every expression with `{:?}` between `nonce` markers and
+/// returns the whole text hex-encoded (evcxr shows a final `String` with `{:?}`; hex digits pass
+/// through that unchanged). A block, so that no variable of it outlives the evaluation.
+fn user_expressions_code(exprs: &[&str], nonce: &str) -> String {
+    let mut code = String::from("{\nlet mut __pivot_ue = ::std::string::String::new();\n");
+    for (i, e) in exprs.iter().enumerate() {
+        code.push_str(&format!("__pivot_ue.push_str(\"\\u{{1e}}UE{nonce}:{i}\\u{{1e}}\");\n"));
+        code.push_str(&format!("__pivot_ue.push_str(&::std::format!(\"{{:?}}\", &(\n{e}\n)));\n"));
+    }
+    code.push_str("__pivot_ue.bytes().map(|b| ::std::format!(\"{:02x}\", b)).collect::<::std::string::String>()\n}");
+    code
+}
+
+/// Splits the value of `user_expressions_code` back into the `n` expressions' texts.
+fn decode_user_expressions(value: &Map<String, Value>, nonce: &str, n: usize) -> Option<Vec<String>> {
+    let hex = value.get("text/plain")?.as_str()?.trim().trim_matches('"');
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect();
+    let text = String::from_utf8(bytes?).ok()?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let start_marker = format!("\u{1e}UE{nonce}:{i}\u{1e}");
+        let start = text.find(&start_marker)? + start_marker.len();
+        let end = if i + 1 < n { text.find(&format!("\u{1e}UE{nonce}:{}\u{1e}", i + 1))? } else { text.len() };
+        out.push(text.get(start..end)?.to_string());
+    }
+    Some(out)
+}
+
 /// The `?` and panic signals the child reported, as an error.
 fn signal_error(s: &CellSignals, interrupted: bool) -> Option<CellError> {
     if let Some(p) = &s.panic {
@@ -556,6 +632,20 @@ mod tests {
     #[test]
     fn ansi_is_stripped() {
         assert_eq!(strip_ansi("\x1b[31mred\x1b[0m x"), "red x");
+    }
+
+    #[test]
+    fn user_expressions_round_trip() {
+        let code = user_expressions_code(&["1 + 1", "x"], "abc");
+        assert!(code.starts_with("{\n") && code.ends_with("\n}"));
+        assert!(code.contains("&(\n1 + 1\n)"));
+        // What the child would return: the marked texts, hex-encoded, shown with `{:?}`.
+        let text = "\u{1e}UEabc:0\u{1e}2\u{1e}UEabc:1\u{1e}\"a:b\"";
+        let hex: String = text.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut v = Map::new();
+        v.insert("text/plain".into(), Value::String(format!("\"{hex}\"")));
+        assert_eq!(decode_user_expressions(&v, "abc", 2), Some(vec!["2".to_string(), "\"a:b\"".to_string()]));
+        assert_eq!(decode_user_expressions(&v, "other", 2), None);
     }
 
     #[test]

@@ -549,7 +549,8 @@ fn execute(shared: &Shared, session: Option<&mut Session>, start_error: Option<&
     if store_history {
         lock(&shared.history).add(n, &code);
     }
-    let result = match session {
+    let mut session = session;
+    let result = match session.as_deref_mut() {
         None => CellResult {
             error: Some(engine::CellError::new(
                 "EngineUnavailable",
@@ -596,18 +597,7 @@ fn execute(shared: &Shared, session: Option<&mut Session>, start_error: Option<&
             content
         }
         None => {
-            let exprs: serde_json::Map<String, Value> = c
-                .get("user_expressions")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.keys()
-                        .map(|k| {
-                            (k.clone(), json!({"status": "error", "ename": "NotSupported",
-                                "evalue": "user_expressions are not evaluated by the Rust kernel", "traceback": []}))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let exprs = user_expressions(session, c.get("user_expressions"));
             json!({"status": "ok", "execution_count": n, "user_expressions": exprs, "payload": []})
         }
     };
@@ -615,6 +605,32 @@ fn execute(shared: &Shared, session: Option<&mut Session>, start_error: Option<&
     shared.reply(msg, "execute_reply", content);
     shared.status(&parent, "idle");
     failed.then_some(replied)
+}
+
+/// Evaluates the request's `user_expressions` (after a successful cell) in the same session:
+/// not stored in history, not counted, nothing published on iopub. Each entry is answered on
+/// its own, as `{status:"ok", data:{"text/plain"}, metadata}` or `{status:"error", ename, evalue, traceback}`.
+fn user_expressions(session: Option<&mut Session>, requested: Option<&Value>) -> serde_json::Map<String, Value> {
+    let Some(requested) = requested.and_then(Value::as_object).filter(|m| !m.is_empty()) else {
+        return serde_json::Map::new();
+    };
+    let names: Vec<&String> = requested.keys().collect();
+    let exprs: Vec<String> = requested.values().map(|v| v.as_str().unwrap_or("").to_string()).collect();
+    let results: Vec<Result<String, engine::CellError>> = match session {
+        Some(s) => s.eval_user_expressions(&exprs),
+        None => exprs.iter().map(|_| Err(engine::CellError::new("EngineUnavailable", "the Rust engine is not running"))).collect(),
+    };
+    names
+        .into_iter()
+        .zip(results)
+        .map(|(name, r)| {
+            let v = match r {
+                Ok(text) => json!({"status": "ok", "data": {"text/plain": text}, "metadata": {}}),
+                Err(e) => json!({"status": "error", "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback}),
+            };
+            (name.clone(), v)
+        })
+        .collect()
 }
 
 fn complete(shared: &Shared, session: Option<&mut Session>, msg: &Message) {
