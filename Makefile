@@ -65,7 +65,7 @@ demo: venv
 test: pydeps fixtures rust-src kernel
 	cargo test -p pivot --no-fail-fast
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-kernel --no-fail-fast
-	$(PY) -m pytest -q tests/kernel
+	$(PY) -m pytest -q tests/kernel tests/notebooks
 
 clean-fixtures:
 	rm -rf $(PIVOT_FIXTURES)

@@ -33,4 +33,7 @@ pub mod prelude {
     pub use crate::{probe::*, analysis::*, plot::*};
     pub use crate::train::*;
     pub use tch::{self, Device, Kind, Tensor};
+    // Re-exported so cells can name `image::RgbImage` and call `image::open` without a `:dep`
+    // (a second copy of the crate would make its types incompatible with ours).
+    pub use image;
 }
