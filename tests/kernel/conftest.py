@@ -14,22 +14,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from pivot_testing import built_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def kernel_bin() -> Path:
-    env = os.environ.get("PIVOT_KERNEL_BIN")
-    if env:
-        return Path(env)
-    for target in (
-        os.environ.get("CARGO_TARGET_DIR"),
-        str(Path.home() / ".cache/pivot-lab/target-kernel"),
-        str(ROOT / "target"),
-    ):
-        if target and (Path(target) / "debug/pivot-kernel").exists():
-            return Path(target) / "debug/pivot-kernel"
-    raise RuntimeError("pivot-kernel is not built: run `cargo build -p pivot-kernel` or set PIVOT_KERNEL_BIN")
+    return built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
 
 
 BIN = kernel_bin()

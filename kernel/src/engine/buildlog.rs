@@ -6,7 +6,7 @@
 //! session's sink.
 
 use std::io::{BufRead, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Mutex;
 
 use super::output::{Event, Sink, StreamName};
@@ -15,20 +15,39 @@ static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 
 /// Must run before other threads start (it replaces fd 2).
 pub fn install() {
+    let mut orig: Option<std::fs::File> = None;
+    redirect_fd2(move |line, fd| {
+        // SAFETY: `fd` is the saved original stderr, open for the life of the process.
+        let out = orig.get_or_insert_with(|| unsafe { std::fs::File::from_raw_fd(fd) });
+        let _ = out.write_all(line);
+        let text = String::from_utf8_lossy(line);
+        if text.trim_start().starts_with("Compiling ") {
+            let sink = SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(sink) = sink {
+                sink(Event::Stream { name: StreamName::Stderr, text: text.into_owned() });
+            }
+        }
+    });
+}
+
+/// Puts a pipe on fd 2 and hands every line written there (newline included) to `on_line`, with
+/// the descriptor of the original stderr, on a reader thread. Returns that descriptor (close-on-exec),
+/// or `None` if fd 2 was left alone. Shared by the kernel (which copies lines through) and the REPL
+/// (which shows them behind its prompt). Must run before other threads start.
+pub fn redirect_fd2(mut on_line: impl FnMut(&[u8], RawFd) + Send + 'static) -> Option<RawFd> {
     // SAFETY: descriptor juggling on fd 2 while single-threaded.
     unsafe {
         let orig = libc::dup(2);
         let mut fds = [0; 2];
         if orig < 0 || libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return;
+            return None;
         }
         libc::fcntl(orig, libc::F_SETFD, libc::FD_CLOEXEC);
         if libc::dup2(fds[1], 2) < 0 {
-            return;
+            return None;
         }
         libc::close(fds[1]);
         let reader = std::fs::File::from_raw_fd(fds[0]);
-        let mut orig = std::fs::File::from_raw_fd(orig);
         let _ = std::thread::Builder::new().name("pivot-stderr".into()).spawn(move || {
             let mut r = std::io::BufReader::new(reader);
             let mut line = Vec::new();
@@ -36,18 +55,11 @@ pub fn install() {
                 line.clear();
                 match r.read_until(b'\n', &mut line) {
                     Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let _ = orig.write_all(&line);
-                let text = String::from_utf8_lossy(&line);
-                if text.trim_start().starts_with("Compiling ") {
-                    let sink = SINK.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    if let Some(sink) = sink {
-                        sink(Event::Stream { name: StreamName::Stderr, text: text.into_owned() });
-                    }
+                    Ok(_) => on_line(&line, orig),
                 }
             }
         });
+        Some(orig)
     }
 }
 

@@ -1,0 +1,372 @@
+//! `pivot-repl`: the PIVOT Lab terminal REPL, on the Jupyter kernel's engine (evcxr with the
+//! `pivot` prelude preloaded in a persistent build slot).
+//!
+//!   pivot-repl [--edit-mode emacs|vi] [--no-color]          interactive (stdin is a terminal)
+//!   pivot-repl [options] SCRIPT.rs                          run a script cell by cell
+//!   echo 'CODE' | pivot-repl                                run stdin, statement by statement
+//!
+//! Environment: PIVOT_REPL_HISTORY (history file; default `<data dir>/pivot-lab/history.txt`),
+//! PIVOT_FIGURES_DIR (where figures are saved; default ./pivot-figures), PIVOT_IMAGES
+//! (kitty|iterm|file: force the image protocol), PIVOT_SLOT (build slot), NO_COLOR, and the
+//! kernel's PIVOT_CACHE_DIR / PIVOT_PYTHON / PIVOT_PRELUDE / PIVOT_INTERRUPT_GRACE_SECS.
+
+mod cells;
+mod engine;
+mod interactive;
+mod render;
+mod sys;
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use pivot_kernel::engine::{paths, slots, Event, Sink};
+use pivot_kernel::scan::{self, Completeness};
+
+use engine::Engine;
+use render::Out;
+
+const USAGE: &str = "usage: pivot-repl [--edit-mode emacs|vi] [--no-color] [SCRIPT.rs | -]
+
+  no SCRIPT, stdin a terminal   interactive REPL (rustyline; history, completion, Ctrl-C interrupts)
+  SCRIPT.rs                     run the file cell by cell; exit 1 at the first error
+  - or stdin not a terminal     run stdin statement by statement; exit 1 at the first error
+
+Cells in a script are separated by `// %%` lines if there are any, otherwise by blank lines at
+top level (a blank line inside a block or string does not split). Type :help at the prompt.";
+
+pub const HELP: &str = "PIVOT Lab REPL — the `pivot` prelude is loaded (`use pivot::prelude::*`).
+  Enter runs the input once brackets, strings and blocks are closed; two empty lines force it.
+  Tab completes; Ctrl-C stops a running cell (loops should poll `check_interrupt(\"..\")?`;
+  a cell that ignores it is killed after the grace period) or clears the line; Ctrl-D exits.
+Commands:
+  :help              this text (:help evcxr lists evcxr's own commands)
+  :vars              variables and their types
+  :type EXPR / :t    the type of a variable or expression
+  :dep NAME = SPEC   add a crate, e.g. :dep rand = \"0.9\"
+  :timing            toggle timing of each input
+  :save FILE         write the inputs that ran successfully as a script
+  :load FILE         run a script here, cell by cell (stops at the first error)
+  :quit              exit (or Ctrl-D)
+Figures are shown inline on kitty/iTerm2, otherwise saved under $PIVOT_FIGURES_DIR (./pivot-figures).";
+
+fn main() -> ExitCode {
+    // This executable is also evcxr's child process and its rustc wrapper: those roles must be
+    // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
+    if pivot_kernel::child::is_runtime_child() {
+        pivot_kernel::child::child_main();
+    }
+    evcxr::runtime_hook();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pivot-repl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+struct Args {
+    vi: bool,
+    no_color: bool,
+    script: Option<PathBuf>,
+}
+
+fn parse_args() -> anyhow::Result<Option<Args>> {
+    let mut a = Args { vi: false, no_color: false, script: None };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(None);
+            }
+            "-V" | "--version" => {
+                println!("pivot-repl {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            "--no-color" => a.no_color = true,
+            "--edit-mode" => {
+                i += 1;
+                match args.get(i).map(String::as_str) {
+                    Some("vi") => a.vi = true,
+                    Some("emacs") => a.vi = false,
+                    other => anyhow::bail!("--edit-mode wants emacs or vi, got {other:?}\n{USAGE}"),
+                }
+            }
+            "--edit-mode=vi" => a.vi = true,
+            "--edit-mode=emacs" => a.vi = false,
+            other if (other == "-" || !other.starts_with('-')) && a.script.is_none() => a.script = Some(PathBuf::from(other)),
+            other => anyhow::bail!("unknown argument {other}\n{USAGE}"),
+        }
+        i += 1;
+    }
+    Ok(Some(a))
+}
+
+fn real_main() -> anyhow::Result<ExitCode> {
+    let Some(args) = parse_args()? else { return Ok(ExitCode::SUCCESS) };
+    let interactive = args.script.is_none() && std::io::stdin().is_terminal();
+    let script_src = match &args.script {
+        Some(p) if p.as_os_str() != "-" => {
+            Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?)
+        }
+        _ => None,
+    };
+
+    // Still single-threaded: lock a build slot and export it to evcxr.
+    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
+    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    pivot_kernel::engine::prepare_process_env(&slot.dir);
+    let out = Arc::new(Out::new(args.no_color));
+    if interactive {
+        let o = out.clone();
+        sys::capture_stderr(move |line| o.note(&line));
+    }
+
+    let sink: Sink = {
+        let out = out.clone();
+        Arc::new(move |e: Event| out.event(e))
+    };
+    let progress: engine::Progress = {
+        let out = out.clone();
+        Arc::new(move |m: &str| if interactive || std::io::stderr().is_terminal() { out.note(m) })
+    };
+    let slot_index = slot.index;
+    let engine = Arc::new(Engine::spawn(slot, sink, progress, interactive));
+    let repl_state = Arc::new(AtomicBool::new(false)); // a cell is running
+    {
+        let engine = engine.clone();
+        let running = repl_state.clone();
+        let out = out.clone();
+        sys::install_sigint(move || {
+            if running.load(Ordering::SeqCst) {
+                if let Some(i) = engine.interrupter() {
+                    out.note("interrupting… (the cell stops at its next check_interrupt; one that never checks is killed after the grace period)");
+                    i.interrupt();
+                }
+            } else if !interactive && engine.is_ready() {
+                std::process::exit(130);
+            }
+        });
+    }
+    let mut repl = Repl { engine, out, accepted: Vec::new(), timing: false, interactive, running: repl_state, first_result: None, failed: false };
+
+    if interactive {
+        repl.out.note(&format!(
+            "PIVOT Lab REPL {} — starting the engine in the background (build slot {slot_index}); type ahead. :help for help, Ctrl-D to exit.",
+            env!("CARGO_PKG_VERSION")
+        ));
+        return interactive::run(&mut repl, args.vi);
+    }
+    let ok = match script_src {
+        Some(src) => repl.run_script(&src),
+        None => repl.run_stream(std::io::stdin().lock()),
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+pub enum Flow {
+    Ok,
+    Error,
+    Quit,
+}
+
+pub struct Repl {
+    pub engine: Arc<Engine>,
+    pub out: Arc<Out>,
+    /// Inputs that ran successfully, for `:save`.
+    pub accepted: Vec<String>,
+    timing: bool,
+    interactive: bool,
+    running: Arc<AtomicBool>,
+    /// Time from process start to the first result (PIVOT_REPL_TIMINGS=1 prints it).
+    first_result: Option<f64>,
+    /// The engine could not start: nothing can run.
+    pub failed: bool,
+}
+
+impl Repl {
+    /// Waits for the engine; false (with the reason printed) when it cannot start.
+    fn ensure_engine(&mut self) -> Result<bool, String> {
+        if self.engine.is_ready() {
+            return Ok(true);
+        }
+        sys::take_sigints();
+        let _echo = self.interactive.then(sys::echo_off);
+        self.out.executing(true);
+        self.out.start_wait_spinner("waiting for the engine to start (Ctrl-C cancels this input)");
+        let r = self.engine.wait_ready(&|| sys::take_sigints() > 0);
+        self.out.stop_wait_spinner();
+        self.out.executing(false);
+        r
+    }
+
+    /// Runs one input: a REPL command or a cell.
+    pub fn input(&mut self, text: &str) -> Flow {
+        let t = text.trim();
+        if t.is_empty() {
+            return Flow::Ok;
+        }
+        if t.starts_with(':') && !t.contains('\n') {
+            let (cmd, arg) = t.split_once(char::is_whitespace).map(|(c, a)| (c, a.trim())).unwrap_or((t, ""));
+            match cmd {
+                ":help" | ":h" | ":?" if arg.is_empty() => {
+                    println!("{HELP}");
+                    return Flow::Ok;
+                }
+                ":help" if arg == "evcxr" => return self.cell(":help", false),
+                ":quit" | ":q" | ":exit" => return Flow::Quit,
+                ":save" => return self.save(arg),
+                ":load" => return self.load(arg),
+                ":timing" => {
+                    self.timing = !self.timing;
+                    return self.cell(":timing", false);
+                }
+                ":vars" | ":type" | ":t" | ":help" => return self.cell(t, false),
+                _ => {}
+            }
+        }
+        self.cell(text, true)
+    }
+
+    fn save(&mut self, arg: &str) -> Flow {
+        if arg.is_empty() {
+            self.out.error(&pivot_kernel::engine::CellError::new("UsageError", ":save FILE"));
+            return Flow::Error;
+        }
+        match std::fs::write(arg, cells::to_script(&self.accepted)) {
+            Ok(()) => {
+                self.out.note(&format!("saved {} inputs to {arg}", self.accepted.len()));
+                Flow::Ok
+            }
+            Err(e) => {
+                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot write {arg}: {e}")));
+                Flow::Error
+            }
+        }
+    }
+
+    fn load(&mut self, arg: &str) -> Flow {
+        match std::fs::read_to_string(arg) {
+            Ok(src) => {
+                if self.run_script(&src) {
+                    Flow::Ok
+                } else {
+                    Flow::Error
+                }
+            }
+            Err(e) => {
+                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot read {arg}: {e}")));
+                Flow::Error
+            }
+        }
+    }
+
+    /// Runs a cell on the engine and prints what it produced.
+    fn cell(&mut self, code: &str, record: bool) -> Flow {
+        match self.ensure_engine() {
+            Ok(true) => {}
+            Ok(false) => {
+                self.out.note("cancelled (the engine is still starting)");
+                return Flow::Error;
+            }
+            Err(msg) => {
+                self.out.error(&pivot_kernel::engine::CellError::new("EngineStartFailed", msg));
+                self.failed = true;
+                return Flow::Quit;
+            }
+        }
+        sys::take_sigints();
+        self.out.begin_cell();
+        self.running.store(true, Ordering::SeqCst);
+        let r = self.engine.execute(code);
+        self.running.store(false, Ordering::SeqCst);
+        self.out.end_cell();
+        if let Some(v) = &r.value {
+            // A trailing `for`/`while` is a `()` expression: nothing worth a line.
+            let unit = v.len() == 1 && v.get("text/plain").and_then(|p| p.as_str()) == Some("()");
+            if !unit {
+                self.out.result(v);
+            }
+        }
+        if self.first_result.is_none() {
+            let t = self.engine.started.elapsed().as_secs_f64();
+            self.first_result = Some(t);
+            if std::env::var_os("PIVOT_REPL_TIMINGS").is_some() {
+                self.out.note(&format!(
+                    "[timings] engine ready {:.2} s, first result {:.2} s, this input {:.3} s",
+                    self.engine.ready_after.lock().map(|d| d.map(|d| d.as_secs_f64()).unwrap_or(0.0)).unwrap_or(0.0),
+                    t,
+                    r.duration.as_secs_f64()
+                ));
+            }
+        } else if std::env::var_os("PIVOT_REPL_TIMINGS").is_some() {
+            self.out.note(&format!("[timings] this input {:.3} s", r.duration.as_secs_f64()));
+        }
+        if self.timing {
+            self.out.note(&format!("took {}", fmt_duration(r.duration)));
+        }
+        if let Some(e) = &r.error {
+            self.out.error(e);
+            if r.restarted {
+                self.out.note("the Rust process was restarted: variables are gone, the prelude is loaded again");
+            }
+            return Flow::Error;
+        }
+        if record {
+            self.accepted.push(code.trim_end().to_string());
+        }
+        Flow::Ok
+    }
+
+    /// Runs a script cell by cell; false at the first error.
+    pub fn run_script(&mut self, src: &str) -> bool {
+        for cell in cells::split_cells(src) {
+            if self.interactive {
+                let first = cell.lines().next().unwrap_or("");
+                let more = if cell.lines().count() > 1 { " …" } else { "" };
+                self.out.note(&format!("» {first}{more}"));
+            }
+            match self.input(&cell) {
+                Flow::Ok => {}
+                Flow::Error | Flow::Quit => return false,
+            }
+        }
+        true
+    }
+
+    /// Runs piped input: each line completes an input as soon as the scanner says it is complete.
+    pub fn run_stream(&mut self, r: impl BufRead) -> bool {
+        let mut buf = String::new();
+        for line in r.lines() {
+            let Ok(line) = line else { break };
+            buf.push_str(&line);
+            buf.push('\n');
+            if buf.trim().is_empty() {
+                buf.clear();
+                continue;
+            }
+            if !matches!(scan::check(&buf), Completeness::Incomplete { .. }) {
+                let input = std::mem::take(&mut buf);
+                match self.input(&input) {
+                    Flow::Ok => {}
+                    Flow::Error => return false,
+                    Flow::Quit => return !self.failed,
+                }
+            }
+        }
+        if !buf.trim().is_empty() {
+            return matches!(self.input(&buf), Flow::Ok | Flow::Quit) && !self.failed;
+        }
+        true
+    }
+}
+
+pub fn fmt_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 { format!("{:.0} ms", s * 1000.0) } else { format!("{s:.2} s") }
+}

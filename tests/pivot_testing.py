@@ -1,0 +1,23 @@
+"""Helpers shared by the Python test suites (kernel, REPL, notebooks, lab)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def built_binary(name: str, env_var: str) -> Path:
+    """A binary of the kernel workspace: `$env_var` if set, else the first cargo target dir that has it
+    (CARGO_TARGET_DIR, the Makefile's kernel target dir, the clone's own target/)."""
+    env = os.environ.get(env_var)
+    if env:
+        return Path(env)
+    for target in (
+        os.environ.get("CARGO_TARGET_DIR"),
+        str(Path.home() / ".cache/pivot-lab/target-kernel"),
+        str(ROOT / "target"),
+    ):
+        if target and (Path(target) / "debug" / name).exists():
+            return Path(target) / "debug" / name
+    raise RuntimeError(f"{name} is not built: run `make kernel` (or `cargo build -p {name}`) or set {env_var}")

@@ -1,0 +1,227 @@
+"""End-to-end tests of `pivot-repl`: an interactive session driven through tmux, and the
+non-interactive modes (script file, piped stdin).
+
+The binary comes from PIVOT_REPL_BIN, else the kernel's cargo target dir. Each start takes a
+free build slot (PIVOT_CACHE_DIR, default ~/.cache/pivot-lab); a warm slot 0 (`pivot-kernel
+warm`) makes a start take ~20 s. The tmux test needs `tmux` (apt-get install -y tmux).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from pivot_testing import built_binary
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = float(os.environ.get("PIVOT_TEST_STARTUP_TIMEOUT", "1500"))
+CELL_TIMEOUT = 240.0
+
+
+def repl_bin() -> Path:
+    return built_binary("pivot-repl", "PIVOT_REPL_BIN")
+
+
+BIN = repl_bin()
+
+
+def run_repl(args, tmp_path: Path, stdin: str | None = None):
+    env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(tmp_path / "figs"))
+    return subprocess.run(
+        [str(BIN), *args],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT,
+        cwd=tmp_path,
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Script mode and piped stdin
+
+
+def test_script_success(tmp_path: Path):
+    script = tmp_path / "ok.rs"
+    script.write_text(
+        """#!/usr/bin/env pivot-repl
+// %% data
+let xs: Vec<f64> = (1..=4).map(|i| i as f64).collect();
+
+let total: f64 = xs.iter().sum();
+// %% progress (a bar on a terminal, one final line otherwise)
+let mut p = Progress::new("steps", 5);
+for i in 0..5 { p.set(i + 1, format!("step {i}")); }
+p.finish();
+// %% a figure: saved as PNG when the terminal shows no images
+show(&MimeBundle::text("tiny figure").with_png(&[137, 80, 78, 71, 13, 10, 26, 10]));
+// %%
+println!("total = {total}");
+total * 2.0
+"""
+    )
+    r = run_repl([str(script)], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "total = 10" in r.stdout
+    assert re.search(r"^20(\.0)?$", r.stdout, re.M), r.stdout
+    assert "steps 5/5" in r.stderr, r.stderr
+    figs = list((tmp_path / "figs").glob("fig-*.png"))
+    assert len(figs) == 1 and figs[0].read_bytes().startswith(b"\x89PNG"), figs
+    assert f"[tiny figure] saved to {figs[0]}" in r.stdout
+
+
+def test_script_compile_error(tmp_path: Path):
+    script = tmp_path / "bad.rs"
+    script.write_text('println!("first cell runs");\n\nfn f() -> i32 { "text" }\n\nprintln!("never reached");\n')
+    r = run_repl([str(script)], tmp_path)
+    assert r.returncode != 0
+    assert "first cell runs" in r.stdout
+    assert "never reached" not in r.stdout
+    assert "mismatched types" in r.stderr, r.stderr
+    # The report quotes the cell and points at the span.
+    assert 'fn f() -> i32 { "text" }' in r.stderr
+    assert "expected `i32`, found `&str`" in r.stderr
+
+
+def test_script_panic(tmp_path: Path):
+    # No `let` in these scripts: the first `let` of a session loads rust-analyzer (~13 s).
+    script = tmp_path / "panic.rs"
+    script.write_text('println!("before");\n\nstd::hint::black_box(vec![1, 2])[5]\n\nprintln!("never reached");\n')
+    r = run_repl([str(script)], tmp_path)
+    assert r.returncode != 0
+    assert "before" in r.stdout
+    assert "never reached" not in r.stdout
+    assert "index out of bounds: the len is 2 but the index is 5" in r.stderr, r.stderr
+    assert "panic" in r.stderr.lower()
+
+
+def test_piped_stdin(tmp_path: Path):
+    # Not a terminal: each statement runs once the scanner says it is complete.
+    r = run_repl([], tmp_path, stdin='println!("piped");\nformat!("{}",\n    2 * 21)\n')
+    assert r.returncode == 0, r.stderr
+    assert "piped" in r.stdout
+    assert '"42"' in r.stdout, r.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactive, through tmux
+
+
+class Tmux:
+    """A detached tmux session on a private server, with a fixed size."""
+
+    def __init__(self, command: str, cwd: Path):
+        self.socket = f"pivot-repl-test-{os.getpid()}"
+        self.name = "repl-" + uuid.uuid4().hex[:8]
+        self.tmux("new-session", "-d", "-s", self.name, "-x", "160", "-y", "50", "-c", str(cwd), command)
+        self.tmux("set-option", "-t", self.name, "history-limit", "5000")
+
+    def tmux(self, *args: str) -> str:
+        return subprocess.run(["tmux", "-L", self.socket, *args], check=True, capture_output=True, text=True).stdout
+
+    def type(self, text: str):
+        """Types text literally (tmux would read a trailing `;` as a command separator)."""
+        for i, piece in enumerate(text.split(";")):
+            if i > 0:
+                self.tmux("send-keys", "-t", self.name, "-H", "3b")
+            if piece:
+                self.tmux("send-keys", "-t", self.name, "-l", piece)
+
+    def keys(self, *keys: str):
+        self.tmux("send-keys", "-t", self.name, *keys)
+
+    def line(self, text: str):
+        self.type(text)
+        self.keys("Enter")
+
+    def screen(self) -> str:
+        return self.tmux("capture-pane", "-p", "-J", "-S", "-5000", "-t", self.name)
+
+    def wait_for(self, pattern: str, timeout: float = CELL_TIMEOUT, after: int = 0) -> re.Match:
+        """Waits until `pattern` matches the screen text after offset `after`."""
+        deadline = time.time() + timeout
+        while True:
+            s = self.screen()
+            m = re.compile(pattern, re.M).search(s, after)
+            if m:
+                return m
+            if time.time() > deadline:
+                raise AssertionError(f"timed out waiting for {pattern!r}; screen:\n{s}")
+            time.sleep(0.2)
+
+    def close(self):
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
+
+
+@pytest.fixture
+def tmux_repl(tmp_path: Path):
+    if shutil.which("tmux") is None:
+        pytest.skip("tmux is not installed (apt-get install -y tmux)")
+    hist = tmp_path / "history.txt"
+    env = {
+        "PIVOT_REPL_HISTORY": str(hist),
+        "PIVOT_FIGURES_DIR": str(tmp_path / "figs"),
+        "TERM": "xterm-256color",
+        "PIVOT_REPL_TIMINGS": "1",
+    }
+    passthrough = ["PATH", "HOME", "PIVOT_CACHE_DIR", "PIVOT_PYTHON", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "PIVOT_PRELUDE", "CARGO_HOME", "RUSTUP_HOME"]
+    for k in passthrough:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    assign = " ".join(f"{k}='{v}'" for k, v in env.items())
+    # `; sleep` keeps the pane (and its last screen) after the REPL exits.
+    t = Tmux(f"env -i {assign} {BIN}; echo REPL-EXITED-$?; sleep 600", tmp_path)
+    try:
+        yield t, hist, tmp_path
+    finally:
+        t.close()
+
+
+def test_interactive_session(tmux_repl):
+    t, hist, tmp = tmux_repl
+    t0 = time.time()
+    t.wait_for(r"^>> ", timeout=30)
+    prompt_after = time.time() - t0
+
+    # Multi-line input: the open bracket keeps the editor open; the result comes back.
+    t.line("let v = vec![1, 2,")
+    t.line("    3, 4];")
+    t.line("v.iter().sum::<i32>() * 10")
+    t.wait_for(r"^100$", timeout=STARTUP_TIMEOUT)
+    first_result_after = time.time() - t0
+
+    # Ctrl-C during a loop that polls check_interrupt: the cell stops, its variable lives on.
+    t.line("let mut n = 0u64;")
+    t.line('println!("spinning"); while check_interrupt("spin").is_ok() { n += 1; std::thread::sleep(std::time::Duration::from_millis(2)); }')
+    spin = t.wait_for(r"^spinning$")
+    time.sleep(1.0)
+    t.keys("C-c")
+    t.wait_for(r"interrupting", after=spin.end())
+    t.line('format!("n={} v={}", n > 10, v.len())')
+    t.wait_for(r'^"n=true v=4"$', after=spin.end())
+
+    # Ctrl-C at the prompt drops the line; the next input runs normally.
+    t.type("this line is thrown away")
+    t.keys("C-c")
+    t.line(":save session.rs")
+    t.wait_for(r"saved \d+ inputs to session.rs")
+    saved = (tmp / "session.rs").read_text()
+    assert "// %%\nlet v = vec![1, 2,\n    3, 4];" in saved, saved
+    assert "this line is thrown away" not in saved
+
+    # History: every accepted input, written as it was accepted (multi-line entries escaped).
+    text = hist.read_text()
+    assert "let mut n = 0u64;" in text, text
+    assert "let v = vec![1, 2,\\n    3, 4];" in text, text
+    assert "this line is thrown away" not in text
+
+    # Ctrl-D exits cleanly.
+    t.keys("C-d")
+    t.wait_for(r"REPL-EXITED-0", timeout=30)
+    print(f"\nprompt after {prompt_after:.2f} s, first result after {first_result_after:.1f} s")
