@@ -176,10 +176,21 @@ def main():
         torch.cuda.reset_peak_memory_stats()
 
     times, cpu, tokens, losses = [], [], 0, []
+    # PIVOT_PROFILE_STEPS=1: the same phase split as ours (each mark waits for the device).
+    profile = os.environ.get("PIVOT_PROFILE_STEPS", "") not in ("", "0")
+    phases, last = {}, [0.0]
+
+    def mark(name):
+        if profile:
+            sync()
+            now = time.perf_counter()
+            phases.setdefault(name, []).append(now - last[0])
+            last[0] = now
     for step in range(total):
         idx = torch.arange(step * bsz, (step + 1) * bsz) % n
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
+        last[0] = t0
         pixels = batch["pixels"][idx]
         if a.task == "dpo":
             # concatenated_forward: [chosen; rejected], images + images (each image encoded twice)
@@ -187,24 +198,34 @@ def main():
             labels = pad_cat(batch["chosen_labels"][idx], batch["rejected_labels"][idx], IGNORE_INDEX)
             attn = pad_cat(torch.ones_like(batch["chosen_ids"][idx]), torch.ones_like(batch["rejected_ids"][idx]), 0)
             imgs = torch.cat([pixels, pixels])
+            mark("data")
             out, lab, mask = model(ids, labels, attn, imgs)
             logps = get_batch_logps(out.logits.to(torch.float32), lab)
+            mark("policy forward")
             with torch.no_grad():
                 rout, rlab, _ = ref(ids, labels, attn, imgs)
                 rlogps = get_batch_logps(rout.logits.to(torch.float32), rlab)
+            mark("reference")
             pc, pr = logps[:bsz], logps[bsz:]
             rc, rr = rlogps[:bsz], rlogps[bsz:]
             h = (pc - pr) - (rc - rr)
             loss = -F.logsigmoid(0.1 * h).mean()
+            mark("loss + metrics")
         else:
             ids, labels = batch["chosen_ids"][idx], batch["chosen_labels"][idx]
+            mark("data")
             out, lab, mask = model(ids, labels, torch.ones_like(ids), pixels, with_loss=True)
             loss = out.loss
+            mark("forward + loss")
         loss.backward()
+        mark("backward")
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        mark("grad norm")
         opt.step()
         sched.step()
+        mark("optimizer")
         opt.zero_grad(set_to_none=True)
+        mark("zero grad")
         losses.append(loss.item())
         sync()
         times.append(time.perf_counter() - t0)
@@ -225,6 +246,7 @@ def main():
         "images_encoded": 2 * bsz if a.task == "dpo" else bsz,
         "tokens_per_step": tokens,
         "step_s": med,
+        "phases_s": {k: statistics.median(v[a.warmup :]) for k, v in phases.items() if v[a.warmup :]},
         "step_times_s": measured,
         "step_cpu_s": statistics.median(cpu[a.warmup :]),
         "step_cpu_times_s": cpu[a.warmup :],

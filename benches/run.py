@@ -239,6 +239,16 @@ def main():
     print("  ".join("-" * w for w in widths))
     for row in rows:
         print(fmt(row))
+    profiled = [r for r in results if r.get("phases_s")]
+    if profiled:
+        # PIVOT_PROFILE_STEPS=1: median milliseconds per phase (each phase ends with a device sync).
+        names = list(dict.fromkeys(n for r in profiled for n in r["phases_s"]))
+        print("\nphases (ms, median):")
+        label = lambda r: f"{r['task']} {r['side']} {r.get('variant', '')}".strip()
+        w = max(len(label(r)) for r in profiled)
+        print(" " * w + "  " + "  ".join(f"{n:>14}" for n in names))
+        for r in profiled:
+            print(label(r).ljust(w) + "  " + "  ".join(f"{1e3 * r['phases_s'][n]:14.1f}" if n in r["phases_s"] else " " * 14 for n in names))
     print(f"\nload average start {info['load_average_start'][0]:.2f}, end {info['load_average_end'][0]:.2f} on {info['cpu_cores']} cores "
           "(above the core count, other work shared the CPU: compare ratios, not absolute times)")
 

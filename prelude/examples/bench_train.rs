@@ -312,6 +312,11 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
     let tokens = log.get("tokens_per_second").iter().zip(&step_secs).map(|(t, s)| t * s).next().unwrap_or(0.0);
     let med = median(measured.clone());
     let samples = batch as f64;
+    // PIVOT_PROFILE_STEPS=1: median seconds per phase over the measured steps.
+    let phases: serde_json::Map<String, serde_json::Value> = pivot::train::take_step_profile()
+        .into_iter()
+        .map(|(name, v)| (name, serde_json::json!(median(v[warmup.min(v.len())..].to_vec()))))
+        .collect();
     emit(
         a,
         serde_json::json!({
@@ -327,6 +332,7 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
             "images_encoded": if dpo && double { 2 * batch } else { batch },
             "tokens_per_step": tokens,
             "step_s": med,
+            "phases_s": phases,
             "step_times_s": measured,
             "step_cpu_s": median(cpu_times.clone()),
             "step_cpu_times_s": cpu_times,

@@ -5,6 +5,7 @@
 //! halves the tower's cost; the tower's gradient is the same sum PIVOT gets from its two copies.
 //! `double_encoding` reproduces PIVOT's `images + images` literally.
 
+use super::profile;
 use super::checkpoint;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
 use super::log::{StepMetrics, TrainLog};
@@ -191,6 +192,7 @@ impl Objective<PreferenceSample> for DpoObjective {
     fn micro_step(&mut self, mllm: &Mllm, batch: &[(usize, &PreferenceSample)]) -> Result<Micro> {
         let b = batch.len() as i64;
         let (pixels, seqs) = encode_pairs(mllm, batch)?;
+        profile::mark("data", mllm.device());
         let (out, logps) = if self.double_encoding {
             let image_of: Vec<usize> = (0..2 * batch.len()).collect();
             let out = mllm.forward(&Tensor::cat(&[&pixels, &pixels], 0), &seqs, &image_of)?;
@@ -199,6 +201,7 @@ impl Objective<PreferenceSample> for DpoObjective {
         } else {
             shared_logps(mllm, &pixels, &seqs)?
         };
+        profile::mark("policy forward", mllm.device());
         let (pc, pr) = (logps.narrow(0, 0, b), logps.narrow(0, b, b));
         let (rc, rr) = match &self.reference {
             Reference::Model(r) => {
@@ -212,6 +215,7 @@ impl Objective<PreferenceSample> for DpoObjective {
             }
             Reference::None => return Err(PivotError::invalid("DPO reference was not prepared")),
         };
+        profile::mark("reference", mllm.device());
         let terms = dpo_loss(&pc, &pr, &rc, &rr, self.beta, self.label_smoothing);
         let mut metrics = terms.metrics();
         let mean = |t: &Tensor| t.mean(Kind::Float).double_value(&[]);
@@ -230,6 +234,7 @@ impl Objective<PreferenceSample> for DpoObjective {
             loss = loss + nll * self.sft_weight;
         }
         let tokens = out.attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
+        profile::mark("loss + metrics", mllm.device());
         Ok(Micro { loss, metrics, samples: batch.len(), tokens })
     }
 }

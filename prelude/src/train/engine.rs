@@ -5,6 +5,7 @@
 use super::checkpoint::{self, TrainerState};
 use super::log::{LiveView, StepMetrics, TrainLog};
 use super::optim::{AdamW, cosine_schedule};
+use super::profile;
 use crate::error::{PivotError, Result};
 use crate::model::{Checkpoint, Mllm};
 use crate::runtime::check_interrupt;
@@ -277,6 +278,7 @@ fn run_inner<S, O: Objective<S>>(
     for step in start..total {
         check_interrupt(&format!("{label} step {} of {total}", step + 1))?;
         let t0 = Instant::now();
+        profile::begin(mllm.device());
         let epoch = step / steps_per_epoch;
         if order.0 != epoch {
             order = (epoch, epoch_order(cfg.seed, epoch, data.len(), cfg.shuffle));
@@ -296,6 +298,7 @@ fn run_inner<S, O: Objective<S>>(
                 return Err(PivotError::NonFinite { what: format!("{label} loss ({loss})"), step: step + 1, last_good: step });
             }
             (&micro.loss / cfg.grad_accum as f64).backward();
+            profile::mark("backward", mllm.device());
             loss_sum += loss;
             samples += micro.samples;
             tokens += micro.tokens;
@@ -306,19 +309,21 @@ fn run_inner<S, O: Objective<S>>(
                 }
             }
         }
-        let grad_norm = opt.grad_norm();
+        let grad_norm = opt.grad_norm()?;
+        profile::mark("grad norm", mllm.device());
         if !grad_norm.is_finite() {
             opt.zero_grad();
             return Err(PivotError::NonFinite { what: format!("{label} gradient norm ({grad_norm})"), step: step + 1, last_good: step });
         }
-        if let Some(max) = cfg.max_grad_norm {
-            if grad_norm > max {
-                opt.scale_grads(max / (grad_norm + 1e-6));
-            }
-        }
+        let clip = match cfg.max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
         let scale = cosine_schedule(step, total, cfg.warmup_ratio);
-        opt.step(scale);
+        opt.step(scale, clip)?;
+        profile::mark("optimizer", mllm.device());
         opt.zero_grad();
+        profile::mark("zero grad", mllm.device());
 
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
         let n = cfg.grad_accum as f64;

@@ -27,6 +27,7 @@ mod engine;
 mod eval;
 mod log;
 mod optim;
+mod profile;
 mod sft;
 mod stage1;
 
@@ -36,5 +37,6 @@ pub use engine::TrainConfig;
 pub use eval::{VqaEval, VqaReport, normalize_answer};
 pub use log::{StepMetrics, TrainLog};
 pub use optim::{ParamGroup, cosine_schedule};
+pub use profile::take_step_profile;
 pub use sft::{SftConfig, SftTrainer};
 pub use stage1::{Stage1, Stage1Log, transplant};

@@ -1,6 +1,7 @@
 //! Supervised fine-tuning: token-mean cross-entropy on answer tokens only (HF causal-LM loss on
 //! the labels `Mllm::encode_chat` sets). Stage 1 reuses the objective with captions.
 
+use super::profile;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
 use super::log::{StepMetrics, TrainLog};
 use crate::data::{CaptionSample, ImageSource, VqaDataset, VqaSample};
@@ -34,9 +35,12 @@ impl<S> Objective<S> for LmObjective<S> {
             images.push(img.load()?);
             seqs.push(enc);
         }
+        let pixels = mllm.preprocess(&images)?;
+        profile::mark("data", mllm.device());
         let image_of: Vec<usize> = (0..seqs.len()).collect();
-        let out = mllm.forward(&mllm.preprocess(&images)?, &seqs, &image_of)?;
+        let out = mllm.forward(&pixels, &seqs, &image_of)?;
         let loss = mllm.answer_loss(&out)?;
+        profile::mark("forward + loss", mllm.device());
         let tokens = out.attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
         Ok(Micro { loss, metrics: Vec::new(), samples: batch.len(), tokens })
     }
