@@ -115,6 +115,8 @@ fn stage1_then_transplant_keeps_the_donor_tower_frozen() {
     t1.full = t1.full.batch_size(4).max_steps(2).quiet();
     t1.run(&mut fresh, &caps, &vqa).unwrap();
     assert!(identical(&donor_w, &snapshot(fresh.tower.var_store())));
+    // The transplant keeps its label (it is not a new base MLLM).
+    assert!(matches!(&fresh.provenance.stage, Stage::Custom(s) if s.starts_with("transplant of")), "{:?}", fresh.provenance.stage);
 }
 
 #[test]

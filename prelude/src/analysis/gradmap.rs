@@ -3,7 +3,7 @@
 //! score against object masks. Inputs are gradients/activations already taken from the model.
 
 use crate::error::{PivotError, Result};
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tch::{Device, Kind, Tensor};
 
@@ -168,6 +168,28 @@ pub fn overlay_with(image: &RgbImage, map: &Tensor, alpha: f64, darken: f64) -> 
     })
 }
 
+/// `image` with the boundary of `mask` (non-zero = inside) drawn in `colour`: the pixels inside
+/// the mask that touch a pixel outside it (4-neighbourhood) or the image border. The mask is
+/// resized (nearest) to the image first, so an upscaled overlay still gets a one-pixel line.
+pub fn mask_outline(image: &RgbImage, mask: &GrayImage, colour: [u8; 3]) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let m = if mask.dimensions() == (w, h) {
+        mask.clone()
+    } else {
+        image::imageops::resize(mask, w, h, image::imageops::FilterType::Nearest)
+    };
+    let inside = |x: i64, y: i64| x >= 0 && y >= 0 && x < w as i64 && y < h as i64 && m.get_pixel(x as u32, y as u32).0[0] != 0;
+    let mut out = image.clone();
+    for y in 0..h as i64 {
+        for x in 0..w as i64 {
+            if inside(x, y) && [(1, 0), (-1, 0), (0, 1), (0, -1)].iter().any(|(dx, dy)| !inside(x + dx, y + dy)) {
+                out.put_pixel(x as u32, y as u32, image::Rgb(colour));
+            }
+        }
+    }
+    out
+}
+
 /// An image tensor ([3, H, W] or [H, W, 3]; uint8, or float in [0, 1]) as an `RgbImage`.
 /// Normalised pixels (e.g. SigLIP's [−1, 1]) must be mapped back to [0, 1] first.
 pub fn tensor_to_rgb(t: &Tensor) -> Result<RgbImage> {
@@ -244,4 +266,26 @@ pub fn localisation(maps: &[Tensor], masks: &[Tensor]) -> Result<LocalisationSco
     }
     let d = n.max(1) as f64;
     Ok(LocalisationScore { energy: e / d, pointing: p / d, chance: c / d, n })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_outline_draws_only_the_boundary_at_image_size() {
+        let img = RgbImage::from_pixel(12, 12, image::Rgb([10, 10, 10]));
+        // A 2x2 block at (1..3, 1..3) of a 4x4 mask becomes the 3..9 block of the 12x12 image.
+        let mask = GrayImage::from_fn(4, 4, |x, y| image::Luma([((1..3).contains(&x) && (1..3).contains(&y)) as u8]));
+        let out = mask_outline(&img, &mask, [255, 0, 0]);
+        let red = |x, y| out.get_pixel(x, y).0 == [255, 0, 0];
+        assert!(red(3, 3) && red(8, 3) && red(3, 8) && red(8, 8) && red(5, 3));
+        assert!(!red(5, 5) && !red(2, 2) && !red(9, 9) && !red(0, 0));
+        assert_eq!(out.pixels().filter(|p| p.0 == [255, 0, 0]).count(), 6 * 6 - 4 * 4);
+        // A mask that fills the image is outlined along the image border.
+        let full = mask_outline(&img, &GrayImage::from_pixel(12, 12, image::Luma([1])), [0, 255, 0]);
+        assert_eq!(full.pixels().filter(|p| p.0 == [0, 255, 0]).count(), 4 * 12 - 4);
+        // An empty mask leaves the image as it was.
+        assert_eq!(mask_outline(&img, &GrayImage::new(4, 4), [255, 0, 0]), img);
+    }
 }

@@ -1,7 +1,9 @@
 //! Analyses of vision encoders: Platonic alignment (mutual k-NN, CKA, CKNNA over layer × layer
-//! grids) and gradient maps (PIVOT's token-gradient map, Grad-CAM, overlays, localisation scores).
+//! grids), gradient maps (PIVOT's token-gradient map, Grad-CAM, overlays, localisation scores) and
+//! two-way multiple-choice VQA on preference pairs.
 
 pub mod align;
+pub mod choice;
 pub mod gradmap;
 pub mod maps;
 pub mod platonic;
@@ -10,9 +12,10 @@ pub use align::{
     AlignmentGrid, AlignmentMetric, OutlierClamp, cka, cknna, hsic_biased, hsic_unbiased, l2_normalize, mutual_knn,
     prepare_features, remove_outliers,
 };
+pub use choice::{ChoiceEval, ChoiceReport};
 pub use gradmap::{
     GradMapOptions, LocalisationScore, TokenNorm, border_fix, colorize, energy_in_mask, grad_cam, jet, localisation,
-    min_max, overlay, overlay_with, pivot_map, pointing_game, tensor_to_rgb,
+    mask_outline, min_max, overlay, overlay_with, pivot_map, pointing_game, tensor_to_rgb,
 };
 pub use maps::{
     AsGradInput, DpoCopy, GradInput, GradMap, GradMapResult, LocalisationRow, LocalisationSample, MapMethod, MaskTarget,

@@ -415,3 +415,83 @@ pub fn seg_comparison(images: &[RgbImage], truth: &[tch::Tensor], pred: &[tch::T
     }
     image_grid("segmentation: prediction vs ground truth", &tiles, 3)
 }
+
+/// Ground truth next to several models' predictions on the same images: one row per image with
+/// columns image | ground truth | one per model, then a legend row (one swatch per class).
+/// `truth` and every prediction are class maps [N, H, W]; `preds` pairs a model name with its
+/// maps. Tiles are enlarged `scale` times (nearest), so 64-pixel scenes stay readable.
+pub fn seg_comparison_models(
+    title: &str,
+    images: &[RgbImage],
+    truth: &tch::Tensor,
+    preds: &[(&str, tch::Tensor)],
+    class_names: &[String],
+    scale: u32,
+) -> Result<Figure> {
+    let n = images.len();
+    let shape_ok = |t: &tch::Tensor| t.dim() == 3 && t.size()[0] == n as i64;
+    if n == 0 || !shape_ok(truth) || preds.iter().any(|(_, p)| !shape_ok(p)) {
+        return Err(PivotError::invalid(format!(
+            "seg_comparison_models: {n} images need ground truth and predictions of shape [{n}, H, W] (got {:?} and {:?})",
+            truth.size(),
+            preds.iter().map(|(_, p)| p.size()).collect::<Vec<_>>()
+        )));
+    }
+    if class_names.is_empty() {
+        return Err(PivotError::invalid("seg_comparison_models: no class names"));
+    }
+    let pal = seg_palette(class_names.len());
+    let s = scale.max(1);
+    let big = |im: &RgbImage| image::imageops::resize(im, im.width() * s, im.height() * s, image::imageops::FilterType::Nearest);
+    let mut tiles = Vec::new();
+    for (i, im) in images.iter().enumerate() {
+        tiles.push((format!("#{i} image"), big(im)));
+        tiles.push(("ground truth".to_string(), big(&colorize_labels(&truth.get(i as i64), &pal)?)));
+        for (name, p) in preds {
+            tiles.push((name.to_string(), big(&colorize_labels(&p.get(i as i64), &pal)?)));
+        }
+    }
+    let main = image_grid(title, &tiles, 2 + preds.len())?.to_image()?;
+    // Legend below: one wide swatch per class (wide enough for its caption), in rows as wide as the grid.
+    let swatch_w = class_names.iter().map(|n| 9 * n.chars().count() as u32 + 8).max().unwrap_or(40).max(40);
+    let swatches: Vec<(String, RgbImage)> =
+        class_names.iter().enumerate().map(|(c, n)| (n.clone(), RgbImage::from_pixel(swatch_w, 14, image::Rgb(pal[c])))).collect();
+    let per_row = ((main.width().saturating_sub(8)) / (swatch_w + 8)).max(1) as usize;
+    let legend = image_grid("", &swatches, per_row)?.to_image()?;
+    let mut out = RgbImage::from_pixel(main.width().max(legend.width()), main.height() + legend.height(), image::Rgb([255, 255, 255]));
+    image::imageops::replace(&mut out, &main, 0, 0);
+    image::imageops::replace(&mut out, &legend, 0, main.height() as i64);
+    Figure::from_image(title, &out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Tensor;
+
+    #[test]
+    fn seg_comparison_models_lays_out_truth_models_and_legend() {
+        let img = RgbImage::from_pixel(8, 8, image::Rgb([200, 200, 200]));
+        let truth = Tensor::zeros([2, 8, 8], (tch::Kind::Int64, tch::Device::Cpu));
+        let a = Tensor::ones([2, 8, 8], (tch::Kind::Int64, tch::Device::Cpu));
+        let b = a.full_like(2);
+        let names: Vec<String> = ["background", "circle", "star"].iter().map(|s| s.to_string()).collect();
+        let fig = seg_comparison_models("t", &[img.clone(), img.clone()], &truth, &[("A", a.shallow_clone()), ("B", b)], &names, 3)
+            .unwrap();
+        let out = fig.to_image().unwrap();
+        let pal = seg_palette(3);
+        // Four columns of 24-pixel tiles; each class colour shows (model B paints class 2), and the
+        // legend adds one swatch per class below the grid.
+        assert!(out.width() >= 4 * 24);
+        for c in 1..3 {
+            assert!(out.pixels().filter(|p| p.0 == pal[c]).count() >= 2 * 24 * 24, "class {c}");
+        }
+        let grid_only = image_grid("t", &[("x".to_string(), img.clone())], 4).unwrap();
+        assert!(out.height() > 2 * (24 + 22) + grid_only.height - 24);
+        assert!(out.pixels().filter(|p| p.0 == pal[0]).count() >= 2 * 24 * 24 + 40 * 14);
+        // Mismatched shapes are an error, not a panic.
+        let bad = Tensor::zeros([1, 8, 8], (tch::Kind::Int64, tch::Device::Cpu));
+        assert!(seg_comparison_models("t", &[img.clone(), img.clone()], &truth, &[("A", bad)], &names, 1).is_err());
+        assert!(seg_comparison_models("t", &[img], &truth, &[("A", a)], &names, 1).is_err());
+    }
+}

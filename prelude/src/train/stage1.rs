@@ -51,12 +51,12 @@ impl Stage1 {
         self
     }
 
-    /// Projector alignment on `captions`, then full training on `vqa`; records `Stage::Base`.
+    /// Projector alignment on `captions`, then full training on `vqa`; records `Stage::Base` (with
+    /// the tower frozen, as after `transplant`, the model keeps its stage).
     pub fn run(&self, mllm: &mut Mllm, captions: &CaptionDataset, vqa: &VqaDataset) -> Result<Stage1Log> {
         let projector = self.run_projector(mllm, captions)?;
         let full = self.run_full(mllm, vqa)?;
-        let steps = projector.len() + full.len();
-        mllm.provenance.record(Stage::Base, steps, self.full.seed, format!("stage1 ({} + {} steps)", projector.len(), full.len()));
+        self.record(mllm, &projector, &full);
         Ok(Stage1Log { projector, full })
     }
 
@@ -88,9 +88,21 @@ impl Stage1 {
         let projector = engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut hooks)?;
         let mut obj = LmObjective { name: "stage1-full", encode: chat_sample };
         let full = engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut hooks)?;
-        let steps = projector.len() + full.len();
-        mllm.provenance.record(Stage::Base, steps, self.full.seed, format!("stage1 ({} + {} steps)", projector.len(), full.len()));
+        self.record(mllm, &projector, &full);
         Ok(Stage1Log { projector, full })
+    }
+
+    /// Records the finished run: `Stage::Base` for stage 1 proper (tower trained). The transplant
+    /// recipe (tower frozen in the full step) keeps the stage `transplant` gave the model, so a
+    /// transplanted DPO tower is not relabelled "base".
+    fn record(&self, mllm: &mut Mllm, projector: &TrainLog, full: &TrainLog) {
+        let steps = projector.len() + full.len();
+        let (stage, what) = if self.full.train_tower {
+            (Stage::Base, "stage1")
+        } else {
+            (mllm.provenance.stage.clone(), "transplant stage1, tower frozen")
+        };
+        mllm.provenance.record(stage, steps, self.full.seed, format!("{what} ({} + {} steps)", projector.len(), full.len()));
     }
 }
 
