@@ -49,26 +49,69 @@ rust-src:
 
 build: venv rust-src
 	cargo build -p pivot --all-targets
-	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel
+	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel -p pivot-repl
 
 # The Jupyter kernel: build it, pre-build the prelude into build slot 0 (so the first notebook
 # cell does not wait for tch and polars), and register "Rust (PIVOT)" in .venv's Jupyter.
 kernel: venv rust-src
 	cargo fetch --quiet
-	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel
+	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel -p pivot-repl
 	$(PIVOT_KERNEL_BIN) warm
 	$(PIVOT_KERNEL_BIN) install --sys-prefix
 
-demo: venv
-	cargo run --quiet -p pivot --example quickstart
+# The study: every notebooks/NN_*.ipynb in order on the "pivot" kernel, in one folder (OUT), sharing
+# checkpoints through `out_dir`, then an HTML report (OUT/index.html). Re-running skips notebooks
+# already done with the same source; STUDY_ARGS=--force runs them all (see tools/run_study.py).
+demo: papermill kernel
+	$(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
+
+# The prelude's tests build into the kernel's warm build slot 0 with the flags evcxr uses there
+# (Cargo.toml's [profile.dev] is evcxr's; -Cprefer-dynamic and an explicit --target are added
+# here), so tch, polars and the rest compile once for both: cargo finds the slot's artefacts fresh.
+HOST         := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+SLOT0_TARGET := $(PIVOT_CACHE_DIR)/slots/0/target
+PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) cargo test -p pivot --target $(HOST)
 
 test: pydeps fixtures rust-src kernel
-	cargo test -p pivot --no-fail-fast
-	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-kernel --no-fail-fast
-	$(PY) -m pytest -q tests/kernel tests/notebooks
+	$(PRELUDE_TEST) --no-fail-fast
+	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-kernel -p pivot-repl --no-fail-fast
+	command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux; }
+	PIVOT_REPL_BIN=$(KERNEL_TARGET)/debug/pivot-repl $(PY) -m pytest -q tests/kernel tests/repl tests/notebooks
+	$(PY) -m pytest -q tests/papermill tests/lab tests/study
 
 clean-fixtures:
 	rm -rf $(PIVOT_FIXTURES)
+
+# Study and UI-test Python deps, each with its own idempotent stamp (like pydeps).
+OUT             ?= out/study
+STUDYDEPS_STAMP := $(VENV)/.studydeps-$(shell sha1sum tools/requirements-study.txt | cut -c1-12)
+PAPERMILL_SRC   := tools/papermill_rust/pyproject.toml $(wildcard tools/papermill_rust/papermill_rust/*.py)
+PAPERMILL_STAMP := $(VENV)/.papermill-rust-$(shell cat $(PAPERMILL_SRC) | sha1sum | cut -c1-12)
+LABDEPS_STAMP   := $(VENV)/.labdeps-$(shell sha1sum tests/requirements-lab.txt | cut -c1-12)
+.PHONY: studydeps papermill labdeps
+
+studydeps: $(STUDYDEPS_STAMP)
+$(STUDYDEPS_STAMP): tools/requirements-study.txt $(TORCH_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-study.txt
+	rm -f $(VENV)/.studydeps-*; touch $@
+
+# papermill's Rust translator (tools/papermill_rust), reinstalled whenever its source changes.
+papermill: $(PAPERMILL_STAMP)
+$(PAPERMILL_STAMP): $(PAPERMILL_SRC) $(STUDYDEPS_STAMP)
+	rm -rf tools/papermill_rust/build tools/papermill_rust/*.egg-info
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./tools/papermill_rust
+	rm -rf tools/papermill_rust/build tools/papermill_rust/*.egg-info
+	rm -f $(VENV)/.papermill-rust-*; touch $@
+
+labdeps: $(LABDEPS_STAMP)
+$(LABDEPS_STAMP): tests/requirements-lab.txt $(STUDYDEPS_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-lab.txt
+	rm -f $(VENV)/.labdeps-*; touch $@
+
+# tests/papermill and tests/lab (the `test` recipe runs them); Chromium is installed by tests/lab,
+# which leaves a screenshot of JupyterLab with the rendered figure here:
+export PIVOT_LAB_SCREENSHOT ?= $(ROOT)/out/test/jupyterlab.png
+test: papermill labdeps
 
 # Benchmarks against the Python stack (CPU size; prints a table, writes benches/results/*.json).
 # They report and never fail on speed. GPU size: see benches/README.md.
