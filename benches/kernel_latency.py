@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Kernel latency as a researcher feels it, through a real Jupyter client (jupyter_client).
+
+    python benches/kernel_latency.py [--kernel-bin PATH] [--cells 50] [--out benches/results]
+
+Measures, for the "pivot" kernel installed from the built binary into a private JUPYTER_PATH:
+- start -> kernel_info reply (the client can talk to the kernel),
+- start -> first result of `1 + 1` (a warm build slot: the prelude is compiled already),
+- trivial cells `let x = N; x + 1`: p50 / p95 / max over --cells cells, after one warm-up cell,
+- a tensor cell `Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)` likewise (10 cells).
+Writes benches/results/kernel-latency-<time>.json with machine details. It reports; it never fails
+on speed. Stock `evcxr_jupyter` can be measured the same way with --kernel-name evcxr when installed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jupyter_client import KernelManager
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from pivot_testing import built_binary  # noqa: E402
+
+
+def run_cell(kc, code: str, timeout: float = 600.0) -> float:
+    t0 = time.perf_counter()
+    msg_id = kc.execute(code, store_history=True)
+    ok = None
+    while True:
+        msg = kc.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "error":
+            raise RuntimeError(f"cell failed: {msg['content'].get('evalue')}")
+        if msg["msg_type"] == "execute_result":
+            ok = True
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            break
+    dt = time.perf_counter() - t0
+    if not ok:
+        raise RuntimeError(f"no result for {code!r}")
+    return dt
+
+
+def pct(v: list[float], q: float) -> float:
+    s = sorted(v)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kernel-bin", default=None)
+    ap.add_argument("--kernel-name", default="pivot")
+    ap.add_argument("--cells", type=int, default=50)
+    ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
+    a = ap.parse_args()
+
+    env_path = None
+    if a.kernel_name == "pivot":
+        binary = Path(a.kernel_bin) if a.kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
+        env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
+        subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
+        os.environ["JUPYTER_PATH"] = str(env_path)
+
+    t0 = time.perf_counter()
+    km = KernelManager(kernel_name=a.kernel_name)
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.kernel_info()
+    kc.get_shell_msg(timeout=600)
+    t_info = time.perf_counter() - t0
+    run_cell(kc, "1 + 1")
+    t_first = time.perf_counter() - t0
+
+    run_cell(kc, "let x = 0; x + 1")
+    trivial = [run_cell(kc, f"let x = {i}; x + 1") for i in range(a.cells)]
+    run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)")
+    tensor = [run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)") for _ in range(10)]
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+
+    res = {
+        "kernel": a.kernel_name,
+        "start_to_kernel_info_s": t_info,
+        "start_to_first_result_s": t_first,
+        "trivial_cells": len(trivial),
+        "trivial_p50_s": statistics.median(trivial),
+        "trivial_p95_s": pct(trivial, 0.95),
+        "trivial_max_s": max(trivial),
+        "trivial_s": trivial,
+        "tensor_p50_s": statistics.median(tensor),
+        "tensor_p95_s": pct(tensor, 0.95),
+        "tensor_s": tensor,
+        "machine": {
+            "cpu_cores": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        },
+    }
+    print(f"{a.kernel_name}: kernel_info {t_info:.2f} s, first result {t_first:.2f} s, trivial cell p50 {res['trivial_p50_s']:.3f} s "
+          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {res['tensor_p50_s']:.3f} s; load {os.getloadavg()[0]:.2f}")
+    os.makedirs(a.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(a.out) / f"kernel-latency-{a.kernel_name}-{stamp}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()
