@@ -1,7 +1,11 @@
 """Helpers shared by the Python test suites (kernel, REPL, notebooks, lab)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +25,22 @@ def built_binary(name: str, env_var: str) -> Path:
         if target and (Path(target) / "debug" / name).exists():
             return Path(target) / "debug" / name
     raise RuntimeError(f"{name} is not built: run `make kernel` (or `cargo build -p {name}`) or set {env_var}")
+
+
+@contextlib.contextmanager
+def private_kernelspec(prefix: str):
+    """Installs the "pivot" kernelspec from the built binary into a temporary JUPYTER_PATH for the
+    duration, so tests never depend on, or touch, the user's kernels. Yields that folder."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    binary = built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
+    subprocess.run([str(binary), "install", "--dir", str(path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(path)
+    try:
+        yield path
+    finally:
+        if old is None:
+            os.environ.pop("JUPYTER_PATH", None)
+        else:
+            os.environ["JUPYTER_PATH"] = old
+        shutil.rmtree(path, ignore_errors=True)

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
 import pytest
+from pivot_testing import private_kernelspec
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -34,28 +33,10 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 CELL_TIMEOUT = int(os.environ.get("PIVOT_NOTEBOOK_CELL_TIMEOUT", "1500"))
 
 
-def _kernel_bin() -> Path:
-    env = os.environ.get("PIVOT_KERNEL_BIN")
-    if env:
-        return Path(env)
-    for target in (os.environ.get("CARGO_TARGET_DIR"), str(Path.home() / ".cache/pivot-lab/target-kernel")):
-        if target and (Path(target) / "debug/pivot-kernel").exists():
-            return Path(target) / "debug/pivot-kernel"
-    raise RuntimeError("pivot-kernel is not built: run `make kernel` or set PIVOT_KERNEL_BIN")
-
-
 @pytest.fixture(scope="session")
 def jupyter_path():
-    path = Path(tempfile.mkdtemp(prefix="pivot-nb-jupyter-"))
-    subprocess.run([str(_kernel_bin()), "install", "--dir", str(path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("JUPYTER_PATH", None)
-    else:
-        os.environ["JUPYTER_PATH"] = old
-    shutil.rmtree(path, ignore_errors=True)
+    with private_kernelspec("pivot-nb-jupyter-") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
