@@ -186,6 +186,42 @@ def tokenizer_fixture(out, fast):
         json.dump({"texts": texts, "ids": ids}, f)
 
 
+def adamw_fixture(out):
+    """torch.optim.AdamW (single-tensor) over six steps with two learning-rate groups, weight decay,
+    a schedule and norm clipping that bites on some steps only. Weights and gradients are
+    bf16-representable, so our fp32 path and our bf16 path (fp32 master copy) must both match it."""
+    d = os.path.join(out, "adamw")
+    os.makedirs(d, exist_ok=True)
+    g = torch.Generator().manual_seed(7)
+    bf = lambda t: t.to(torch.bfloat16).float()
+    shapes = {"tower.a": (7, 5), "tower.b": (11,), "lm.c": (3, 4, 2)}
+    init = {k: bf(torch.randn(s, generator=g)) for k, s in shapes.items()}
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    cfg = {"steps": 6, "lr_tower": 2e-2, "lr_lm": 5e-3, "betas": [0.9, 0.99], "eps": 1e-6, "weight_decay": 0.1,
+           "max_norm": 1.5, "lr_scale": [0.25, 0.5, 1.0, 1.0, 0.6, 0.2]}
+    grads = {f"grad.{s}.{k}": bf(torch.randn(shapes[k], generator=g) * (0.05 + 0.1 * s))
+             for s in range(cfg["steps"]) for k in shapes}
+    opt = torch.optim.AdamW([{"params": [params["tower.a"], params["tower.b"]], "lr": cfg["lr_tower"]},
+                             {"params": [params["lm.c"]], "lr": cfg["lr_lm"]}],
+                            betas=tuple(cfg["betas"]), eps=cfg["eps"], weight_decay=cfg["weight_decay"], foreach=False)
+    norms = []
+    for s in range(cfg["steps"]):
+        for k, p in params.items():
+            p.grad = grads[f"grad.{s}.{k}"].clone()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm=cfg["max_norm"])))
+        for group, base in zip(opt.param_groups, [cfg["lr_tower"], cfg["lr_lm"]]):
+            group["lr"] = base * cfg["lr_scale"][s]
+        opt.step()
+    cfg["grad_norms"] = norms
+    tensors = {f"init.{k}": v for k, v in init.items()} | grads
+    for k, p in params.items():
+        st = opt.state[p]
+        tensors |= {f"param.{k}": p.detach(), f"m.{k}": st["exp_avg"], f"v.{k}": st["exp_avg_sq"]}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(d, "reference.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+
+
 def main():
     out = sys.argv[1]
     os.makedirs(out, exist_ok=True)
@@ -214,6 +250,7 @@ def main():
                        rms_norm_eps=1e-5, tie_word_embeddings=True, use_sliding_window=False)
     qwen_fixture(out, "qwen2_tied", tied, fast)
     mllm_fixture(out, os.path.join(out, "siglip"), siglip, os.path.join(out, "qwen2_untied"), lm)
+    adamw_fixture(out)
     print(f"parity fixtures written to {out}")
 
 

@@ -66,6 +66,9 @@ struct Segment {
     master: Option<Tensor>,
     m: Tensor,
     v: Tensor,
+    /// 0-d f32 on the segment's device: the fused kernel's step count and gradient divisor.
+    step: Tensor,
+    grad_scale: Tensor,
 }
 
 impl Segment {
@@ -78,7 +81,9 @@ impl Segment {
         });
         let master = (flat.kind() != Kind::Float).then(|| flat.to_kind(Kind::Float));
         let (m, v) = (flat.zeros_like().to_kind(Kind::Float), flat.zeros_like().to_kind(Kind::Float));
-        let seg = Segment { module, params, numels, flat, grad, master, m, v };
+        let step = Tensor::zeros([], (Kind::Float, flat.device()));
+        let grad_scale = Tensor::ones([], (Kind::Float, flat.device()));
+        let seg = Segment { module, params, numels, flat, grad, master, m, v, step, grad_scale };
         let mut off = 0;
         for ((_, t), n) in seg.params.iter().zip(&seg.numels) {
             let shape = t.size();
@@ -134,6 +139,9 @@ pub struct AdamW {
     pub weight_decay: f64,
     /// Updates applied so far (the `t` of the bias correction).
     pub t: usize,
+    /// Use libtorch's fused kernel (one pass per segment); off where it is unavailable, and in
+    /// the tests that check it against the unfused update.
+    pub(crate) fused: bool,
 }
 
 impl AdamW {
@@ -150,7 +158,12 @@ impl AdamW {
                 }
             }
         }
-        AdamW { params, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0 }
+        Self::from_params(params, lrs, betas, eps, weight_decay)
+    }
+
+    pub(crate) fn from_params(params: Vec<Param>, lrs: [f64; 3], betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+        let fused = cfg!(pivot_fused_optim);
+        AdamW { params, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused }
     }
 
     fn build_segments(&mut self) -> Result<()> {
@@ -238,38 +251,75 @@ impl AdamW {
     }
 
     /// One update with the group learning rates scaled by `lr_scale` (the schedule factor) and
-    /// every gradient multiplied by `grad_scale` (the clipping factor). torch's single-tensor
-    /// AdamW, with the √(bias correction) moved into the step size and ε as its multi-tensor
-    /// version does.
+    /// every gradient multiplied by `grad_scale` (the clipping factor): torch.optim.AdamW, on the
+    /// fp32 master copy where the weights are bf16/f16.
     pub(crate) fn step(&mut self, lr_scale: f64, grad_scale: f64) -> Result<()> {
         self.build_segments()?;
         self.t += 1;
+        for i in 0..self.segments.len() {
+            let lr = self.lrs[self.segments[i].module as usize] * lr_scale;
+            if self.fused {
+                match self.step_fused(i, lr, grad_scale) {
+                    Ok(()) => continue,
+                    // An unsupported device or dtype fails at dispatch, before any update.
+                    Err(e) => {
+                        eprintln!("pivot: fused AdamW unavailable ({e}); using the unfused update");
+                        self.fused = false;
+                    }
+                }
+            }
+            self.step_unfused(i, lr, grad_scale);
+        }
+        Ok(())
+    }
+
+    /// libtorch's `_fused_adamw_` over the whole segment: one read and write of weights, gradient
+    /// and moments instead of about ten passes (an H100 step of a 0.9 B model spent 29 ms here).
+    fn step_fused(&mut self, i: usize, lr: f64, grad_scale: f64) -> Result<()> {
+        let s = &mut self.segments[i];
+        s.attach_grads();
+        let _ = s.step.fill_(self.t as f64);
+        // The kernel divides gradients by this; 1/clip turns that into the clipping factor.
+        let _ = s.grad_scale.fill_(1.0 / grad_scale);
+        tch::no_grad(|| {
+            // The kernel wants one dtype throughout: the fp32 master takes an fp32 gradient.
+            let g = if s.master.is_some() { s.grad.to_kind(Kind::Float) } else { s.grad.shallow_clone() };
+            let w = s.master.as_ref().unwrap_or(&s.flat);
+            let scale = (grad_scale != 1.0).then_some(&s.grad_scale);
+            fused::adamw(w, &g, &s.m, &s.v, &s.step, lr, self.betas, self.weight_decay, self.eps, scale)?;
+            if let Some(master) = &s.master {
+                let _ = s.flat.shallow_clone().copy_(master);
+            }
+            Ok(())
+        })
+    }
+
+    /// The same update op by op (torch's single-tensor AdamW with the √(bias correction) moved
+    /// into the step size and ε, as its multi-tensor version does).
+    fn step_unfused(&mut self, i: usize, lr: f64, grad_scale: f64) {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2_sqrt = (1.0 - b2.powi(self.t as i32)).sqrt();
+        let s = &mut self.segments[i];
+        s.attach_grads();
         tch::no_grad(|| {
-            for s in &mut self.segments {
-                s.attach_grads();
-                let lr = self.lrs[s.module as usize] * lr_scale;
-                let mut g = if s.grad.kind() == Kind::Float { s.grad.shallow_clone() } else { s.grad.to_kind(Kind::Float) };
-                if grad_scale != 1.0 {
-                    g = g * grad_scale;
-                }
-                let _ = s.m.lerp_(&g, 1.0 - b1);
-                let _ = s.v.lerp_(&g.square(), 1.0 - b2);
-                let mut denom = s.v.sqrt();
-                let _ = denom.g_add_scalar_(self.eps * bc2_sqrt);
-                let mut w = s.master.as_ref().unwrap_or(&s.flat).shallow_clone();
-                if self.weight_decay != 0.0 {
-                    let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
-                }
-                let _ = w.addcdiv_(&(&s.m * (-lr * bc2_sqrt / bc1)), &denom);
-                if s.master.is_some() {
-                    let _ = s.flat.shallow_clone().copy_(&w);
-                }
+            let mut g = if s.grad.kind() == Kind::Float { s.grad.shallow_clone() } else { s.grad.to_kind(Kind::Float) };
+            if grad_scale != 1.0 {
+                g = g * grad_scale;
+            }
+            let _ = s.m.lerp_(&g, 1.0 - b1);
+            let _ = s.v.lerp_(&g.square(), 1.0 - b2);
+            let mut denom = s.v.sqrt();
+            let _ = denom.g_add_scalar_(self.eps * bc2_sqrt);
+            let mut w = s.master.as_ref().unwrap_or(&s.flat).shallow_clone();
+            if self.weight_decay != 0.0 {
+                let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
+            }
+            let _ = w.addcdiv_(&(&s.m * (-lr * bc2_sqrt / bc1)), &denom);
+            if s.master.is_some() {
+                let _ = s.flat.shallow_clone().copy_(&w);
             }
         });
-        Ok(())
     }
 
     /// Moments under `m.<param>` / `v.<param>` names, and `master.<param>` for bf16/f16
@@ -306,6 +356,86 @@ impl AdamW {
     }
 }
 
+#[cfg(pivot_fused_optim)]
+mod fused {
+    use crate::error::{PivotError, Result};
+    use tch::Tensor;
+    use torch_sys::C_tensor;
+
+    unsafe extern "C" {
+        // csrc/fused_optim.cpp: NULL or a malloc'ed error message.
+        fn pivot_fused_adamw(
+            params: *const *const C_tensor,
+            grads: *const *const C_tensor,
+            exp_avgs: *const *const C_tensor,
+            exp_avg_sqs: *const *const C_tensor,
+            steps: *const *const C_tensor,
+            n: i32,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+            grad_scale: *const C_tensor,
+        ) -> *mut libc::c_char;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adamw(
+        w: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        step: &Tensor,
+        lr: f64,
+        (b1, b2): (f64, f64),
+        weight_decay: f64,
+        eps: f64,
+        grad_scale: Option<&Tensor>,
+    ) -> Result<()> {
+        let one = |t: &Tensor| [t.as_ptr()];
+        let (w, g, m, v, step) = (one(w), one(g), one(m), one(v), one(step));
+        let scale = grad_scale.map_or(std::ptr::null(), |t| t.as_ptr());
+        // SAFETY: every pointer is a live tch tensor (an `at::Tensor*`) borrowed for the call; the
+        // C++ side catches every exception and returns its message instead.
+        let err = unsafe {
+            pivot_fused_adamw(w.as_ptr(), g.as_ptr(), m.as_ptr(), v.as_ptr(), step.as_ptr(), 1, lr, b1, b2, weight_decay, eps, scale)
+        };
+        if err.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a NUL-terminated string from strdup, freed once here.
+        let msg = unsafe {
+            let m = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
+            libc::free(err.cast());
+            m
+        };
+        Err(PivotError::invalid(format!("at::_fused_adamw_: {msg}")))
+    }
+}
+
+#[cfg(not(pivot_fused_optim))]
+mod fused {
+    use crate::error::{PivotError, Result};
+    use tch::Tensor;
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn adamw(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: (f64, f64),
+        _: f64,
+        _: f64,
+        _: Option<&Tensor>,
+    ) -> Result<()> {
+        Err(PivotError::invalid("built without torch's C++ headers"))
+    }
+}
+
 /// Linear warmup then cosine decay to 0 (HF `get_cosine_schedule_with_warmup`); the factor that
 /// multiplies the peak learning rate at optimizer step `step` (0-based).
 pub fn cosine_schedule(step: usize, total: usize, warmup_ratio: f64) -> f64 {
@@ -315,4 +445,97 @@ pub fn cosine_schedule(step: usize, total: usize, warmup_ratio: f64) -> f64 {
     }
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    /// `tests/fixtures/generated/adamw`, written by torch.optim.AdamW (make_parity_fixtures.py).
+    fn fixture() -> (HashMap<String, Tensor>, serde_json::Value) {
+        let dir = std::env::var_os("PIVOT_FIXTURES")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/generated"))
+            .join("adamw");
+        let tensors = Tensor::read_safetensors(dir.join("reference.safetensors"))
+            .unwrap_or_else(|e| panic!("AdamW fixture missing in {}: run `make fixtures` ({e})", dir.display()));
+        let cfg = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        (tensors.into_iter().collect(), cfg)
+    }
+
+    /// Runs our AdamW through the fixture's six steps, the engine's way (norm, clip, step, zero),
+    /// with the weights in `kind`, and compares weights (the fp32 master for bf16), moments and
+    /// gradient norms with torch's.
+    fn matches_torch(kind: Kind, fused: bool) {
+        let (t, cfg) = fixture();
+        let names = ["tower.a", "tower.b", "lm.c"];
+        let params: Vec<Param> = names
+            .iter()
+            .map(|n| Param {
+                name: n.to_string(),
+                module: if n.starts_with("tower") { ParamGroup::Tower } else { ParamGroup::Lm },
+                tensor: t[&format!("init.{n}")].to_kind(kind).set_requires_grad(true),
+            })
+            .collect();
+        let f = |k: &str| cfg[k].as_f64().unwrap();
+        let betas = (cfg["betas"][0].as_f64().unwrap(), cfg["betas"][1].as_f64().unwrap());
+        let mut opt = AdamW::from_params(params, [f("lr_tower"), 0.0, f("lr_lm")], betas, f("eps"), f("weight_decay"));
+        opt.fused = fused;
+        let max_norm = f("max_norm");
+        for s in 0..cfg["steps"].as_u64().unwrap() as usize {
+            // d/dp Σ p·g = g, exactly (g is bf16-representable).
+            let loss = opt.params.iter().map(|p| (&p.tensor * t[&format!("grad.{s}.{}", p.name)].to_kind(kind)).sum(Kind::Float));
+            loss.reduce(|a, b| a + b).unwrap().backward();
+            let norm = opt.grad_norm().unwrap();
+            let want = cfg["grad_norms"][s].as_f64().unwrap();
+            assert!((norm - want).abs() < 1e-5 * want, "step {s}: grad norm {norm}, torch {want}");
+            let clip = if norm > max_norm { max_norm / (norm + 1e-6) } else { 1.0 };
+            opt.step(cfg["lr_scale"][s].as_f64().unwrap(), clip).unwrap();
+            opt.zero_grad();
+        }
+        assert_eq!(opt.fused, fused, "the fused kernel failed and the update fell back");
+        let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        for n in names {
+            let p = &opt.params.iter().find(|p| p.name == n).unwrap().tensor;
+            let w = if kind == Kind::Float { p.detach() } else { state[&format!("master.{n}")].shallow_clone() };
+            if kind != Kind::Float {
+                assert!(p.equal(&w.to_kind(kind)), "{n}: bf16 weights are not the rounded master copy");
+            }
+            for (what, ours, theirs) in [("weight", w, &t[&format!("param.{n}")]), ("m", state[&format!("m.{n}")].shallow_clone(), &t[&format!("m.{n}")]), ("v", state[&format!("v.{n}")].shallow_clone(), &t[&format!("v.{n}")])] {
+                let err = (ours.to_kind(Kind::Double) - theirs.to_kind(Kind::Double)).abs().max().double_value(&[]);
+                let scale = theirs.abs().max().double_value(&[]).max(1e-3);
+                assert!(err <= 2e-6 * scale, "{n} {what} ({kind:?}, fused {fused}): max |ours − torch| = {err:e} (scale {scale})");
+            }
+        }
+    }
+
+    #[test]
+    fn unfused_matches_torch_adamw_fp32() {
+        matches_torch(Kind::Float, false);
+    }
+
+    #[test]
+    fn unfused_matches_torch_adamw_bf16_master() {
+        matches_torch(Kind::BFloat16, false);
+    }
+
+    #[cfg(pivot_fused_optim)]
+    #[test]
+    fn fused_matches_torch_adamw_fp32() {
+        matches_torch(Kind::Float, true);
+    }
+
+    #[cfg(pivot_fused_optim)]
+    #[test]
+    fn fused_matches_torch_adamw_bf16_master() {
+        matches_torch(Kind::BFloat16, true);
+    }
+
+    /// The CI build must compile the kernel in: without it the tests above would silently cover
+    /// only the fallback.
+    #[test]
+    fn fused_kernel_is_built() {
+        assert!(cfg!(pivot_fused_optim), "prelude built without csrc/fused_optim.cpp (torch headers not found)");
+    }
 }
