@@ -373,13 +373,16 @@ fn probe(a: &Args) -> Result<()> {
         }
         let mut fit_times = Vec::new();
         let mut last = None;
+        let mut transfers = 0;
         for _ in 0..a.num("repeats", 1) {
+            let before = pivot::probe::lbfgs::host_transfers();
             let t0 = Instant::now();
             let model = LogisticRegression::fit_with(&xtr, &ytr, c, opts, Some(k), None)?;
             if let Device::Cuda(i) = dev {
                 tch::Cuda::synchronize(i as i64);
             }
             fit_times.push(t0.elapsed().as_secs_f64());
+            transfers = pivot::probe::lbfgs::host_transfers() - before;
             last = Some(model);
         }
         let model = last.expect("one fit");
@@ -388,6 +391,8 @@ fn probe(a: &Args) -> Result<()> {
             "name": name, "fit_s": median(fit_times), "top1": top1, "iterations": model.info.iterations,
             "evaluations": model.info.evaluations, "objective": model.objective(&xtr, &ytr),
             "converged": model.info.converged, "tolerance_grad": opts.tolerance_grad,
+            // Device→host transfers of the L-BFGS driver in one fit (each a sync on a GPU).
+            "host_transfers": transfers,
         }));
     }
     emit(a, serde_json::json!({"side": "ours", "task": "probe", "device": format!("{dev:?}"), "threads": tch::get_num_threads(), "c": c, "fits": rows, "peak_rss_mib": vm_hwm_mib()}));

@@ -1,10 +1,22 @@
 //! Full-batch L-BFGS with a strong-Wolfe line search on a flat f64 parameter tensor.
 //!
 //! A transcription of the algorithm in `torch.optim.LBFGS` (Nocedal & Wright, alg. 7.4 + 3.5/3.6),
-//! because tch exposes no L-BFGS. Everything stays on the parameter's device; only scalars (dot
-//! products, losses) come back to the host to drive the control flow.
+//! because tch exposes no L-BFGS. Everything stays on the parameter's device, the scalars of the
+//! two-loop recursion (ρ-scaled dot products α, β) included: the host only sees what drives the
+//! control flow, and sees it in one transfer per function evaluation. Each evaluation at a trial
+//! step `t` queues, behind the objective, its directional derivative `∇f·d`, `max|∇f|` and the
+//! curvature pair's `yᵀs`, `yᵀy` (`s = t·d`, `y = ∇f − ∇f_prev`), and the first trial of an
+//! iteration also carries `∇f_prev·d` and `max|d|`; the line search, the convergence tests and
+//! the curvature-pair acceptance then read host copies. On a GPU the dozens of small kernels of
+//! an iteration are thus queued back to back instead of each waiting for the host.
+//!
+//! Consequence of the single transfer: the first trial step of an iteration is evaluated before
+//! the descent test `∇f·d < −tolerance_change` is known, so when that test ends the run the
+//! objective has been called once more than [`LbfgsInfo::evaluations`] counts (that evaluation
+//! is discarded; the result is the same as without it).
 
-use tch::Tensor;
+use std::cell::Cell;
+use tch::{Kind, Tensor};
 
 /// Stopping rules and memory of [`minimize`].
 #[derive(Debug, Clone, Copy)]
@@ -35,12 +47,26 @@ pub struct LbfgsInfo {
     pub converged: bool,
 }
 
-fn dot(a: &Tensor, b: &Tensor) -> f64 {
-    a.dot(b).double_value(&[])
+thread_local! {
+    static TRANSFERS: Cell<u64> = const { Cell::new(0) };
 }
 
-fn max_abs(a: &Tensor) -> f64 {
-    a.abs().max().double_value(&[])
+/// How many device→host transfers (each one a device synchronisation on a GPU) the L-BFGS
+/// driver has made on the calling thread so far; a diagnostic for tests and benchmarks (take
+/// the difference around a call). Transfers made by the objective itself are not counted.
+pub fn host_transfers() -> u64 {
+    TRANSFERS.with(|c| c.get())
+}
+
+/// Brings 0-d tensors (same device) to the host in one transfer.
+fn fetch(scalars: &[&Tensor]) -> Vec<f64> {
+    TRANSFERS.with(|c| c.set(c.get() + 1));
+    Vec::<f64>::try_from(&Tensor::stack(scalars, 0)).expect("L-BFGS: scalars to host")
+}
+
+/// max |a| as a 0-d tensor on a's device.
+fn max_abs(a: &Tensor) -> Tensor {
+    a.abs().max()
 }
 
 fn cubic_interpolate(x1: f64, f1: f64, g1: f64, x2: f64, f2: f64, g2: f64, bounds: Option<(f64, f64)>) -> f64 {
@@ -61,49 +87,79 @@ fn cubic_interpolate(x1: f64, f1: f64, g1: f64, x2: f64, f2: f64, g2: f64, bound
     }
 }
 
+/// A point of the line search `x + t·d` with the host copies of its scalars.
 struct Point {
     t: f64,
     f: f64,
-    g: Tensor,
     gtd: f64,
+    /// max |∇f| here.
+    gmax: f64,
+    /// yᵀs and yᵀy of the curvature pair this point would give (0 at t = 0).
+    ys: f64,
+    yy: f64,
+    x: Tensor,
+    g: Tensor,
+    /// (y, s) on the device; None at t = 0.
+    pair: Option<(Tensor, Tensor)>,
 }
 
 impl Point {
     fn copy(&self) -> Point {
-        Point { t: self.t, f: self.f, g: self.g.shallow_clone(), gtd: self.gtd }
+        Point {
+            x: self.x.shallow_clone(),
+            g: self.g.shallow_clone(),
+            pair: self.pair.as_ref().map(|(y, s)| (y.shallow_clone(), s.shallow_clone())),
+            ..*self
+        }
     }
 }
 
-/// Strong-Wolfe line search along `d` from `x`; returns (f, g, t, evaluations).
-fn strong_wolfe<F: FnMut(&Tensor) -> (f64, Tensor)>(
+/// Evaluates `obj` at `x + t·d` and reads its scalars (with `extra` 0-d tensors queued before)
+/// in one transfer; returns the point and the host values of `extra`.
+fn evaluate<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
     obj: &mut F,
     x: &Tensor,
-    t0: f64,
     d: &Tensor,
-    f: f64,
     g: &Tensor,
-    gtd: f64,
+    t: f64,
+    extra: &[&Tensor],
+) -> (Point, Vec<f64>) {
+    let s = d * t;
+    let xt = x + &s;
+    let (f, gt) = obj(&xt);
+    let f = f.to_kind(Kind::Double).reshape(Vec::<i64>::new());
+    let y = &gt - g;
+    let (gtd, gmax, ys, yy) = (gt.dot(d), max_abs(&gt), y.dot(&s), y.dot(&y));
+    let mut all: Vec<&Tensor> = extra.to_vec();
+    all.extend([&f, &gtd, &gmax, &ys, &yy]);
+    let mut v = fetch(&all);
+    let p = v.split_off(extra.len());
+    (Point { t, f: p[0], gtd: p[1], gmax: p[2], ys: p[3], yy: p[4], x: xt, g: gt, pair: Some((y, s)) }, v)
+}
+
+/// Strong-Wolfe line search from `start` (t = 0) whose first trial `first` is already evaluated;
+/// `eval(t)` evaluates further trials. Returns the accepted point and the evaluations made.
+fn strong_wolfe(
+    eval: &mut dyn FnMut(f64) -> Point,
+    start: Point,
+    first: Point,
+    d_norm: f64,
     tolerance_change: f64,
-) -> (f64, Tensor, f64, usize) {
+) -> (Point, usize) {
     const C1: f64 = 1e-4;
     const C2: f64 = 0.9;
     const MAX_LS: usize = 25;
-    let d_norm = max_abs(d);
-    let mut eval = |t: f64| {
-        let (f, g) = obj(&(x + d * t));
-        let gtd = dot(&g, d);
-        Point { t, f, g, gtd }
-    };
-    let mut t = t0;
-    let mut new = eval(t);
+    let (f, gtd) = (start.f, start.gtd);
+    let mut t = first.t;
+    let mut new = first;
     let mut evals = 1;
-    let mut prev = Point { t: 0.0, f, g: g.shallow_clone(), gtd };
+    let mut prev = start.copy();
     let mut ls_iter = 0;
     let mut done = false;
     let mut bracket: Vec<Point>;
     loop {
         if ls_iter >= MAX_LS {
-            bracket = vec![Point { t: 0.0, f, g: g.shallow_clone(), gtd }, new];
+            bracket = vec![start, new];
             break;
         }
         if new.f > f + C1 * t * gtd || (ls_iter > 1 && new.f >= prev.f) {
@@ -120,17 +176,14 @@ fn strong_wolfe<F: FnMut(&Tensor) -> (f64, Tensor)>(
             break;
         }
         let (min_step, max_step) = (t + 0.01 * (t - prev.t), t * 10.0);
-        let tmp = t;
         t = cubic_interpolate(prev.t, prev.f, prev.gtd, t, new.f, new.gtd, Some((min_step, max_step)));
         prev = new;
-        prev.t = tmp;
         new = eval(t);
         evals += 1;
         ls_iter += 1;
     }
     if bracket.len() == 1 {
-        let p = bracket.pop().unwrap();
-        return (p.f, p.g, p.t, evals);
+        return (bracket.pop().unwrap(), evals);
     }
 
     // Zoom phase: shrink the bracket until the strong-Wolfe conditions hold.
@@ -171,76 +224,116 @@ fn strong_wolfe<F: FnMut(&Tensor) -> (f64, Tensor)>(
             bracket[lo] = p;
         }
     }
-    let p = bracket.swap_remove(lo);
-    (p.f, p.g, p.t, evals)
+    (bracket.swap_remove(lo), evals)
 }
 
 /// Minimises `obj` (returning f and ∇f at a point) from `x0`; returns the minimiser and a summary.
+///
+/// Host-scalar form of [`minimize_device`]: `obj` hands f back as an `f64`, which costs it a
+/// device synchronisation per evaluation on a GPU; prefer [`minimize_device`] there.
 pub fn minimize<F: FnMut(&Tensor) -> (f64, Tensor)>(mut obj: F, x0: &Tensor, opt: LbfgsOptions) -> (Tensor, LbfgsInfo) {
+    let dev = x0.device();
+    minimize_device(
+        move |x: &Tensor| {
+            let (f, g) = obj(x);
+            (Tensor::full(Vec::<i64>::new(), f, (Kind::Double, dev)), g)
+        },
+        x0,
+        opt,
+    )
+}
+
+/// Minimises `obj` from `x0`, where `obj` returns f as a 0-d float64 tensor on the parameter's
+/// device (no host round-trip inside the objective) and ∇f; returns the minimiser and a summary.
+///
+/// Host transfers: one per function evaluation, the one at `x0` included, plus one when the run
+/// ends on the descent test after a speculative first trial (see the module docs);
+/// [`host_transfers`] counts them.
+pub fn minimize_device<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
+    mut obj: F,
+    x0: &Tensor,
+    opt: LbfgsOptions,
+) -> (Tensor, LbfgsInfo) {
     let mut x = x0.detach().copy();
-    let (mut loss, mut g) = obj(&x);
+    let (f0, mut g) = obj(&x);
+    let f0 = f0.to_kind(Kind::Double).reshape(Vec::<i64>::new());
+    let v = fetch(&[&f0, &max_abs(&g), &g.abs().sum(Kind::Double)]);
+    let (mut loss, mut grad_max, g_l1) = (v[0], v[1], v[2]);
     let mut evals = 1;
-    let mut grad_max = max_abs(&g);
     let info = |iterations, evaluations, loss, grad_max, converged| LbfgsInfo { iterations, evaluations, loss, grad_max, converged };
     if grad_max <= opt.tolerance_grad {
         return (x, info(0, evals, loss, grad_max, true));
     }
-    let mut old_dirs: Vec<Tensor> = Vec::new();
-    let mut old_stps: Vec<Tensor> = Vec::new();
-    let mut ro: Vec<f64> = Vec::new();
+    // Curvature pairs (y, s, 1/yᵀs), oldest first.
+    let mut history: std::collections::VecDeque<(Tensor, Tensor, f64)> = std::collections::VecDeque::new();
     let mut h_diag = 1.0;
     let mut d = -&g;
-    let mut t = 0.0;
-    let mut prev_g = g.shallow_clone();
+    // The last accepted point's curvature pair with its yᵀs and yᵀy.
+    let mut pair: Option<(Tensor, Tensor, f64, f64)> = None;
     let mut n_iter = 0;
     let mut converged = false;
     while n_iter < opt.max_iter {
         n_iter += 1;
         if n_iter > 1 {
-            let y = &g - &prev_g;
-            let s = &d * t;
-            let ys = dot(&y, &s);
             // Curvature pairs with ys ≤ 0 would make the implicit Hessian indefinite.
-            if ys > 1e-10 {
-                if old_dirs.len() == opt.history_size {
-                    drop(old_dirs.remove(0));
-                    drop(old_stps.remove(0));
-                    ro.remove(0);
+            if let Some((y, s, ys, yy)) = pair.take().filter(|p| p.2 > 1e-10) {
+                if history.len() >= opt.history_size {
+                    history.pop_front();
                 }
-                h_diag = ys / dot(&y, &y);
-                old_dirs.push(y);
-                old_stps.push(s);
-                ro.push(1.0 / ys);
+                h_diag = ys / yy;
+                if opt.history_size > 0 {
+                    history.push_back((y, s, 1.0 / ys));
+                }
             }
-            // Two-loop recursion.
+            // Two-loop recursion with the step scalars kept on the device: nal[i] = −αᵢ,
+            // q ← q − αᵢ·yᵢ, r ← r + (αᵢ − βᵢ)·sᵢ with αᵢ − βᵢ = (−βᵢ) − (−αᵢ).
             let mut q = -&g;
-            let mut al = vec![0.0; old_dirs.len()];
-            for i in (0..old_dirs.len()).rev() {
-                al[i] = dot(&old_stps[i], &q) * ro[i];
-                q = q - &old_dirs[i] * al[i];
+            let mut nal: Vec<Tensor> = Vec::with_capacity(history.len());
+            for (y, s, ro) in history.iter().rev() {
+                let a = s.dot(&q) * (-ro);
+                q = q.addcmul(y, &a);
+                nal.push(a);
             }
             let mut r = q * h_diag;
-            for i in 0..old_dirs.len() {
-                let be_i = dot(&old_dirs[i], &r) * ro[i];
-                r = r + &old_stps[i] * (al[i] - be_i);
+            for ((y, s, ro), a) in history.iter().zip(nal.iter().rev()) {
+                let nbe = y.dot(&r) * (-ro);
+                r = r.addcmul(s, &(nbe - a));
             }
             d = r;
         }
-        prev_g = g.shallow_clone();
-        let prev_loss = loss;
-        t = if n_iter == 1 { (1.0 / g.abs().sum(tch::Kind::Double).double_value(&[])).min(1.0) } else { 1.0 };
-        let gtd = dot(&g, &d);
+        let t0 = if n_iter == 1 { (1.0 / g_l1).min(1.0) } else { 1.0 };
+        // The first trial goes with g·d and max|d| in one transfer.
+        let (gtd_t, d_norm_t) = (g.dot(&d), max_abs(&d));
+        let (first, v) = evaluate(&mut obj, &x, &d, &g, t0, &[&gtd_t, &d_norm_t]);
+        let (gtd, d_norm) = (v[0], v[1]);
         if gtd > -opt.tolerance_change {
             converged = true;
             break;
         }
-        let (f_new, g_new, t_new, ls_evals) = strong_wolfe(&mut obj, &x, t, &d, loss, &g, gtd, opt.tolerance_change);
-        t = t_new;
-        x = &x + &d * t;
-        loss = f_new;
-        g = g_new;
+        let start = Point {
+            t: 0.0,
+            f: loss,
+            gtd,
+            gmax: grad_max,
+            ys: 0.0,
+            yy: 0.0,
+            x: x.shallow_clone(),
+            g: g.shallow_clone(),
+            pair: None,
+        };
+        let (p, ls_evals) = {
+            let (x, d, g) = (&x, &d, &g);
+            let mut eval = |t: f64| evaluate(&mut obj, x, d, g, t, &[]).0;
+            strong_wolfe(&mut eval, start, first, d_norm, opt.tolerance_change)
+        };
+        let prev_loss = loss;
+        let t = p.t;
+        x = p.x;
+        loss = p.f;
+        g = p.g;
+        grad_max = p.gmax;
+        pair = p.pair.map(|(y, s)| (y, s, p.ys, p.yy));
         evals += ls_evals;
-        grad_max = max_abs(&g);
         if grad_max <= opt.tolerance_grad {
             converged = true;
             break;
@@ -248,7 +341,7 @@ pub fn minimize<F: FnMut(&Tensor) -> (f64, Tensor)>(mut obj: F, x0: &Tensor, opt
         if evals >= opt.max_eval {
             break;
         }
-        if max_abs(&d) * t.abs() <= opt.tolerance_change
+        if d_norm * t.abs() <= opt.tolerance_change
             || (loss - prev_loss).abs() <= opt.tolerance_change * loss.abs().max(prev_loss.abs()).max(1.0)
         {
             converged = true;
