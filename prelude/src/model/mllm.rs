@@ -8,7 +8,8 @@
 use super::encoder::{Provenance, Stage, VisionEncoder};
 use super::projector::{Projector, ProjectorConfig};
 use super::qwen2::{LanguageModel, Qwen2Config};
-use super::tokenizer::{DEFAULT_SYSTEM_PROMPT, IM_END, IM_START, Tokenizer};
+use super::batch::Batcher;
+use super::tokenizer::{DEFAULT_SYSTEM_PROMPT, Tokenizer};
 use super::vision::{FeatureSelect, VisionConfig, VisionTower};
 use super::weights::{self, Checkpoint};
 use crate::error::{PivotError, Result};
@@ -102,9 +103,20 @@ impl Mllm {
         c.num_patches() + cls as i64
     }
 
+    /// What turns samples into model inputs (tokenizer, chat template, image processor), apart
+    /// from the model so that it can run on another thread.
+    pub fn batcher(&self) -> Batcher<'_> {
+        Batcher {
+            tokenizer: self.tokenizer(),
+            system_prompt: &self.config.system_prompt,
+            processor: self.tower.processor(),
+            device: self.device(),
+        }
+    }
+
     /// The tower's preprocessing on a batch of images → [B, 3, S, S] on the model's device.
     pub fn preprocess(&self, images: &[RgbImage]) -> Result<Tensor> {
-        Ok(self.tower.processor().preprocess(images)?.to_device(self.device()))
+        Ok(self.batcher().pixels(images)?.to_device(self.device()))
     }
 
     /// Tower features → projector: [B, N, D_lm].
@@ -113,40 +125,16 @@ impl Mllm {
         Ok(self.projector.forward(&feats.to_kind(self.projector.kind())).to_kind(self.lm.kind()))
     }
 
-    fn tokens(&self, text: &str) -> Result<Vec<i64>> {
-        self.tokenizer().encode(text)
-    }
-
     /// ChatML prompt (system, user turn with the image first, assistant header) and, with an
     /// answer, the answer followed by `<|im_end|>`. Only the answer and its `<|im_end|>` carry
     /// labels: the end token is what teaches the model to stop.
     pub fn encode_chat(&self, question: &str, answer: Option<&str>) -> Result<Encoded> {
-        let question = question.replace("<image>", "");
-        let question = question.trim();
-        let mut ids = self.tokens(&format!("{IM_START}system\n{}{IM_END}\n{IM_START}user\n", self.config.system_prompt))?;
-        ids.push(IMAGE_TOKEN_INDEX);
-        ids.extend(self.tokens(&format!("\n{question}{IM_END}\n{IM_START}assistant\n"))?);
-        let mut labels = vec![IGNORE_INDEX; ids.len()];
-        if let Some(answer) = answer {
-            let mut a = self.tokens(answer.trim())?;
-            a.push(self.tokenizer().im_end);
-            labels.extend(&a);
-            ids.extend(&a);
-            let tail = self.tokens("\n")?;
-            labels.extend(std::iter::repeat_n(IGNORE_INDEX, tail.len()));
-            ids.extend(tail);
-        }
-        Ok(Encoded { ids, labels })
+        self.batcher().encode_chat(question, answer)
     }
 
     /// LLaVA's `plain` template for stage-1 captions: `<image>` caption "\n", loss on the caption.
     pub fn encode_caption(&self, caption: &str) -> Result<Encoded> {
-        let mut ids = vec![IMAGE_TOKEN_INDEX];
-        let text = self.tokens(&format!("{}\n", caption.trim()))?;
-        let mut labels = vec![IGNORE_INDEX];
-        labels.extend(&text);
-        ids.extend(text);
-        Ok(Encoded { ids, labels })
+        self.batcher().encode_caption(caption)
     }
 
     /// Splices projected image tokens into token embeddings. `image_of[b]` names the row of

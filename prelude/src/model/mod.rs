@@ -2,6 +2,7 @@
 //! deserialises HF `config.json` or comes from a named preset, a constructor from a checkpoint,
 //! and a `forward`.
 
+pub mod batch;
 pub mod encoder;
 pub mod layers;
 pub mod mllm;
@@ -12,6 +13,7 @@ pub mod tokenizer;
 pub mod vision;
 pub mod weights;
 
+pub use batch::{Batch, Batcher};
 pub use encoder::{Pooling, Provenance, Stage, VisionEncoder};
 pub use layers::Activation;
 pub use mllm::{Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Mllm, MllmConfig, MllmOutput};

@@ -9,9 +9,10 @@ use super::profile;
 use super::checkpoint;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
 use super::log::{StepMetrics, TrainLog};
+use super::prefetch::prefetch;
 use crate::data::{PreferenceDataset, PreferenceSample};
 use crate::error::{PivotError, Result};
-use crate::model::{Checkpoint, Encoded, Mllm, MllmOutput, Stage};
+use crate::model::{Batch, Batcher, Checkpoint, Encoded, Mllm, MllmOutput, Stage};
 use tch::{Kind, Tensor};
 
 #[derive(Clone, Debug, PartialEq)]
@@ -120,19 +121,9 @@ struct DpoObjective {
     sft_weight: f64,
     double_encoding: bool,
     cached: bool,
+    /// `TrainConfig::prefetch`, for the cached reference's pass over the data.
+    prefetch: usize,
     reference: Reference,
-}
-
-fn encode_pairs(mllm: &Mllm, batch: &[(usize, &PreferenceSample)]) -> Result<(Tensor, Vec<Encoded>)> {
-    let images = batch.iter().map(|(_, s)| s.image.load()).collect::<Result<Vec<_>>>()?;
-    let mut seqs = Vec::with_capacity(2 * batch.len());
-    for (_, s) in batch {
-        seqs.push(mllm.encode_chat(&s.question, Some(&s.chosen))?);
-    }
-    for (_, s) in batch {
-        seqs.push(mllm.encode_chat(&s.question, Some(&s.rejected))?);
-    }
-    Ok((mllm.preprocess(&images)?, seqs))
 }
 
 /// Summed log-probs [2B] of `[chosen; rejected]` with each image encoded once.
@@ -146,15 +137,25 @@ fn shared_logps(mllm: &Mllm, pixels: &Tensor, seqs: &[Encoded]) -> Result<(MllmO
 
 /// Reference log-probs [N, 2] of a whole data set, computed without gradient.
 pub fn reference_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize) -> Result<Tensor> {
-    let indexed: Vec<(usize, &PreferenceSample)> = data.iter().enumerate().collect();
-    let mut rows = Vec::new();
-    tch::no_grad(|| -> Result<()> {
-        for chunk in indexed.chunks(batch_size.max(1)) {
-            let (pixels, seqs) = encode_pairs(mllm, chunk)?;
-            let (_, logps) = shared_logps(mllm, &pixels, &seqs)?;
-            rows.push(logps.view([2, -1]).transpose(0, 1));
-        }
-        Ok(())
+    cached_logps(mllm, data, batch_size, TrainConfig::default().prefetch)
+}
+
+/// [`reference_logps`] with `ahead` batches prepared ahead, as the training loop does.
+fn cached_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize, ahead: usize) -> Result<Tensor> {
+    let (n, size) = (data.len(), batch_size.max(1));
+    let batcher = mllm.batcher();
+    let chunks = (0..n).step_by(size).map(|i| (i..(i + size).min(n)).collect::<Vec<_>>());
+    let batches = chunks.map(|rows| engine::collate::<_, DpoObjective>(&batcher, data, rows));
+    let rows = prefetch(ahead, batches, |batches| {
+        tch::no_grad(|| {
+            batches
+                .map(|(_, batch)| {
+                    let batch = batch?.to_device(mllm.device())?;
+                    let (_, logps) = shared_logps(mllm, &batch.pixels, &batch.seqs)?;
+                    Ok(logps.view([2, -1]).transpose(0, 1))
+                })
+                .collect::<Result<Vec<_>>>()
+        })
     })?;
     Ok(Tensor::cat(&rows, 0))
 }
@@ -168,7 +169,7 @@ impl Objective<PreferenceSample> for DpoObjective {
         // On resume the reference must be the model as it was at step 0, which only the checkpoint has.
         self.reference = match (self.cached, resumed) {
             (true, Some(ck)) => Reference::Cached(ck.tensor("ref_logps")?.to_device(mllm.device())),
-            (true, None) => Reference::Cached(reference_logps(mllm, data, 16)?),
+            (true, None) => Reference::Cached(cached_logps(mllm, data, 16, self.prefetch)?),
             (false, resumed) => {
                 let mut r = mllm.deep_clone()?;
                 r.set_trainable(false, false, false);
@@ -189,12 +190,24 @@ impl Objective<PreferenceSample> for DpoObjective {
         }
     }
 
-    fn micro_step(&mut self, mllm: &Mllm, batch: &[(usize, &PreferenceSample)]) -> Result<Micro> {
-        let b = batch.len() as i64;
-        let (pixels, seqs) = encode_pairs(mllm, batch)?;
-        profile::mark("data", mllm.device());
+    /// `[chosen_0..B; rejected_0..B]` with the B images once.
+    fn collate(b: &Batcher, pairs: &[&PreferenceSample]) -> Result<Batch> {
+        let images = pairs.iter().map(|s| s.image.load()).collect::<Result<Vec<_>>>()?;
+        let mut seqs = Vec::with_capacity(2 * pairs.len());
+        for s in pairs {
+            seqs.push(b.encode_chat(&s.question, Some(&s.chosen))?);
+        }
+        for s in pairs {
+            seqs.push(b.encode_chat(&s.question, Some(&s.rejected))?);
+        }
+        b.batch(&images, seqs)
+    }
+
+    fn micro_step(&mut self, mllm: &Mllm, rows: &[usize], batch: Batch) -> Result<Micro> {
+        let b = rows.len() as i64;
+        let Batch { pixels, seqs } = batch;
         let (out, logps) = if self.double_encoding {
-            let image_of: Vec<usize> = (0..2 * batch.len()).collect();
+            let image_of: Vec<usize> = (0..2 * rows.len()).collect();
             let out = mllm.forward(&Tensor::cat(&[&pixels, &pixels], 0), &seqs, &image_of)?;
             let logps = mllm.sequence_logps(&out)?;
             (out, logps)
@@ -209,9 +222,9 @@ impl Objective<PreferenceSample> for DpoObjective {
                 (l.narrow(0, 0, b), l.narrow(0, b, b))
             }
             Reference::Cached(t) => {
-                let idx: Vec<i64> = batch.iter().map(|(i, _)| *i as i64).collect();
-                let rows = t.index_select(0, &Tensor::from_slice(&idx).to_device(t.device()));
-                (rows.select(1, 0), rows.select(1, 1))
+                let idx: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+                let refs = t.index_select(0, &Tensor::from_slice(&idx).to_device(t.device()));
+                (refs.select(1, 0), refs.select(1, 1))
             }
             Reference::None => return Err(PivotError::invalid("DPO reference was not prepared")),
         };
@@ -235,7 +248,7 @@ impl Objective<PreferenceSample> for DpoObjective {
         }
         let tokens = out.attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
         profile::mark("loss + metrics", mllm.device());
-        Ok(Micro { loss, metrics, samples: batch.len(), tokens })
+        Ok(Micro { loss, metrics, samples: rows.len(), tokens })
     }
 }
 
@@ -272,6 +285,7 @@ impl DpoTrainer {
             sft_weight: c.sft_weight,
             double_encoding: c.double_encoding,
             cached: c.cached_reference,
+            prefetch: c.train.prefetch,
             reference: Reference::None,
         };
         let log = engine::run("DPO", mllm, &data.samples, &c.train, &mut obj, &mut self.hooks)?;

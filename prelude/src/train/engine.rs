@@ -1,13 +1,16 @@
 //! The one training loop behind `SftTrainer`, `DpoTrainer` and `Stage1`. An objective turns a
 //! micro-batch into a loss and metrics; the loop owns everything else (order, accumulation,
 //! clipping, schedule, AdamW, non-finite guard, interruption, checkpoints, log, live view).
+//! The CPU half of each micro-batch (`Objective::collate`) runs `TrainConfig::prefetch`
+//! micro-batches ahead on a worker thread while the model computes.
 
 use super::checkpoint::{self, TrainerState};
 use super::log::{LiveView, StepMetrics, TrainLog};
 use super::optim::{AdamW, cosine_schedule};
+use super::prefetch::prefetch;
 use super::profile;
 use crate::error::{PivotError, Result};
-use crate::model::{Checkpoint, Mllm};
+use crate::model::{Batch, Batcher, Checkpoint, Mllm};
 use crate::runtime::check_interrupt;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -51,6 +54,10 @@ pub struct TrainConfig {
     pub checkpoint_dir: Option<PathBuf>,
     /// Continue from a checkpoint directory (or the newest complete one inside it).
     pub resume_from: Option<PathBuf>,
+    /// Micro-batches prepared ahead on a worker thread (images decoded, tokenised, resized,
+    /// pinned for CUDA) while the model computes; 0 prepares each on the main thread when it is
+    /// needed. Results do not depend on it.
+    pub prefetch: usize,
     /// Test hook: makes the loss NaN at this optimizer step (1-based).
     #[doc(hidden)]
     pub inject_nan_at: Option<usize>,
@@ -80,6 +87,7 @@ impl Default for TrainConfig {
             checkpoint_every: 0,
             checkpoint_dir: None,
             resume_from: None,
+            prefetch: 2,
             inject_nan_at: None,
         }
     }
@@ -121,6 +129,10 @@ impl TrainConfig {
     }
     pub fn quiet(mut self) -> Self {
         self.live = false;
+        self
+    }
+    pub fn prefetch(mut self, micro_batches: usize) -> Self {
+        self.prefetch = micro_batches;
         self
     }
 
@@ -171,7 +183,8 @@ pub(crate) struct Micro {
     pub tokens: usize,
 }
 
-/// A training objective over samples of type `S`.
+/// A training objective over samples of type `S`, in two halves: `collate` (CPU only, on the
+/// prefetch thread: it sees the batcher, never the model) and `micro_step` (the model).
 pub(crate) trait Objective<S> {
     /// Short name stored in checkpoints ("sft", "dpo", ...).
     fn name(&self) -> &str;
@@ -180,12 +193,35 @@ pub(crate) trait Objective<S> {
     fn prepare(&mut self, _mllm: &Mllm, _data: &[S], _resumed: Option<&Checkpoint>) -> Result<()> {
         Ok(())
     }
-    /// Loss of the samples `batch` = (dataset index, sample).
-    fn micro_step(&mut self, mllm: &Mllm, batch: &[(usize, &S)]) -> Result<Micro>;
+    /// Model inputs of `samples`, pixels still on the CPU.
+    fn collate(b: &Batcher, samples: &[&S]) -> Result<Batch>;
+    /// Loss of a collated micro-batch (pixels on the model's device) of the data-set rows `rows`.
+    fn micro_step(&mut self, mllm: &Mllm, rows: &[usize], batch: Batch) -> Result<Micro>;
     /// Tensors a checkpoint must carry for this objective (DPO: the reference).
     fn state(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+}
+
+/// Collates the samples `rows` of `data` (on whichever thread runs it).
+pub(crate) fn collate<S, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usize>) -> (Vec<usize>, Result<Batch>) {
+    let samples: Vec<&S> = rows.iter().map(|&i| &data[i]).collect();
+    let batch = O::collate(b, &samples);
+    (rows, batch)
+}
+
+/// The data-set rows of every micro-batch of steps `start..total`, in training order.
+fn schedule(cfg: &TrainConfig, n: usize, steps_per_epoch: usize, start: usize, total: usize) -> impl Iterator<Item = Vec<usize>> + Send + 'static {
+    let (seed, shuffle, batch, accum) = (cfg.seed, cfg.shuffle, cfg.batch_size, cfg.grad_accum);
+    let mut order = (usize::MAX, Vec::new());
+    (start..total).flat_map(move |step| {
+        let epoch = step / steps_per_epoch;
+        if order.0 != epoch {
+            order = (epoch, epoch_order(seed, epoch, n, shuffle));
+        }
+        let first = (step % steps_per_epoch) * batch * accum;
+        order.1[first..first + batch * accum].chunks(batch).map(<[usize]>::to_vec).collect::<Vec<_>>()
+    })
 }
 
 /// The sample order of one epoch: deterministic in (seed, epoch).
@@ -207,7 +243,7 @@ pub(crate) struct Hooks {
 }
 
 /// Runs `obj` over `data`. On error the partial log lands in `hooks.last_log`.
-pub(crate) fn run<S, O: Objective<S>>(
+pub(crate) fn run<S: Sync, O: Objective<S>>(
     label: &str,
     mllm: &mut Mllm,
     data: &[S],
@@ -237,7 +273,7 @@ pub(crate) fn run<S, O: Objective<S>>(
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_inner<S, O: Objective<S>>(
+fn run_inner<S: Sync, O: Objective<S>>(
     label: &str,
     mllm: &mut Mllm,
     data: &[S],
@@ -272,97 +308,102 @@ fn run_inner<S, O: Objective<S>>(
         None => obj.prepare(mllm, data, None)?,
     }
 
-    let per_step = cfg.batch_size * cfg.grad_accum;
+    // The CPU side of the micro-batches runs ahead on a worker; the model stays on this thread.
+    let mllm: &Mllm = mllm;
+    let batcher = mllm.batcher();
+    let micro_batches = schedule(cfg, data.len(), steps_per_epoch, start, total).map(|rows| collate::<S, O>(&batcher, data, rows));
+    let dev = mllm.device();
     let mut live = LiveView::new(label, total, cfg.live);
-    let mut order = (usize::MAX, Vec::new());
-    for step in start..total {
-        check_interrupt(&format!("{label} step {} of {total}", step + 1))?;
-        let t0 = Instant::now();
-        profile::begin(mllm.device());
-        let epoch = step / steps_per_epoch;
-        if order.0 != epoch {
-            order = (epoch, epoch_order(cfg.seed, epoch, data.len(), cfg.shuffle));
-        }
-        let first = (step % steps_per_epoch) * per_step;
-        let (mut sums, mut samples, mut tokens, mut loss_sum) = (Vec::<(String, f64)>::new(), 0, 0, 0.0);
-        for a in 0..cfg.grad_accum {
-            let idx = &order.1[first + a * cfg.batch_size..first + (a + 1) * cfg.batch_size];
-            let batch: Vec<(usize, &S)> = idx.iter().map(|&i| (i, &data[i])).collect();
-            let mut micro = obj.micro_step(mllm, &batch)?;
-            if cfg.inject_nan_at == Some(step + 1) {
-                micro.loss = micro.loss * f64::NAN;
-            }
-            let loss = micro.loss.double_value(&[]);
-            if !loss.is_finite() {
-                opt.zero_grad();
-                return Err(PivotError::NonFinite { what: format!("{label} loss ({loss})"), step: step + 1, last_good: step });
-            }
-            (&micro.loss / cfg.grad_accum as f64).backward();
-            profile::mark("backward", mllm.device());
-            loss_sum += loss;
-            samples += micro.samples;
-            tokens += micro.tokens;
-            for (k, v) in micro.metrics {
-                match sums.iter_mut().find(|(n, _)| *n == k) {
-                    Some(slot) => slot.1 += v,
-                    None => sums.push((k, v)),
+    let result = prefetch(cfg.prefetch, micro_batches, |batches| -> Result<()> {
+        for step in start..total {
+            check_interrupt(&format!("{label} step {} of {total}", step + 1))?;
+            let t0 = Instant::now();
+            profile::begin(dev);
+            let (mut sums, mut samples, mut tokens, mut loss_sum) = (Vec::<(String, f64)>::new(), 0, 0, 0.0);
+            for _ in 0..cfg.grad_accum {
+                let (rows, batch) = batches.next().ok_or_else(|| PivotError::invalid("the batch preparation thread stopped"))?;
+                let batch = batch?.to_device(dev)?;
+                profile::mark("data", dev);
+                let mut micro = obj.micro_step(mllm, &rows, batch)?;
+                if cfg.inject_nan_at == Some(step + 1) {
+                    micro.loss = micro.loss * f64::NAN;
+                }
+                let loss = micro.loss.double_value(&[]);
+                if !loss.is_finite() {
+                    return Err(PivotError::NonFinite { what: format!("{label} loss ({loss})"), step: step + 1, last_good: step });
+                }
+                (&micro.loss / cfg.grad_accum as f64).backward();
+                profile::mark("backward", dev);
+                loss_sum += loss;
+                samples += micro.samples;
+                tokens += micro.tokens;
+                for (k, v) in micro.metrics {
+                    match sums.iter_mut().find(|(n, _)| *n == k) {
+                        Some(slot) => slot.1 += v,
+                        None => sums.push((k, v)),
+                    }
                 }
             }
-        }
-        let grad_norm = opt.grad_norm()?;
-        profile::mark("grad norm", mllm.device());
-        if !grad_norm.is_finite() {
-            opt.zero_grad();
-            return Err(PivotError::NonFinite { what: format!("{label} gradient norm ({grad_norm})"), step: step + 1, last_good: step });
-        }
-        let clip = match cfg.max_grad_norm {
-            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-            _ => 1.0,
-        };
-        let scale = cosine_schedule(step, total, cfg.warmup_ratio);
-        opt.step(scale, clip)?;
-        profile::mark("optimizer", mllm.device());
-        opt.zero_grad();
-        profile::mark("zero grad", mllm.device());
-
-        let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let n = cfg.grad_accum as f64;
-        let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / steps_per_epoch as f64, values: Vec::new() };
-        row.set("loss", loss_sum / n);
-        for (k, v) in sums {
-            row.set(&k, v / n);
-        }
-        row.set("learning_rate", cfg.lr * scale);
-        row.set("grad_norm", grad_norm);
-        row.set("samples_per_second", samples as f64 / secs);
-        row.set("tokens_per_second", tokens as f64 / secs);
-        row.set("step_seconds", secs);
-        log.rows.push(row.clone());
-        for f in &mut hooks.on_step {
-            f(&row);
-        }
-        live.update(log, &row, step + 1 == total);
-
-        if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
-            let dir = cfg.checkpoint_dir.as_ref().ok_or_else(|| {
-                PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not")
-            })?;
-            let state = TrainerState {
-                format: 1,
-                objective: obj.name().to_string(),
-                step: step + 1,
-                total_steps: total,
-                steps_per_epoch,
-                data_len: data.len(),
-                batch_size: cfg.batch_size,
-                grad_accum: cfg.grad_accum,
-                seed: cfg.seed,
-                adam_t: opt.t,
-                log: log.clone(),
+            let grad_norm = opt.grad_norm()?;
+            profile::mark("grad norm", dev);
+            if !grad_norm.is_finite() {
+                return Err(PivotError::NonFinite { what: format!("{label} gradient norm ({grad_norm})"), step: step + 1, last_good: step });
+            }
+            let clip = match cfg.max_grad_norm {
+                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+                _ => 1.0,
             };
-            checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &opt, &obj.state(), &state)?;
+            let scale = cosine_schedule(step, total, cfg.warmup_ratio);
+            opt.step(scale, clip)?;
+            profile::mark("optimizer", dev);
+            opt.zero_grad();
+            profile::mark("zero grad", dev);
+
+            let secs = t0.elapsed().as_secs_f64().max(1e-9);
+            let n = cfg.grad_accum as f64;
+            let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / steps_per_epoch as f64, values: Vec::new() };
+            row.set("loss", loss_sum / n);
+            for (k, v) in sums {
+                row.set(&k, v / n);
+            }
+            row.set("learning_rate", cfg.lr * scale);
+            row.set("grad_norm", grad_norm);
+            row.set("samples_per_second", samples as f64 / secs);
+            row.set("tokens_per_second", tokens as f64 / secs);
+            row.set("step_seconds", secs);
+            log.rows.push(row.clone());
+            for f in &mut hooks.on_step {
+                f(&row);
+            }
+            live.update(log, &row, step + 1 == total);
+
+            if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
+                let dir = cfg.checkpoint_dir.as_ref().ok_or_else(|| {
+                    PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not")
+                })?;
+                let state = TrainerState {
+                    format: 1,
+                    objective: obj.name().to_string(),
+                    step: step + 1,
+                    total_steps: total,
+                    steps_per_epoch,
+                    data_len: data.len(),
+                    batch_size: cfg.batch_size,
+                    grad_accum: cfg.grad_accum,
+                    seed: cfg.seed,
+                    adam_t: opt.t,
+                    log: log.clone(),
+                };
+                checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &opt, &obj.state(), &state)?;
+            }
         }
+        Ok(())
+    });
+    if result.is_err() {
+        // A failed step (bad data, non-finite loss, interrupt) leaves no partial gradient behind.
+        opt.zero_grad();
     }
+    result?;
     live.finish(log);
     Ok(())
 }

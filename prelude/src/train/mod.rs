@@ -27,6 +27,7 @@ mod engine;
 mod eval;
 mod log;
 mod optim;
+mod prefetch;
 mod profile;
 mod sft;
 mod stage1;

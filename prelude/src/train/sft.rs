@@ -6,43 +6,60 @@ use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
 use super::log::{StepMetrics, TrainLog};
 use crate::data::{CaptionSample, ImageSource, VqaDataset, VqaSample};
 use crate::error::Result;
-use crate::model::{Encoded, Mllm, Stage};
+use crate::model::{Batch, Batcher, Encoded, Mllm, Stage};
 use tch::Kind;
 
-/// Next-token CE over labelled tokens, for any sample that is an image and one labelled sequence.
-pub(crate) struct LmObjective<S> {
+/// A sample that is an image and one labelled sequence.
+pub(crate) trait LmSample: Sync {
+    fn image(&self) -> &ImageSource;
+    fn encode(&self, b: &Batcher) -> Result<Encoded>;
+}
+
+/// SFT and stage-1 full training: ChatML (question, answer).
+impl LmSample for VqaSample {
+    fn image(&self) -> &ImageSource {
+        &self.image
+    }
+    fn encode(&self, b: &Batcher) -> Result<Encoded> {
+        b.encode_chat(&self.question, Some(&self.answer))
+    }
+}
+
+/// Stage-1 projector alignment: the `plain` caption template.
+impl LmSample for CaptionSample {
+    fn image(&self) -> &ImageSource {
+        &self.image
+    }
+    fn encode(&self, b: &Batcher) -> Result<Encoded> {
+        b.encode_caption(&self.caption)
+    }
+}
+
+/// Next-token CE over labelled tokens.
+pub(crate) struct LmObjective {
     pub name: &'static str,
-    pub encode: fn(&Mllm, &S) -> Result<(ImageSource, Encoded)>,
 }
 
-pub(crate) fn chat_sample(mllm: &Mllm, s: &VqaSample) -> Result<(ImageSource, Encoded)> {
-    Ok((s.image.clone(), mllm.encode_chat(&s.question, Some(&s.answer))?))
-}
-
-pub(crate) fn caption_sample(mllm: &Mllm, s: &CaptionSample) -> Result<(ImageSource, Encoded)> {
-    Ok((s.image.clone(), mllm.encode_caption(&s.caption)?))
-}
-
-impl<S> Objective<S> for LmObjective<S> {
+impl<S: LmSample> Objective<S> for LmObjective {
     fn name(&self) -> &str {
         self.name
     }
-    fn micro_step(&mut self, mllm: &Mllm, batch: &[(usize, &S)]) -> Result<Micro> {
-        let mut images = Vec::with_capacity(batch.len());
-        let mut seqs = Vec::with_capacity(batch.len());
-        for (_, s) in batch {
-            let (img, enc) = (self.encode)(mllm, s)?;
-            images.push(img.load()?);
-            seqs.push(enc);
+    fn collate(b: &Batcher, samples: &[&S]) -> Result<Batch> {
+        let mut images = Vec::with_capacity(samples.len());
+        let mut seqs = Vec::with_capacity(samples.len());
+        for s in samples {
+            seqs.push(s.encode(b)?);
+            images.push(s.image().load()?);
         }
-        let pixels = mllm.preprocess(&images)?;
-        profile::mark("data", mllm.device());
-        let image_of: Vec<usize> = (0..seqs.len()).collect();
-        let out = mllm.forward(&pixels, &seqs, &image_of)?;
+        b.batch(&images, seqs)
+    }
+    fn micro_step(&mut self, mllm: &Mllm, _rows: &[usize], batch: Batch) -> Result<Micro> {
+        let image_of: Vec<usize> = (0..batch.seqs.len()).collect();
+        let out = mllm.forward(&batch.pixels, &batch.seqs, &image_of)?;
         let loss = mllm.answer_loss(&out)?;
         profile::mark("forward + loss", mllm.device());
         let tokens = out.attention_mask.sum(Kind::Int64).int64_value(&[]) as usize;
-        Ok(Micro { loss, metrics: Vec::new(), samples: batch.len(), tokens })
+        Ok(Micro { loss, metrics: Vec::new(), samples: batch.seqs.len(), tokens })
     }
 }
 
@@ -71,7 +88,7 @@ impl SftTrainer {
     /// non-finite loss) the model keeps its last good weights and [`SftTrainer::last_log`] holds
     /// the steps done so far.
     pub fn run(&mut self, mllm: &mut Mllm, data: &VqaDataset) -> Result<TrainLog> {
-        let mut obj = LmObjective { name: "sft", encode: chat_sample };
+        let mut obj = LmObjective { name: "sft" };
         let log = engine::run("SFT", mllm, &data.samples, &self.config, &mut obj, &mut self.hooks)?;
         mllm.provenance.record(Stage::Sft, log.len(), self.config.seed, format!("SFT lr {:e}", self.config.lr));
         Ok(log)

@@ -4,7 +4,7 @@
 
 use super::engine::{self, Hooks, TrainConfig};
 use super::log::{StepMetrics, TrainLog};
-use super::sft::{LmObjective, caption_sample, chat_sample};
+use super::sft::LmObjective;
 use crate::data::{CaptionDataset, VqaDataset};
 use crate::error::Result;
 use crate::model::{LanguageModel, Mllm, MllmConfig, Stage, VisionEncoder};
@@ -62,13 +62,13 @@ impl Stage1 {
 
     /// Only the alignment step (captions, `plain` template).
     pub fn run_projector(&self, mllm: &mut Mllm, captions: &CaptionDataset) -> Result<TrainLog> {
-        let mut obj = LmObjective { name: "stage1-projector", encode: caption_sample };
+        let mut obj = LmObjective { name: "stage1-projector" };
         engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut Hooks::default())
     }
 
     /// Only the full-training step (ChatML VQA).
     pub fn run_full(&self, mllm: &mut Mllm, vqa: &VqaDataset) -> Result<TrainLog> {
-        let mut obj = LmObjective { name: "stage1-full", encode: chat_sample };
+        let mut obj = LmObjective { name: "stage1-full" };
         engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut Hooks::default())
     }
 
@@ -84,9 +84,9 @@ impl Stage1 {
         let mut hooks = Hooks::default();
         let g = f.clone();
         hooks.on_step.push(Box::new(move |m| (g.borrow_mut())(m)));
-        let mut obj = LmObjective { name: "stage1-projector", encode: caption_sample };
+        let mut obj = LmObjective { name: "stage1-projector" };
         let projector = engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut hooks)?;
-        let mut obj = LmObjective { name: "stage1-full", encode: chat_sample };
+        let mut obj = LmObjective { name: "stage1-full" };
         let full = engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut hooks)?;
         self.record(mllm, &projector, &full);
         Ok(Stage1Log { projector, full })
