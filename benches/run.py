@@ -184,6 +184,11 @@ def main():
         results.append(run_json([py, ref_py, "dpo", "--data", data] + common, a.device, "dpo reference (TRL-style)"))
         for v in ("pivot", "single", "cached", "single_cached"):
             results.append(run_json([a.bin, "dpo", "--size", a.size, "--variant", v] + common, a.device, f"dpo ours {v}"))
+        # The same PIVOT-exact step with each batch prepared inside the step (no prefetch thread).
+        r = run_json([a.bin, "dpo", "--size", a.size, "--variant", "pivot", "--prefetch", "0"] + common, a.device, "dpo ours pivot, inline data")
+        if "variant" in r:
+            r["variant"] = "pivot_inline_data"
+        results.append(r)
     if "sft" not in skip:
         results.append(run_json([py, ref_py, "sft", "--data", data] + common, a.device, "sft reference (HF)"))
         results.append(run_json([a.bin, "sft", "--size", a.size] + common, a.device, "sft ours"))

@@ -291,7 +291,9 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
             stamps.borrow_mut().push((Instant::now(), cpu_seconds()));
         }
     };
-    let train = TrainConfig { shuffle: false, ..TrainConfig::default() }.lr(1e-6).batch_size(batch).max_steps(total).quiet();
+    // --prefetch 0 prepares each batch inside the step (as before the prefetch thread existed).
+    let prefetch = a.num("prefetch", TrainConfig::default().prefetch);
+    let train = TrainConfig { shuffle: false, ..TrainConfig::default() }.lr(1e-6).batch_size(batch).max_steps(total).prefetch(prefetch).quiet();
     let t0 = Instant::now();
     let log = if dpo {
         let cfg = DpoConfig { double_encoding: double, cached_reference: cached, train, ..Default::default() };
@@ -323,6 +325,7 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
             "side": "ours",
             "task": if dpo { "dpo" } else { "sft" },
             "variant": variant,
+            "prefetch": prefetch,
             "size": s.name,
             "device": format!("{dev:?}"),
             "dtype": format!("{:?}", s.kind),
