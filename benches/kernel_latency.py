@@ -7,7 +7,10 @@ Measures, for the "pivot" kernel installed from the built binary into a private 
 - start -> kernel_info reply (the client can talk to the kernel),
 - start -> first result of `1 + 1` (a warm build slot: the prelude is compiled already),
 - trivial cells `let x = N; x + 1`: p50 / p95 / max over --cells cells, after one warm-up cell,
-- a tensor cell `Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)` likewise (10 cells).
+- a tensor cell `Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)` likewise (10 cells),
+- CPU seconds per cell (user + system of the kernel process and everything it started: cargo,
+  rustc, the linker, the evcxr child), which unlike wall time hardly depends on what else the
+  machine runs, with the load average before and after.
 Writes benches/results/kernel-latency-<time>.json with machine details. It reports; it never fails
 on speed. Stock `evcxr_jupyter` can be measured the same way with --kernel-name evcxr when installed.
 """
@@ -52,6 +55,33 @@ def run_cell(kc, code: str, timeout: float = 600.0) -> float:
     return dt
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU of `pid` and its live descendants, including their reaped children
+    (Linux /proc; None elsewhere)."""
+    try:
+        tick = os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return None
+    total, todo, seen = 0.0, [pid], 0
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        seen += 1
+        total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+        # Children are listed under the thread that started them (evcxr starts rustc and its
+        # child process from the kernel's engine thread).
+        for t in tasks:
+            try:
+                todo += [int(c) for c in (t / "children").read_text().split()]
+            except OSError:
+                pass
+    return total if seen else None
+
+
 def pct(v: list[float], q: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -83,10 +113,19 @@ def main() -> None:
     run_cell(kc, "1 + 1")
     t_first = time.perf_counter() - t0
 
+    pid = getattr(getattr(km, "provisioner", None), "process", None)
+    pid = getattr(pid, "pid", None)
     run_cell(kc, "let x = 0; x + 1")
+    load_before = os.getloadavg()
+    cpu0 = cpu_seconds(pid) if pid else None
     trivial = [run_cell(kc, f"let x = {i}; x + 1") for i in range(a.cells)]
+    cpu1 = cpu_seconds(pid) if pid else None
     run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)")
+    cpu2 = cpu_seconds(pid) if pid else None
     tensor = [run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)") for _ in range(10)]
+    cpu3 = cpu_seconds(pid) if pid else None
+    trivial_cpu = (cpu1 - cpu0) / len(trivial) if None not in (cpu0, cpu1) else None
+    tensor_cpu = (cpu3 - cpu2) / len(tensor) if None not in (cpu2, cpu3) else None
     kc.stop_channels()
     km.shutdown_kernel(now=True)
 
@@ -102,8 +141,11 @@ def main() -> None:
         "tensor_p50_s": statistics.median(tensor),
         "tensor_p95_s": pct(tensor, 0.95),
         "tensor_s": tensor,
+        "trivial_cpu_per_cell_s": trivial_cpu,
+        "tensor_cpu_per_cell_s": tensor_cpu,
         "machine": {
             "cpu_cores": os.cpu_count(),
+            "load_average_before": load_before,
             "load_average": os.getloadavg(),
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -111,7 +153,9 @@ def main() -> None:
         },
     }
     print(f"{a.kernel_name}: kernel_info {t_info:.2f} s, first result {t_first:.2f} s, trivial cell p50 {res['trivial_p50_s']:.3f} s "
-          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {res['tensor_p50_s']:.3f} s; load {os.getloadavg()[0]:.2f}")
+          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {res['tensor_p50_s']:.3f} s; "
+          f"CPU per trivial cell {'-' if trivial_cpu is None else f'{trivial_cpu:.3f} s'}, per tensor cell "
+          f"{'-' if tensor_cpu is None else f'{tensor_cpu:.3f} s'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     os.makedirs(a.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(a.out) / f"kernel-latency-{a.kernel_name}-{stamp}.json"
