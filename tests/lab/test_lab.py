@@ -239,7 +239,11 @@ def test_lab_runs_a_plotting_cell_and_renders_the_figure(lab, browser, tmp_path,
         else:
             assert info["tag"] == "svg", info
         assert info["w"] > 0 and info["h"] > 0, f"the figure has no size on the page: {info}"
-        assert "[1]" in (info["prompt"] or ""), f"the cell's prompt is {info['prompt']!r}, not [1]"
+        # The figure (display_data) arrives before the execute reply that numbers the prompt.
+        try:
+            WebDriverWait(driver, 60, poll_frequency=0.5).until(lambda d: "[1]" in (d.execute_script(PROMPT) or ""))
+        except TimeoutException:
+            raise AssertionError(f"the figure rendered but the cell did not finish: its prompt is {driver.execute_script(PROMPT)!r}, not [1]") from None
     finally:
         try:
             driver.save_screenshot(str(shot))
