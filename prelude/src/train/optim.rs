@@ -280,7 +280,10 @@ impl AdamW {
         s.attach_grads();
         let _ = s.step.fill_(self.t as f64);
         // The kernel divides gradients by this; 1/clip turns that into the clipping factor.
-        let _ = s.grad_scale.fill_(1.0 / grad_scale);
+        // Unclipped steps pass none (and skip the fill).
+        if grad_scale != 1.0 {
+            let _ = s.grad_scale.fill_(1.0 / grad_scale);
+        }
         tch::no_grad(|| {
             // The kernel wants one dtype throughout: the fp32 master takes an fp32 gradient.
             let g = if s.master.is_some() { s.grad.to_kind(Kind::Float) } else { s.grad.shallow_clone() };
