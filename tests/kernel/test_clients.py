@@ -228,6 +228,21 @@ def test_outputs_in_order_with_parent(kernel):
     assert kc.get_shell_msg(timeout=10)["content"]["status"] == "ok"
 
 
+def test_tensor_value_shows_its_values(kernel):
+    """A cell ending in a tensor shows PyTorch-style values (not tch's `Tensor[[1, 2], Float]`),
+    from a fresh expression and from a stored variable, and a later `{:?}` cell still works."""
+    _, kc = kernel
+    reply, msgs = run(kc, "Tensor::from_slice(&[1.5f32, 2.0]).reshape([1, 2])")
+    assert reply["status"] == "ok", reply
+    results = of_type(msgs, "execute_result")
+    assert [r["content"]["data"]["text/plain"] for r in results] == ["tensor([[1.5000, 2.0000]])"]
+    reply, msgs = run(kc, "let shown = Tensor::from_slice(&[1i64, 2, 3]).to_kind(Kind::Int);\nshown")
+    assert reply["status"] == "ok", reply
+    assert [r["content"]["data"]["text/plain"] for r in of_type(msgs, "execute_result")] == ["tensor([1, 2, 3], dtype=Int)"]
+    reply, msgs = run(kc, "shown.size()")
+    assert [r["content"]["data"]["text/plain"] for r in of_type(msgs, "execute_result")] == ["[3]"]
+
+
 def test_comms_and_unknown_targets(kernel):
     _, kc = kernel
     msg = kc.session.msg("comm_info_request", {})

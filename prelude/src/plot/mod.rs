@@ -1,9 +1,11 @@
-//! Figures (plotters → PNG + SVG, no system fonts) and result tables (`Runs`, polars).
+//! Figures (plotters → PNG + SVG, no system fonts), result tables (`Runs`, polars) and how a
+//! tensor shows itself in a cell.
 
 pub mod charts;
 pub mod figure;
 pub mod reports;
 pub mod table;
+pub mod tensor;
 
 pub use charts::{
     BarGroup, Series, bars, colorize_labels, curves, heatmap, image_grid, seg_comparison, seg_comparison_models, seg_palette,
@@ -11,3 +13,4 @@ pub use charts::{
 };
 pub use figure::Figure;
 pub use table::{Metrics, RunRecord, Runs};
+pub use tensor::tensor_repr;
