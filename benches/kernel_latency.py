@@ -11,8 +11,19 @@ Measures, for the "pivot" kernel installed from the built binary into a private 
 - CPU seconds per cell (user + system of the kernel process and everything it started: cargo,
   rustc, the linker, the evcxr child), which unlike wall time hardly depends on what else the
   machine runs, with the load average before and after.
-Writes benches/results/kernel-latency-<time>.json with machine details. It reports; it never fails
-on speed. Stock `evcxr_jupyter` can be measured the same way with --kernel-name evcxr when installed.
+Writes benches/results/kernel-latency-<label>-<time>.json with machine details. It reports; it never
+fails on speed.
+
+Stock `evcxr_jupyter` side by side (built outside the repository, e.g.
+`cargo install evcxr_jupyter@0.22.0 --locked --root /tmp/stock-evcxr`):
+
+    python benches/kernel_latency.py --stock-evcxr /tmp/stock-evcxr/bin/evcxr_jupyter            # no deps
+    python benches/kernel_latency.py --stock-evcxr /tmp/stock-evcxr/bin/evcxr_jupyter --with-prelude \
+        --stock-tmpdir /tmp/stock-slot   # our setup + `:dep pivot`, typed in as a user would
+
+--with-prelude runs, as the first cell, the settings and `:dep` our kernel runs at start; with a copy of a
+warm build slot as --stock-tmpdir (EVCXR_TMPDIR) the stock kernel finds the prelude compiled, as ours does.
+Without the prelude there is no `Tensor`, so the tensor cells are skipped.
 """
 from __future__ import annotations
 
@@ -82,6 +93,25 @@ def cpu_seconds(pid: int) -> float | None:
     return total if seen else None
 
 
+def stock_prelude_setup() -> tuple[str, dict[str, str]]:
+    """The cell that gives a stock evcxr what our kernel sets up at start (engine/session.rs):
+    the same fixed settings, the same torch-sys build environment (so a copied warm slot stays
+    fresh), `:dep` on the prelude and its import; and the child's library path to libtorch."""
+    py = os.environ.get("PIVOT_PYTHON") or str(ROOT / ".venv" / "bin" / "python")
+    torch_dir = subprocess.run([py, "-c", "import torch,os;print(os.path.dirname(torch.__file__))"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    path = os.environ.get("PATH", "")
+    bin_dir = str(Path(py).parent)
+    if path.split(":")[0] != bin_dir:
+        path = f"{bin_dir}:{path}"
+    sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, check=True).stdout.strip()
+    host = [l.split(": ", 1)[1] for l in subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout.splitlines() if l.startswith("host: ")][0]
+    ld = f"{torch_dir}/lib:{sysroot}/lib/rustlib/{host}/lib"
+    setup = (":offline 1\n:opt 2\n:linker system\n:build_env LIBTORCH_USE_PYTORCH=1\n"
+             f":build_env PATH={path}\n:dep pivot = {{ path = {json.dumps(str(ROOT / 'prelude'))} }}\nuse pivot::prelude::*;")
+    return setup, {"LD_LIBRARY_PATH": ld, "PATH": path}
+
+
 def pct(v: list[float], q: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -92,11 +122,31 @@ def main() -> None:
     ap.add_argument("--kernel-bin", default=None)
     ap.add_argument("--kernel-name", default="pivot")
     ap.add_argument("--cells", type=int, default=50)
+    ap.add_argument("--stock-evcxr", default=None, help="path of a stock evcxr_jupyter binary to measure instead of ours")
+    ap.add_argument("--stock-tmpdir", default=None, help="EVCXR_TMPDIR for the stock kernel (a copy of a warm slot)")
+    ap.add_argument("--with-prelude", action="store_true", help="stock kernel: first run our start-up settings and `:dep pivot`")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
     a = ap.parse_args()
 
     env_path = None
-    if a.kernel_name == "pivot":
+    setup = None
+    label = a.kernel_name
+    if a.stock_evcxr:
+        label = "evcxr-stock" + ("-prelude" if a.with_prelude else "")
+        a.kernel_name = "evcxr-stock"
+        env_path = Path(tempfile.mkdtemp(prefix="evcxr-latency-"))
+        spec_dir = env_path / "kernels" / a.kernel_name
+        spec_dir.mkdir(parents=True)
+        env = {"EVCXR_TMPDIR": a.stock_tmpdir} if a.stock_tmpdir else {}
+        if a.with_prelude:
+            setup, env_extra = stock_prelude_setup()
+            env.update(env_extra)
+        (spec_dir / "kernel.json").write_text(json.dumps({
+            "argv": [str(Path(a.stock_evcxr).resolve()), "--control_file", "{connection_file}"],
+            "display_name": "Rust (stock evcxr)", "language": "rust", "interrupt_mode": "message", "env": env,
+        }))
+        os.environ["JUPYTER_PATH"] = str(env_path)
+    elif a.kernel_name == "pivot":
         binary = Path(a.kernel_bin) if a.kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
         env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
         subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
@@ -110,8 +160,14 @@ def main() -> None:
     kc.kernel_info()
     kc.get_shell_msg(timeout=600)
     t_info = time.perf_counter() - t0
+    t_setup = None
+    if setup:
+        t = time.perf_counter()
+        run_cell(kc, setup, timeout=3600)
+        t_setup = time.perf_counter() - t
     run_cell(kc, "1 + 1")
     t_first = time.perf_counter() - t0
+    with_tensor = a.kernel_name == "pivot" or a.with_prelude
 
     pid = getattr(getattr(km, "provisioner", None), "process", None)
     pid = getattr(pid, "pid", None)
@@ -120,17 +176,22 @@ def main() -> None:
     cpu0 = cpu_seconds(pid) if pid else None
     trivial = [run_cell(kc, f"let x = {i}; x + 1") for i in range(a.cells)]
     cpu1 = cpu_seconds(pid) if pid else None
-    run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)")
-    cpu2 = cpu_seconds(pid) if pid else None
-    tensor = [run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)") for _ in range(10)]
-    cpu3 = cpu_seconds(pid) if pid else None
+    tensor, cpu2, cpu3 = [], None, None
+    if with_tensor:
+        run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)")
+        cpu2 = cpu_seconds(pid) if pid else None
+        tensor = [run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)") for _ in range(10)]
+        cpu3 = cpu_seconds(pid) if pid else None
     trivial_cpu = (cpu1 - cpu0) / len(trivial) if None not in (cpu0, cpu1) else None
     tensor_cpu = (cpu3 - cpu2) / len(tensor) if None not in (cpu2, cpu3) else None
     kc.stop_channels()
     km.shutdown_kernel(now=True)
 
     res = {
-        "kernel": a.kernel_name,
+        "kernel": label,
+        "kernel_binary": a.stock_evcxr,
+        "setup_cell": setup,
+        "setup_cell_s": t_setup,
         "start_to_kernel_info_s": t_info,
         "start_to_first_result_s": t_first,
         "trivial_cells": len(trivial),
@@ -138,8 +199,8 @@ def main() -> None:
         "trivial_p95_s": pct(trivial, 0.95),
         "trivial_max_s": max(trivial),
         "trivial_s": trivial,
-        "tensor_p50_s": statistics.median(tensor),
-        "tensor_p95_s": pct(tensor, 0.95),
+        "tensor_p50_s": statistics.median(tensor) if tensor else None,
+        "tensor_p95_s": pct(tensor, 0.95) if tensor else None,
         "tensor_s": tensor,
         "trivial_cpu_per_cell_s": trivial_cpu,
         "tensor_cpu_per_cell_s": tensor_cpu,
@@ -152,13 +213,14 @@ def main() -> None:
             "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
         },
     }
-    print(f"{a.kernel_name}: kernel_info {t_info:.2f} s, first result {t_first:.2f} s, trivial cell p50 {res['trivial_p50_s']:.3f} s "
-          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {res['tensor_p50_s']:.3f} s; "
+    tensor_p50 = "-" if not tensor else f"{res['tensor_p50_s']:.3f} s"
+    print(f"{label}: kernel_info {t_info:.2f} s, first result {t_first:.2f} s, trivial cell p50 {res['trivial_p50_s']:.3f} s "
+          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {tensor_p50}; "
           f"CPU per trivial cell {'-' if trivial_cpu is None else f'{trivial_cpu:.3f} s'}, per tensor cell "
           f"{'-' if tensor_cpu is None else f'{tensor_cpu:.3f} s'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     os.makedirs(a.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(a.out) / f"kernel-latency-{a.kernel_name}-{stamp}.json"
+    path = Path(a.out) / f"kernel-latency-{label}-{stamp}.json"
     path.write_text(json.dumps(res, indent=1))
     print(f"results: {path}")
 
