@@ -368,8 +368,17 @@ fn probe(a: &Args) -> Result<()> {
     let (xtr, ytr, xte, yte) = (get("x_train")?, get("y_train")?, get("x_test")?, get("y_test")?);
     let k = ytr.max().int64_value(&[]) + 1;
     let mut rows = Vec::new();
-    // Default options (gtol 1e-7) and sklearn's stopping rule (tol 1e-4 on the max gradient entry).
-    for (name, tol) in [("ours_default", None), ("ours_sklearn_tol", Some(1e-4))] {
+    // Default options (gtol 1e-7) and sklearn's stopping rule (tol 1e-4 on the max gradient entry),
+    // each on the features as stored (float32: float32 products, as sklearn) and cast to float64
+    // (float64 products throughout, what the fit did before it followed the features' precision).
+    let xtr64 = xtr.to_kind(Kind::Double);
+    let variants = [
+        ("ours_default", None, &xtr),
+        ("ours_sklearn_tol", Some(1e-4), &xtr),
+        ("ours_default_f64", None, &xtr64),
+        ("ours_sklearn_tol_f64", Some(1e-4), &xtr64),
+    ];
+    for (name, tol, x) in variants {
         let mut opts = LbfgsOptions::default();
         if let Some(t) = tol {
             opts.tolerance_grad = t;
@@ -380,7 +389,7 @@ fn probe(a: &Args) -> Result<()> {
         for _ in 0..a.num("repeats", 1) {
             let before = pivot::probe::lbfgs::host_transfers();
             let t0 = Instant::now();
-            let model = LogisticRegression::fit_with(&xtr, &ytr, c, opts, Some(k), None)?;
+            let model = LogisticRegression::fit_with(x, &ytr, c, opts, Some(k), None)?;
             if let Device::Cuda(i) = dev {
                 tch::Cuda::synchronize(i as i64);
             }
@@ -394,6 +403,7 @@ fn probe(a: &Args) -> Result<()> {
             "name": name, "fit_s": median(fit_times), "top1": top1, "iterations": model.info.iterations,
             "evaluations": model.info.evaluations, "objective": model.objective(&xtr, &ytr),
             "converged": model.info.converged, "tolerance_grad": opts.tolerance_grad,
+            "features": format!("{:?}", x.kind()),
             // Device→host transfers of the L-BFGS driver in one fit (each a sync on a GPU).
             "host_transfers": transfers,
         }));

@@ -2,7 +2,7 @@
 //! DINOv2 SGD linear head. Both take feature tensors; wiring to an encoder lives one layer up.
 
 use super::lbfgs::LbfgsOptions;
-use super::logreg::{LogisticRegression, check_xy};
+use super::logreg::{LogisticRegression, check_xy, product_kind};
 use crate::error::{PivotError, Result};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -222,11 +222,14 @@ impl LinearProbe {
         }
         let dev = train.x.device();
         let k = num_classes(train, val);
+        // Standardised in float64, then back to the features' precision: the fit's products run in
+        // it (float32 features: float32 products, as scikit-learn does).
+        let pk = product_kind(train.x.kind());
         let (xtr, xva) = if self.standardize {
             let s = Standardizer::fit(&train.x);
-            (s.apply(&train.x), s.apply(&val.x))
+            (s.apply(&train.x).to_kind(pk), s.apply(&val.x).to_kind(pk))
         } else {
-            (train.x.to_kind(Kind::Double), val.x.to_device(dev).to_kind(Kind::Double))
+            (train.x.to_kind(pk), val.x.to_device(dev).to_kind(pk))
         };
         let ytr = train.y.to_device(dev).to_kind(Kind::Int64);
 

@@ -1,4 +1,10 @@
-//! Multinomial L2-regularised logistic regression fitted by full-batch L-BFGS in float64.
+//! Multinomial L2-regularised logistic regression fitted by full-batch L-BFGS.
+//!
+//! The two matrix products of each evaluation run in the features' precision, as scikit-learn does
+//! (it keeps float32 input in float32): float32 features (or narrower) give float32 products, which
+//! on CPU take about half the time of float64 ones (MKL, N=5000, D=384, K=50: 10 against 19 ms per
+//! evaluation). Everything else (softmax, cross-entropy, sums, the L-BFGS state) is float64; pass
+//! float64 features for float64 products throughout.
 
 use super::lbfgs::{self, LbfgsInfo, LbfgsOptions};
 use crate::error::{PivotError, Result};
@@ -51,7 +57,7 @@ pub(crate) fn check_xy(x: &Tensor, y: &Tensor, what: &str) -> Result<(i64, i64)>
 /// subtracting 1 at the labels gives n·∂CE/∂Sᵀ = P − Y, whence ∇W = (P − Y)·X / n + W/(Cn) and
 /// ∇b = (P − Y)·1 / n. Nothing of size N×K is made besides the scores.
 struct Objective {
-    /// [N, D] float64.
+    /// [N, D] in the products' precision: float32 or float64.
     x: Tensor,
     /// Labels as a [1, N] int64 index (one row: the class of each column of Sᵀ).
     labels: Tensor,
@@ -65,11 +71,11 @@ struct Objective {
 }
 
 impl Objective {
-    /// `x` [N, D] float64 and `y` [N] int64 on the same device, labels in 0..k.
+    /// `x` [N, D] and `y` [N] int64 on the same device, labels in 0..k.
     fn new(x: &Tensor, y: &Tensor, k: i64, c: f64) -> Self {
         let (n, d) = (x.size()[0], x.size()[1]);
         Objective {
-            x: x.shallow_clone(),
+            x: x.to_kind(product_kind(x.kind())),
             labels: y.reshape([1, n]),
             minus_one: Tensor::full([1, n], -1.0, (Kind::Double, x.device())),
             n: n as f64,
@@ -85,18 +91,31 @@ impl Objective {
         let w_flat = theta.narrow(0, 0, wlen);
         let w = w_flat.view([self.k, self.d]);
         let b = theta.narrow(0, wlen, self.k);
-        let logp = b.unsqueeze(1).addmm(&w, &self.x.tr()).log_softmax(0, Kind::Double);
+        let pk = self.x.kind();
+        let logp = if pk == Kind::Double {
+            b.unsqueeze(1).addmm(&w, &self.x.tr())
+        } else {
+            w.to_kind(pk).mm(&self.x.tr()).to_kind(Kind::Double) + b.unsqueeze(1)
+        }
+        .log_softmax(0, Kind::Double);
         let ce = logp.gather(0, &self.labels, false).sum(Kind::Double) / -self.n;
         let loss = ce + w_flat.dot(&w_flat) * (0.5 * self.reg);
         // logp is not needed any more: it becomes P − Y in place.
         let mut p = logp;
         let _ = p.exp_();
         let _ = p.scatter_add_(0, &self.labels, &self.minus_one);
-        let mut grad = Tensor::cat(&[p.mm(&self.x).view([-1]), p.sum_dim_intlist(1, false, Kind::Double)], 0);
+        let gw = if pk == Kind::Double { p.mm(&self.x) } else { p.to_kind(pk).mm(&self.x).to_kind(Kind::Double) };
+        let mut grad = Tensor::cat(&[gw.view([-1]), p.sum_dim_intlist(1, false, Kind::Double)], 0);
         let _ = grad.divide_scalar_(self.n);
         let _ = grad.narrow(0, 0, wlen).g_add_(&(&w_flat * self.reg));
         (loss, grad)
     }
+}
+
+/// The precision of the objective's matrix products for features of kind `k`: float32 for float32
+/// and narrower floats, float64 otherwise.
+pub(crate) fn product_kind(k: Kind) -> Kind {
+    if matches!(k, Kind::Float | Kind::Half | Kind::BFloat16) { Kind::Float } else { Kind::Double }
 }
 
 impl LogisticRegression {
@@ -111,7 +130,7 @@ impl LogisticRegression {
         if y.min().int64_value(&[]) < 0 || y.max().int64_value(&[]) >= k {
             return Err(PivotError::invalid(format!("LogisticRegression::objective_and_gradient: labels must lie in 0..{k}")));
         }
-        let x = x.to_device(dev).to_kind(Kind::Double);
+        let x = x.to_device(dev);
         if x.size()[1] != d {
             return Err(PivotError::invalid(format!(
                 "LogisticRegression::objective_and_gradient: features have {} columns, the model {d}",
@@ -148,8 +167,7 @@ impl LogisticRegression {
         if y.min().int64_value(&[]) < 0 || y.max().int64_value(&[]) >= k {
             return Err(PivotError::invalid(format!("LogisticRegression::fit: labels must lie in 0..{k}")));
         }
-        let x = x.to_kind(Kind::Double);
-        let problem = Objective::new(&x, &y, k, c);
+        let problem = Objective::new(x, &y, k, c);
         let wlen = k * d;
         let theta0 = match warm {
             Some(m) if m.weight.size() == [k, d] => {
