@@ -17,7 +17,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from conftest import BIN, STARTUP_TIMEOUT
+from conftest import STARTUP_TIMEOUT
 
 # A 1x1 PNG, as a plot would produce.
 PNG = bytes.fromhex(
@@ -416,20 +416,20 @@ def test_nbclient_raises_on_panicking_cell():
     assert nb.cells[2].outputs == []
 
 
-def test_headless_run_writes_outputs_and_fails_on_error(tmp_path):
+def test_headless_run_writes_outputs_and_fails_on_error(tmp_path, kernel_bin_path):
     path = tmp_path / "nb.ipynb"
     nbformat.write(make_notebook(NOTEBOOK_CELLS), path)
-    r = subprocess.run([str(BIN), "run", str(path)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    r = subprocess.run([str(kernel_bin_path), "run", str(path)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
     assert r.returncode == 0, r.stderr
     check_notebook_outputs(nbformat.read(path, as_version=4))
 
     bad = tmp_path / "bad.ipynb"
     nbformat.write(make_notebook(["let a = 1;", 'panic!("nope");', "a"]), bad)
-    r = subprocess.run([str(BIN), "run", str(bad)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    r = subprocess.run([str(kernel_bin_path), "run", str(bad)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
     assert r.returncode != 0 and "cell 2 failed" in r.stderr
     out = nbformat.read(bad, as_version=4)
     assert out.cells[1].outputs[0].output_type == "error"
-    r = subprocess.run([str(BIN), "run", str(bad), "--allow-errors", "-p", "a=41"], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
+    r = subprocess.run([str(kernel_bin_path), "run", str(bad), "--allow-errors", "-p", "a=41"], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
     assert r.returncode == 0, r.stderr
 
 
