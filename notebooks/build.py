@@ -284,7 +284,8 @@ let fallback_steps: usize = 4;     // stage-1 steps per part if no base is on di
 let vqa: VqaDataset = world.vqa(Split::Train, n_train);
 let mut sft: Mllm = base.clone();
 let sft_log: TrainLog = SftTrainer::new(TrainConfig::default().max_steps(sft_steps).batch_size(batch_size).lr(sft_lr).seed(seed)).run(&mut sft, &vqa)?;
-sft_log
+// The live view above already shows the loss curve; the table adds the last steps' metrics.
+sft_log.table(10)
 """),
         md("""
 ## DPO: chosen vs hallucinated answers
@@ -299,7 +300,7 @@ println!("Q: {}\\n  chosen:   {}\\n  rejected: {}", p0.question, p0.chosen, p0.r
 let mut dpo: Mllm = base.clone();
 let dpo_cfg: DpoConfig = DpoConfig { beta, train: TrainConfig::default().max_steps(dpo_steps).batch_size(batch_size).lr(dpo_lr).seed(seed), ..Default::default() };
 let dpo_log: TrainLog = DpoTrainer::new(dpo_cfg).run(&mut dpo, &prefs)?;
-dpo_log
+dpo_log.table(10)
 """),
         md("## Curves side by side, and the TRL reward metrics"),
         code("""

@@ -116,6 +116,11 @@ impl TrainLog {
     pub fn plot(&self, metric: &str) -> Result<Figure> {
         curves(&format!("{} {metric}", self.name).trim().to_string(), "step", metric, &[self.series(metric)])
     }
+    /// The last `last_rows` steps as a table, without the loss curve. End a training cell with it:
+    /// the cell's live view already shows the curve, and the log itself would show it again.
+    pub fn table(&self, last_rows: usize) -> MimeBundle {
+        MimeBundle::text(self.to_text(last_rows)).with_html(self.to_html(last_rows))
+    }
     pub fn to_html(&self, last_rows: usize) -> String {
         let cols = self.columns();
         let mut h = format!("<b>{}</b> — {} steps<table><tr>", html_escape(&self.name), self.rows.len());
