@@ -196,6 +196,12 @@ def test_interactive_session(tmux_repl):
     t.wait_for(r"^100$", timeout=STARTUP_TIMEOUT)
     first_result_after = time.time() - t0
 
+    # Lines typed ahead while a cell runs reach the prompt in one read: none may be lost.
+    t.line("std::thread::sleep(std::time::Duration::from_secs(2)); 7")
+    t.line("let ahead = 40;")
+    t.line("ahead + 2")
+    t.wait_for(r"^42$", timeout=120)
+
     # Ctrl-C during a loop that polls check_interrupt: the cell stops, its variable lives on.
     t.line("let mut n = 0u64;")
     t.line('println!("spinning"); while check_interrupt("spin").is_ok() { n += 1; std::thread::sleep(std::time::Duration::from_millis(2)); }')
