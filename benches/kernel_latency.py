@@ -46,6 +46,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from pivot_testing import built_binary  # noqa: E402
 
 
+TENSOR_CELL = "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)"
+
+
 def run_cell(kc, code: str, timeout: float = 600.0) -> float:
     t0 = time.perf_counter()
     msg_id = kc.execute(code, store_history=True)
@@ -178,9 +181,9 @@ def main() -> None:
     cpu1 = cpu_seconds(pid) if pid else None
     tensor, cpu2, cpu3 = [], None, None
     if with_tensor:
-        run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)")
+        run_cell(kc, TENSOR_CELL)
         cpu2 = cpu_seconds(pid) if pid else None
-        tensor = [run_cell(kc, "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)") for _ in range(10)]
+        tensor = [run_cell(kc, TENSOR_CELL) for _ in range(10)]
         cpu3 = cpu_seconds(pid) if pid else None
     trivial_cpu = (cpu1 - cpu0) / len(trivial) if None not in (cpu0, cpu1) else None
     tensor_cpu = (cpu3 - cpu2) / len(tensor) if None not in (cpu2, cpu3) else None

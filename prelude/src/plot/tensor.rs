@@ -23,6 +23,7 @@ const THRESHOLD: i64 = 1000;
 const EDGE_ITEMS: i64 = 3;
 const PRECISION: usize = 4;
 const LINE_WIDTH: usize = 80;
+const PREFIX: &str = "tensor(";
 
 impl Rich for Tensor {
     fn mime_bundle(&self) -> MimeBundle {
@@ -71,10 +72,9 @@ fn repr(t: &Tensor) -> Result<String, TchError> {
         if summarize {
             suffixes.push(format!("size={size:?}"));
         }
-        let (values, shown) = shown_values(t, kind, &size, summarize)?;
+        let values = shown_values(t, kind, &size, summarize)?;
         let fmt = Formatter::new(&values);
-        let layout = Layout { size: &size, shown: &shown, summarize, fmt: &fmt, values: &values };
-        layout.block(0, 0, "tensor(".len())
+        Layout { size: &size, summarize, fmt: &fmt, values: &values }.block(0, 0, PREFIX.len())
     };
     if !matches!(kind, Kind::Float | Kind::Int64 | Kind::Bool | Kind::ComplexFloat) {
         suffixes.push(format!("dtype={kind:?}"));
@@ -82,23 +82,24 @@ fn repr(t: &Tensor) -> Result<String, TchError> {
     if t.requires_grad() {
         suffixes.push("requires_grad=true".to_string());
     }
-    Ok(add_suffixes(format!("tensor({body}"), &suffixes, "tensor(".len()))
+    Ok(add_suffixes(format!("{PREFIX}{body}"), &suffixes, PREFIX.len()))
+}
+
+/// Whether a dimension of `n` elements is cut to its edge items (then shown with "...").
+fn is_cut(n: i64, summarize: bool) -> bool {
+    summarize && n > 2 * EDGE_ITEMS
 }
 
 /// Cuts a summarised tensor down to its edge items on its own device, then copies what is shown
-/// to the host. Returns the values and the shown size of each dimension.
-fn shown_values(t: &Tensor, kind: Kind, size: &[i64], summarize: bool) -> Result<(Values, Vec<i64>), TchError> {
+/// to the host, flattened row-major.
+fn shown_values(t: &Tensor, kind: Kind, size: &[i64], summarize: bool) -> Result<Values, TchError> {
     let _no_grad = tch::no_grad_guard();
     let mut s = t.f_detach()?;
-    let mut shown = size.to_vec();
-    if summarize {
-        for (d, &n) in size.iter().enumerate() {
-            if n > 2 * EDGE_ITEMS {
-                let idx: Vec<i64> = (0..EDGE_ITEMS).chain(n - EDGE_ITEMS..n).collect();
-                let idx = Tensor::from_slice(&idx).f_to_device(s.device())?;
-                s = s.f_index_select(d as i64, &idx)?;
-                shown[d] = 2 * EDGE_ITEMS;
-            }
+    for (d, &n) in size.iter().enumerate() {
+        if is_cut(n, summarize) {
+            let idx: Vec<i64> = (0..EDGE_ITEMS).chain(n - EDGE_ITEMS..n).collect();
+            let idx = Tensor::from_slice(&idx).f_to_device(s.device())?;
+            s = s.f_index_select(d as i64, &idx)?;
         }
     }
     let flat = s.f_to_device(Device::Cpu)?.f_contiguous()?.f_reshape([-1])?;
@@ -128,7 +129,7 @@ fn shown_values(t: &Tensor, kind: Kind, size: &[i64], summarize: bool) -> Result
         }
         other => return Err(TchError::Kind(format!("no value display for {other:?}"))),
     };
-    Ok((values, shown))
+    Ok(values)
 }
 
 /// PyTorch's `_Formatter`: one width and one mode for every element of the tensor.
@@ -142,7 +143,7 @@ impl Formatter {
     fn new(values: &Values) -> Self {
         let mut f = Formatter { int_mode: true, sci_mode: false, width: 1 };
         match values {
-            Values::Int(v) => f.width = v.iter().map(|x| x.to_string().len()).max().unwrap_or(1).max(1),
+            Values::Int(v) => f.width = v.iter().map(|x| x.to_string().len()).max().unwrap_or(1),
             Values::Bool(v) => f.width = if v.iter().any(|b| !b) { 5 } else { 4 },
             Values::Float(v) => {
                 let finite: Vec<f64> = v.iter().copied().filter(|x| x.is_finite() && *x != 0.0).collect();
@@ -206,13 +207,17 @@ fn sci(x: f64) -> String {
 /// PyTorch's `_tensor_str_with_formatter` over the shown values.
 struct Layout<'a> {
     size: &'a [i64],
-    shown: &'a [i64],
     summarize: bool,
     fmt: &'a Formatter,
     values: &'a Values,
 }
 
 impl Layout<'_> {
+    /// How many elements of dimension `d` the shown values hold.
+    fn shown(&self, d: usize) -> usize {
+        if is_cut(self.size[d], self.summarize) { 2 * EDGE_ITEMS as usize } else { self.size[d] as usize }
+    }
+
     /// Elements of the shown tensor under one index prefix start at `offset`; `dim` is the
     /// dimension being laid out and `indent` the column its opening bracket sits at.
     fn block(&self, dim: usize, offset: usize, indent: usize) -> String {
@@ -220,9 +225,9 @@ impl Layout<'_> {
         if rank == 0 {
             return self.fmt.element(self.values, 0);
         }
-        let stride: usize = self.shown[dim + 1..].iter().product::<i64>() as usize;
-        let n = self.shown[dim] as usize;
-        let cut = self.summarize && self.size[dim] > 2 * EDGE_ITEMS;
+        let stride: usize = (dim + 1..rank).map(|d| self.shown(d)).product();
+        let n = self.shown(dim);
+        let cut = is_cut(self.size[dim], self.summarize);
         let mut items: Vec<String> = Vec::with_capacity(n + 1);
         for i in 0..n {
             if cut && i == EDGE_ITEMS as usize {
