@@ -276,6 +276,7 @@ impl GradMap {
         let s = proc.size as i64;
         let size = self.size.unwrap_or((s, s));
         let grid = mllm.tower.config().grid();
+        let (gh, gw) = mllm.image_token_grid();
         let pixels = mllm.preprocess(std::slice::from_ref(&input.image))?;
         let dpo = matches!(objective, Objective::Dpo { .. });
         let (loss, token_map, map, method) = match self.method {
@@ -286,11 +287,11 @@ impl GradMap {
                     (0..if dpo { 2 } else { 1 }).map(|_| base.copy().set_requires_grad(true)).collect();
                 let loss = objective_loss(mllm, &objective, &input, &leaves)?;
                 let g = pick(Tensor::run_backward(&[&loss], &leaves, false, false), self.dpo_copy).get(0);
-                // CLIP with the class token kept: the class token has no place on the grid.
+                // Class (and register) tokens kept: they have no place on the grid.
                 let n = g.size()[0];
-                let g = if n == grid * grid + 1 { g.narrow(0, 1, n - 1) } else { g };
-                let tok = pivot_map(&g, (grid, grid), &GradMapOptions { size: (grid, grid), ..self.options })?;
-                let full = pivot_map(&g, (grid, grid), &GradMapOptions { size, ..self.options })?;
+                let g = g.narrow(0, n - gh * gw, gh * gw);
+                let tok = pivot_map(&g, (gh, gw), &GradMapOptions { size: (gh, gw), ..self.options })?;
+                let full = pivot_map(&g, (gh, gw), &GradMapOptions { size, ..self.options })?;
                 (loss, tok, full, "pivot".to_string())
             }
             MapMethod::GradCam { layer } => {
@@ -302,13 +303,13 @@ impl GradMap {
                         "Grad-CAM layer {layer} (hidden state {idx}) lies above the layer the MLLM reads ({sel}): it does not affect the loss"
                     )));
                 }
-                let cls = tower.config().has_class_token();
+                let prefix = tower.config().num_prefix_tokens();
+                let select = mllm.feature_select();
                 // Pixels that require grad make autograd record the tower even when it is frozen.
                 let run = || -> Result<(Tensor, Tensor)> {
                     let px = pixels.detach().copy().set_requires_grad(true);
                     let states = tower.hidden_states(&px, sel)?;
-                    let feats = &states[sel];
-                    let feats = if cls && mllm.config.drop_class_token { feats.narrow(1, 1, feats.size()[1] - 1) } else { feats.shallow_clone() };
+                    let feats = tower.select_tokens(&states[sel], select, (grid, grid))?;
                     let toks = mllm.projector.forward(&feats.to_kind(mllm.projector.kind())).to_kind(mllm.lm.kind());
                     Ok((states[idx].shallow_clone(), toks))
                 };
@@ -319,7 +320,6 @@ impl GradMap {
                 // Target y = −L: positive evidence is what lowers the loss.
                 let g = -pick(Tensor::run_backward(&[&loss], &acts, false, false), self.dpo_copy).get(0);
                 let a = acts[0].detach().get(0);
-                let prefix = cls as i64;
                 let tok = grad_cam(&a, &g, prefix, (grid, grid), (grid, grid))?;
                 let full = grad_cam(&a, &g, prefix, (grid, grid), size)?;
                 (loss, tok, full, format!("grad-cam (layer {idx})"))

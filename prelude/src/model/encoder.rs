@@ -78,15 +78,15 @@ impl Provenance {
 /// How to reduce a layer's tokens to one vector per image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Pooling {
-    /// The class token (CLIP only).
+    /// The class token (every family but SigLIP).
     ClassToken,
-    /// Mean of the patch tokens (the class token excluded).
+    /// Mean of the patch tokens (class and register tokens excluded).
     MeanPatch,
     /// SigLIP's attention-pooling head over the post-LN last layer (towers with a head only).
     MapHead,
     /// No pooling: every token, [B, tokens, D].
     Tokens,
-    /// Patch tokens only (class token dropped), [B, patches, D].
+    /// Patch tokens only (class and register tokens dropped), [B, patches, D].
     PatchTokens,
 }
 
@@ -116,7 +116,7 @@ impl VisionEncoder {
                 .map_err(|e| PivotError::config(prov_path.display().to_string(), "select", e))?;
             (p, s)
         } else {
-            (Provenance::new(Stage::Pretrained, dir.display().to_string(), ""), FeatureSelect::penultimate())
+            (Provenance::new(Stage::Pretrained, dir.display().to_string(), ""), FeatureSelect::pivot(tower.config()))
         };
         Ok(VisionEncoder { tower, provenance, select })
     }
@@ -154,35 +154,41 @@ impl VisionEncoder {
     /// without gradient. `MapHead` ignores `layer` and uses the post-LN last layer.
     pub fn features(&self, pixels: &Tensor, layer: i64, pooling: Pooling) -> Result<Tensor> {
         tch::no_grad(|| {
-            let cls = self.tower.config().family == VisionFamily::Clip;
+            let c = self.tower.config();
             if pooling == Pooling::MapHead {
                 let out = self.tower.forward(pixels)?;
                 return out
                     .pooler_output
-                    .filter(|_| !cls)
+                    .filter(|_| c.family == VisionFamily::Siglip)
                     .map(|t| t.to_kind(Kind::Float))
-                    .ok_or_else(|| PivotError::invalid(format!("tower `{}` has no MAP head", self.tower.config().name)));
+                    .ok_or_else(|| PivotError::invalid(format!("tower `{}` has no MAP head", c.name)));
             }
             let idx = self.tower.resolve_layer(layer)?;
             let x = self.tower.hidden_states(pixels, idx)?.pop().expect("non-empty").to_kind(Kind::Float);
-            Ok(pool(&x, pooling, cls)?)
+            pool_prefixed(&x, pooling, c.has_class_token(), c.num_prefix_tokens())
         })
     }
 
     /// Pooled features of every hidden state (embeddings included): L+1 tensors [B, D].
     pub fn all_layer_features(&self, pixels: &Tensor, pooling: Pooling) -> Result<Vec<Tensor>> {
         tch::no_grad(|| {
-            let cls = self.tower.config().family == VisionFamily::Clip;
+            let c = self.tower.config();
             let states = self.tower.hidden_states(pixels, self.tower.num_layers())?;
-            states.iter().map(|x| pool(&x.to_kind(Kind::Float), pooling, cls)).collect()
+            states.iter().map(|x| pool_prefixed(&x.to_kind(Kind::Float), pooling, c.has_class_token(), c.num_prefix_tokens())).collect()
         })
     }
 }
 
 /// Pools [B, tokens, D] according to `pooling`; `has_cls` says whether token 0 is a class token.
 pub fn pool(x: &Tensor, pooling: Pooling, has_cls: bool) -> Result<Tensor> {
+    pool_prefixed(x, pooling, has_cls, has_cls as i64)
+}
+
+/// [`pool`] for towers with `prefix` tokens before the patches (class token, then DINOv2's
+/// registers): patch poolings leave all of them out.
+pub fn pool_prefixed(x: &Tensor, pooling: Pooling, has_cls: bool, prefix: i64) -> Result<Tensor> {
     let n = x.size()[1];
-    let patches = if has_cls { x.narrow(1, 1, n - 1) } else { x.shallow_clone() };
+    let patches = x.narrow(1, prefix, n - prefix);
     Ok(match pooling {
         Pooling::ClassToken if has_cls => x.select(1, 0),
         Pooling::ClassToken => return Err(PivotError::invalid("this tower has no class token; use MeanPatch or MapHead")),

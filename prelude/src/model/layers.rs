@@ -178,6 +178,26 @@ impl<'a> ConfigReader<'a> {
         })
     }
 
+    /// A square size given as an integer or as `[height, width]` with equal sides (HF and timm
+    /// both accept either form).
+    pub fn square(&self, field: &str, default: Option<i64>) -> Result<i64> {
+        match self.get(field) {
+            Some(Value::Array(a)) => {
+                let sides: Vec<i64> = a.iter().filter_map(|v| v.as_i64()).collect();
+                match sides.as_slice() {
+                    [h, w] if h == w && *h > 0 => Ok(*h),
+                    _ => Err(self.err(field, format!("expected a positive size or [size, size], found {}", Value::Array(a.clone())))),
+                }
+            }
+            _ => self.positive(field, default),
+        }
+    }
+
+    /// The raw JSON value of a field, if present and not null.
+    pub fn value(&self, field: &str) -> Option<&'a Value> {
+        self.get(field)
+    }
+
     /// Checks that `a` is divisible by `b` (e.g. hidden size by heads) and names `field_a`.
     pub fn divisible(&self, field_a: &str, a: i64, field_b: &str, b: i64) -> Result<()> {
         if a % b != 0 {

@@ -10,7 +10,7 @@ use super::projector::{Projector, ProjectorConfig};
 use super::qwen2::{LanguageModel, Qwen2Config};
 use super::batch::Batcher;
 use super::tokenizer::{DEFAULT_SYSTEM_PROMPT, Tokenizer};
-use super::vision::{FeatureSelect, VisionConfig, VisionTower};
+use super::vision::{FeatureSelect, VisionConfig, VisionFamily, VisionTower};
 use super::weights::{self, Checkpoint};
 use crate::error::{PivotError, Result};
 use image::RgbImage;
@@ -27,8 +27,18 @@ pub const IMAGE_TOKEN_INDEX: i64 = -200;
 pub struct MllmConfig {
     /// Hidden-state index of the tower fed to the projector (−2: PIVOT / LLaVA).
     pub select_layer: i64,
-    /// Drop CLIP's class token (LLaVA's `patch` feature); no effect on SigLIP.
+    /// Drop the class token (and registers): LLaVA's `patch` feature; no effect on SigLIP.
     pub drop_class_token: bool,
+    /// Apply the tower's final norm to that layer; None: PIVOT's choice for the tower's family
+    /// (DINOv2 and the ViTs feed their normed last layer, CLIP/SigLIP an inner layer as it is).
+    #[serde(default)]
+    pub final_norm: Option<bool>,
+    /// Resample the patch tokens bilinearly to this many (PIVOT's DINOv2 `-interp576`).
+    #[serde(default)]
+    pub resample_tokens: Option<i64>,
+    /// Keep DINOv2's register tokens when the class token is dropped.
+    #[serde(default)]
+    pub keep_register_tokens: bool,
     /// Sequences are truncated to this many tokens after splicing (LLaVA: 2048).
     pub max_length: usize,
     pub system_prompt: String,
@@ -36,7 +46,35 @@ pub struct MllmConfig {
 
 impl Default for MllmConfig {
     fn default() -> Self {
-        MllmConfig { select_layer: -2, drop_class_token: true, max_length: 2048, system_prompt: DEFAULT_SYSTEM_PROMPT.into() }
+        MllmConfig {
+            select_layer: -2,
+            drop_class_token: true,
+            final_norm: None,
+            resample_tokens: None,
+            keep_register_tokens: false,
+            max_length: 2048,
+            system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+        }
+    }
+}
+
+impl MllmConfig {
+    /// PIVOT's feature choice for a tower of `cfg`'s family ([`FeatureSelect::pivot`]); the
+    /// default config is CLIP/SigLIP's.
+    pub fn for_tower(cfg: &VisionConfig) -> Self {
+        MllmConfig::default().with_select(FeatureSelect::pivot(cfg))
+    }
+
+    /// The same config reading the tokens `select` names.
+    pub fn with_select(self, select: FeatureSelect) -> Self {
+        MllmConfig {
+            select_layer: select.layer,
+            drop_class_token: select.drop_class_token,
+            final_norm: Some(select.final_norm),
+            resample_tokens: select.resample_tokens,
+            keep_register_tokens: select.keep_register_tokens,
+            ..self
+        }
     }
 }
 
@@ -94,13 +132,28 @@ impl Mllm {
         self.lm.tokenizer()
     }
     pub fn feature_select(&self) -> FeatureSelect {
-        FeatureSelect { layer: self.config.select_layer, drop_class_token: self.config.drop_class_token }
+        let c = &self.config;
+        FeatureSelect {
+            layer: c.select_layer,
+            drop_class_token: c.drop_class_token,
+            keep_register_tokens: c.keep_register_tokens,
+            final_norm: c.final_norm.unwrap_or_else(|| FeatureSelect::pivot(self.tower.config()).final_norm),
+            resample_tokens: c.resample_tokens,
+        }
     }
     /// Image tokens per image after the projector.
     pub fn image_token_count(&self) -> i64 {
-        let c = self.tower.config();
-        let cls = c.has_class_token() && !self.config.drop_class_token;
-        c.num_patches() + cls as i64
+        self.tower.feature_token_count(self.feature_select())
+    }
+    /// The patch grid of the image tokens (the tower's, or the resampled one).
+    pub fn image_token_grid(&self) -> (i64, i64) {
+        match self.config.resample_tokens {
+            Some(n) => {
+                let side = (n as f64).sqrt().round() as i64;
+                (side, side)
+            }
+            None => (self.tower.config().grid(), self.tower.config().grid()),
+        }
     }
 
     /// What turns samples into model inputs (tokenizer, chat template, image processor), apart
@@ -310,16 +363,9 @@ impl Mllm {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| PivotError::file(dir, e))?;
         let used = self.tower.resolve_layer(self.config.select_layer)?;
-        let keep_layer = |name: &str| match name.strip_prefix("vision_model.encoder.layers.") {
-            Some(rest) => rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i < used),
-            None => !name.starts_with("vision_model.head."),
-        };
         let mut tensors = weights::named_tensors(self.lm.var_store(), "");
         tensors.extend(
-            weights::named_tensors(self.tower.var_store(), "")
-                .into_iter()
-                .filter(|(n, _)| keep_layer(n))
-                .map(|(n, t)| (format!("model.vision_tower.vision_tower.{n}"), t)),
+            self.tower.mllm_state_dict(used)?.into_iter().map(|(n, t)| (format!("model.vision_tower.vision_tower.{n}"), t)),
         );
         tensors.extend(weights::named_tensors(self.projector.var_store(), "model.mm_projector."));
         weights::write_safetensors(&tensors, &dir.join("model.safetensors"))?;
@@ -328,6 +374,10 @@ impl Mllm {
         let mut vcfg = self.tower.config().clone();
         vcfg.num_hidden_layers = used as i64;
         vcfg.use_head = false;
+        vcfg.use_pooler = false;
+        if let Some(t) = vcfg.timm.as_mut() {
+            t.num_classes = 0;
+        }
         let mut mcfg = self.config.clone();
         mcfg.select_layer = used as i64;
         let mut cfg = self.lm.config().to_hf_json();
@@ -374,6 +424,7 @@ impl Mllm {
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))?;
         let lm = LanguageModel::load(&ckpt, lm_cfg, tokenizer, device)?;
 
+        let mut foreign_select = None;
         let vcfg: VisionConfig = match parse("pivot_vision_config")? {
             Some(v) => serde_json::from_value(v).map_err(|e| PivotError::config(&source, "pivot_vision_config", e))?,
             None => {
@@ -384,14 +435,15 @@ impl Mllm {
                 if local.is_file() {
                     VisionConfig::from_json_file(&local)?
                 } else {
-                    let preset = name.rsplit('/').next().unwrap_or(name);
-                    VisionConfig::preset(preset).map_err(|_| {
+                    let (vcfg, select) = VisionConfig::from_pivot_name(name).map_err(|_| {
                         PivotError::config(
                             &source,
                             "mm_vision_tower",
                             format!("`{name}` is neither a known preset nor a local directory with config.json"),
                         )
-                    })?
+                    })?;
+                    foreign_select = Some(select);
+                    vcfg
                 }
             }
         };
@@ -404,11 +456,20 @@ impl Mllm {
             None => {
                 let r = super::layers::ConfigReader::new(&source, &json);
                 let feature = r.string("mm_vision_select_feature", Some("patch"))?;
-                MllmConfig {
+                let base = MllmConfig {
                     select_layer: if truncated { -1 } else { r.int("mm_vision_select_layer", Some(-2))? },
                     drop_class_token: feature == "patch",
                     max_length: r.positive("tokenizer_model_max_length", Some(2048))? as usize,
                     system_prompt: DEFAULT_SYSTEM_PROMPT.into(),
+                    ..MllmConfig::default()
+                };
+                // PIVOT's DINOv2 / MAE / MoCo / supervised wrappers ignore mm_vision_select_layer.
+                let family = tower.config().family;
+                match foreign_select {
+                    Some(s) if !matches!(family, VisionFamily::Clip | VisionFamily::Siglip) => {
+                        base.with_select(FeatureSelect { drop_class_token: feature == "patch", ..s })
+                    }
+                    _ => base,
                 }
             }
         };

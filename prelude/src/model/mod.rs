@@ -3,14 +3,18 @@
 //! and a `forward`.
 
 pub mod batch;
+pub mod clip;
+pub mod dinov2;
 pub mod encoder;
 pub mod layers;
 pub mod mllm;
 pub mod preprocess;
 pub mod projector;
 pub mod qwen2;
+pub mod timm;
 pub mod tokenizer;
 pub mod vision;
+pub mod vit;
 pub mod weights;
 
 pub use batch::{Batch, Batcher};
@@ -18,6 +22,7 @@ pub use encoder::{Pooling, Provenance, Stage, VisionEncoder};
 pub use layers::Activation;
 pub use mllm::{Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Mllm, MllmConfig, MllmOutput};
 pub use preprocess::{ImageProcessor, ResizeMode, Resample};
+pub use timm::TimmConfig;
 pub use projector::{Projector, ProjectorConfig};
 pub use qwen2::{KvCache, LanguageModel, LmOutput, Qwen2Config};
 pub use tokenizer::Tokenizer;
