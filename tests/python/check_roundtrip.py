@@ -1,10 +1,11 @@
 """Loads a directory written by our `save_pretrained` with `transformers` (or timm) and checks it.
 
-  python check_roundtrip.py vision|qwen2 DIR
+  python check_roundtrip.py vision|qwen2 DIR [DIR ...]
 
 Passes (prints ROUNDTRIP OK, exit 0) only if the library loads the model with no missing,
 unexpected or mismatched keys and no warning, and reproduces the outputs we stored in
-DIR/ours.safetensors to 1e-4 relative error. A vision folder whose config.json has timm's
+DIR/ours.safetensors to 1e-4 relative error (one line per DIR; several DIRs share one start-up of
+torch, transformers and timm). A vision folder whose config.json has timm's
 `architecture` is loaded with `timm.create_model("local-dir:DIR", pretrained=True)` (strict: any
 missing or unexpected key raises); the others with their transformers class (CLIP, SigLIP,
 DINOv2 with and without registers, ViT, ViT-MAE). Inputs of another size than the model's run
@@ -94,8 +95,13 @@ def hf_vision_outputs(d, cfg, pixels):
 
 
 def main():
-    kind, d = sys.argv[1], sys.argv[2]
+    kind = sys.argv[1]
     hf_logging.set_verbosity_warning()
+    for d in sys.argv[2:]:
+        check(kind, d)
+
+
+def check(kind, d):
     collect = Collect()
     hf_logging.get_logger().addHandler(collect)
     ours = load_file(f"{d}/ours.safetensors")
@@ -114,6 +120,7 @@ def main():
         with torch.no_grad():
             o = model(input_ids=ours["input_ids"], attention_mask=ours["attention_mask"])
         name, pairs = "Qwen2ForCausalLM", [("logits", o.logits)]
+    hf_logging.get_logger().removeHandler(collect)
     warnings = [m for m in collect.records if "key" in m.lower() or "initialized" in m.lower() or "missing" in m.lower()]
     if warnings:
         sys.exit(f"transformers warned while loading: {warnings}")
@@ -129,7 +136,7 @@ def main():
         worst = max(worst, e)
         compared += 1
         if e > 1e-4:
-            sys.exit(f"{n}: relative error {e:.3e} > 1e-4")
+            sys.exit(f"{d}: {n}: relative error {e:.3e} > 1e-4")
     print(f"ROUNDTRIP OK {name} ({compared} tensors, worst relative error {worst:.2e})")
 
 
