@@ -23,20 +23,27 @@ fn encoder_fixture(name: &str) -> std::path::PathBuf {
 fn check_outputs(tower: &VisionTower, r: &Checkpoint, name: &str, tag: &str) -> usize {
     let out = tower.forward(&r.tensor(&format!("{tag}pixel_values")).unwrap()).unwrap();
     assert_eq!(out.hidden_states.len(), tower.num_layers() + 1);
-    let mut compared = 0;
-    for (i, h) in out.hidden_states.iter().enumerate() {
-        let theirs = r.tensor(&format!("{tag}hidden_states.{i}")).unwrap();
-        assert_close(&format!("{name} {tag}hidden_states.{i}"), h, &theirs, TOL);
-        compared += 1;
-    }
-    assert_close(&format!("{name} {tag}last_hidden_state"), &out.last_hidden_state, &r.tensor(&format!("{tag}last_hidden_state")).unwrap(), TOL);
+    let mut pairs: Vec<(String, &Tensor, Tensor)> = out
+        .hidden_states
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (format!("{tag}hidden_states.{i}"), h, r.tensor(&format!("{tag}hidden_states.{i}")).unwrap()))
+        .collect();
+    pairs.push((format!("{tag}last_hidden_state"), &out.last_hidden_state, r.tensor(&format!("{tag}last_hidden_state")).unwrap()));
     let key = format!("{tag}pooler_output");
     match (r.contains(&key), &out.pooler_output) {
-        (true, Some(p)) => assert_close(&format!("{name} {key}"), p, &r.tensor(&key).unwrap(), TOL),
+        (true, Some(p)) => pairs.push((key.clone(), p, r.tensor(&key).unwrap())),
         (false, None) => {}
         (theirs, _) => panic!("{name}: reference has a pooled output: {theirs}, ours: {}", out.pooler_output.is_some()),
     }
-    compared + 2
+    let mut worst: f64 = 0.0;
+    for (what, ours, theirs) in &pairs {
+        assert_close(&format!("{name} {what}"), ours, theirs, TOL);
+        worst = worst.max(rel_err(ours, theirs));
+    }
+    let size = out.hidden_states[0].size();
+    println!("{name} {tag}: {} tensors, {} tokens, worst relative error {worst:.2e}", pairs.len(), size[1]);
+    pairs.len()
 }
 
 /// Loads a fixture folder and checks every size recorded in its reference.
