@@ -191,6 +191,11 @@ fn pivot_tower_names_resolve_to_presets_and_features() {
     assert_eq!((moco.hidden_size, moco.num_hidden_layers, moco.patch_size), (768, 12, 16));
     assert_eq!(moco.processor.unwrap().resize_shortest, Some(256));
     assert!(VisionConfig::from_pivot_name("facebook/dinov2-giant-res378-interpX").is_err());
+    // A config saved before the new families existed still reads, as the tower it was.
+    let old = serde_json::json!({"name": "tiny", "family": "Siglip", "hidden_size": 96, "intermediate_size": 384,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "image_size": 64, "patch_size": 8, "num_channels": 3,
+        "layer_norm_eps": 1e-6, "hidden_act": "GeluTanh", "use_head": false, "projection_dim": null});
+    assert_eq!(serde_json::from_value::<VisionConfig>(old).unwrap(), VisionConfig::tiny());
     for name in ["dinov2-giant", "mae-vit-huge-patch14", "vit-huge-patch14-in21k", "moco-vit-base-patch16", "vit-base-patch16-224", "vit-mae-huge"] {
         let cfg = VisionConfig::preset(name).unwrap();
         // The presets' configs parse back through their libraries' config.json.
