@@ -3,7 +3,7 @@
 
 pub mod charts;
 pub mod figure;
-pub mod reports;
+pub mod html;
 pub mod table;
 pub mod tensor;
 
