@@ -53,6 +53,12 @@
 //! 1 when every Δ is 0 (scipy returns NaN there); the Wilcoxon p is 1 when no difference is
 //! non-zero (scipy: 1 for n ≤ 13, NaN above). No result is NaN.
 //!
+//! # Display
+//! A [`StudyTable`] prints as a text table; in a notebook it shows as an HTML table with a forest
+//! plot under it ([`StudyTable::forest_plot`]: mean Δ, the Holm-adjusted interval as a bar coloured
+//! by verdict, the 1 − α t interval as a thin line, 0 and the smallest effect of interest), drawn
+//! by plot/'s generic [`ForestPlot`] from plain rows.
+//!
 //! # Power
 //! [`PairedTPower`] gives the exact power of the two-sided paired t-test, which needs the
 //! noncentral t distribution. statrs (like most Rust crates) has only the central one, so
@@ -75,6 +81,9 @@ use statrs::function::beta::beta_reg;
 use statrs::function::gamma::ln_gamma;
 
 use crate::error::{PivotError, Result};
+use crate::plot::html::grid_table;
+use crate::plot::{Figure, ForestPlot, ForestRow};
+use crate::runtime::{MimeBundle, Rich};
 
 /// Knobs of an analysis; the defaults are the study's.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -682,17 +691,107 @@ impl fmt::Display for StudyTable {
         for row in &rows {
             writeln!(f, "{}", line(row))?;
         }
-        let seeds = self.results.first().map(|r| (r.bootstrap_resamples, r.bootstrap_seed));
-        if let Some((b, seed)) = seeds {
-            writeln!(
-                f,
-                "Δ = treatment − control per seed; paired t-test; Wilcoxon signed-rank (scipy defaults); percentile \
-                 bootstrap (B = {b}, seed {seed}); Holm over {} measures at α = {}; verdict from the Holm CI.",
-                self.results.len(),
-                self.alpha
-            )?;
+        if let Some(note) = self.method_note() {
+            writeln!(f, "{note}")?;
         }
         Ok(())
+    }
+}
+
+/// Verdict colours of the forest plot: green, red, grey.
+fn verdict_rgb(verdict: Verdict) -> [u8; 3] {
+    match verdict {
+        Verdict::Reproduced => [44, 160, 44],
+        Verdict::Contradicted => [214, 39, 40],
+        Verdict::Inconclusive => [127, 127, 127],
+    }
+}
+
+impl StudyTable {
+    /// One sentence on how every number was computed (printed under the table).
+    fn method_note(&self) -> Option<String> {
+        let first = self.results.first()?;
+        Some(format!(
+            "Δ = treatment − control per seed; paired t-test; Wilcoxon signed-rank (scipy defaults); percentile \
+             bootstrap (B = {}, seed {}); Holm over {} measures at α = {}; verdict from the Holm CI.",
+            first.bootstrap_resamples,
+            first.bootstrap_seed,
+            self.results.len(),
+            self.alpha
+        ))
+    }
+
+    /// The table as HTML: measure, n, mean Δ, t / bootstrap / Holm-adjusted intervals, the three
+    /// p-values and the verdict, with the method note underneath.
+    pub fn to_html(&self) -> String {
+        let level = percent(1.0 - self.alpha);
+        let header: Vec<String> = [
+            "measure".to_string(),
+            "n".into(),
+            "mean Δ".into(),
+            format!("{level} t CI"),
+            format!("{level} bootstrap CI"),
+            "Holm-adjusted CI".into(),
+            "paired t p".into(),
+            "Wilcoxon p".into(),
+            "Holm p".into(),
+            "verdict".into(),
+        ]
+        .into();
+        let rows: Vec<Vec<String>> = self
+            .results
+            .iter()
+            .map(|r| {
+                let below = if r.below_smallest_effect() == Some(true) && r.verdict == Verdict::Reproduced { " (< δ)" } else { "" };
+                vec![
+                    r.measure.clone(),
+                    r.n.to_string(),
+                    signed(r.mean),
+                    r.t_interval.to_string(),
+                    r.bootstrap_interval.to_string(),
+                    format!("{} ({})", r.holm_interval, percent(r.holm_interval.level)),
+                    p_value(r.p),
+                    p_value(r.wilcoxon.p),
+                    p_value(r.p_holm),
+                    format!("{}{below}", r.verdict),
+                ]
+            })
+            .collect();
+        grid_table("Study: treatment − control per measure", &header, &rows, self.method_note().as_deref())
+    }
+
+    /// Forest plot, one row per measure: mean Δ (point), the Holm-adjusted interval (bar, coloured
+    /// by verdict), the 1 − α t interval (thin line), 0 (vertical line) and the smallest effect of
+    /// interest where one was given (mark). All measures share one x axis.
+    pub fn forest_plot(&self) -> Result<Figure> {
+        let level = percent(1.0 - self.alpha);
+        let mut plot = ForestPlot::new(
+            format!("Δ per measure (Holm over {}, α = {})", self.results.len(), self.alpha),
+            "Δ = treatment − control",
+        )
+        .legend("mean Δ", "Holm-adjusted t CI", format!("{level} t CI"), "smallest effect of interest");
+        for r in &self.results {
+            let mut row = ForestRow::new(r.measure.clone(), r.mean, (r.holm_interval.lower, r.holm_interval.upper))
+                .line(r.t_interval.lower, r.t_interval.upper)
+                .note(r.verdict.to_string())
+                .color(verdict_rgb(r.verdict));
+            if let Some(e) = &r.equivalence {
+                row = row.mark(e.smallest_effect);
+            }
+            plot = plot.row(row);
+        }
+        plot.render()
+    }
+}
+
+impl Rich for StudyTable {
+    /// Text table; HTML table with the forest plot under it; the plot alone as PNG.
+    fn mime_bundle(&self) -> MimeBundle {
+        let bundle = MimeBundle::text(self.to_string());
+        match self.forest_plot() {
+            Ok(fig) => bundle.with_html(format!("{}{}", self.to_html(), fig.to_html())).with_png(&fig.png),
+            Err(_) => bundle.with_html(self.to_html()),
+        }
     }
 }
 
