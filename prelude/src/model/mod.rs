@@ -3,6 +3,7 @@
 //! and a `forward`.
 
 pub mod batch;
+pub mod bert;
 pub mod encoder;
 pub mod layers;
 pub mod mllm;
