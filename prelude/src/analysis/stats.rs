@@ -785,11 +785,13 @@ impl StudyTable {
 }
 
 impl Rich for StudyTable {
-    /// Text table; HTML table with the forest plot under it; the plot alone as PNG.
+    /// Text table, and HTML: the table with the forest plot under it. No separate PNG: a frontend
+    /// that shows images (the REPL) would show the plot instead of the table; the REPL gets the
+    /// plot from [`StudyTable::forest_plot`].
     fn mime_bundle(&self) -> MimeBundle {
         let bundle = MimeBundle::text(self.to_string());
         match self.forest_plot() {
-            Ok(fig) => bundle.with_html(format!("{}{}", self.to_html(), fig.to_html())).with_png(&fig.png),
+            Ok(fig) => bundle.with_html(format!("{}{}", self.to_html(), fig.to_html())),
             Err(_) => bundle.with_html(self.to_html()),
         }
     }
