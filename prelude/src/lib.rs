@@ -3,8 +3,8 @@
 //! Typed primitives for the study "RL makes MLLMs see better than SFT" (Song et al., 2025):
 //! Hugging Face compatible vision towers, projector and Qwen2 language model assembled into an
 //! MLLM (`model`), an offline data world and real-format loaders (`data`), SFT and DPO trainers
-//! with the tower unfrozen (`train`), linear and segmentation probes (`probe`), gradient maps and
-//! Platonic alignment (`analysis`), plots and tables (`plot`). `use pivot::prelude::*;` brings in
+//! with the tower unfrozen (`train`), linear and segmentation probes (`probe`), gradient maps,
+//! Platonic alignment and the study's statistics (`analysis`), plots and tables (`plot`). `use pivot::prelude::*;` brings in
 //! everything a notebook cell needs.
 
 pub mod error;

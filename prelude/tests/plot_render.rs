@@ -122,3 +122,63 @@ fn runs_table_roundtrip_and_bars() {
     assert!(fig.svg.contains("sft") && fig.svg.contains("dpo") && !fig.svg.contains("base"));
     assert!(runs.plot_bars("nope").is_err());
 }
+
+/// Pixels within `tolerance` of this colour in every channel.
+fn count_near(img: &image::RgbImage, rgb: [u8; 3], tolerance: u8) -> usize {
+    img.pixels().filter(|p| p.0.iter().zip(rgb).all(|(&a, b)| a.abs_diff(b) <= tolerance)).count()
+}
+
+#[test]
+fn study_table_forest_plot_and_html() {
+    let control = vec![0.50, 0.52, 0.49, 0.51, 0.50];
+    let shifted = |d: [f64; 5]| control.iter().zip(d).map(|(c, d)| c + d).collect::<Vec<_>>();
+    let comparisons = vec![
+        PairedComparison::new("probe top-1", shifted([0.020, 0.025, 0.030, 0.022, 0.028]), control.clone()).unwrap(),
+        PairedComparison::new("patch-seg recall", shifted([-0.030, -0.025, -0.035, -0.028, -0.032]), control.clone()).unwrap(),
+        PairedComparison::new("choice accuracy", shifted([0.03, -0.04, 0.05, -0.02, 0.01]), control.clone())
+            .unwrap()
+            .with_smallest_effect(0.02)
+            .unwrap(),
+    ];
+    let table = StudyTable::new(comparisons, &StudyOptions::default()).unwrap();
+    let verdicts: Vec<Verdict> = table.results.iter().map(|r| r.verdict).collect();
+    assert_eq!(verdicts, [Verdict::Reproduced, Verdict::Contradicted, Verdict::Inconclusive]);
+
+    let fig = table.forest_plot().unwrap();
+    fig.save(tmp("forest.png")).unwrap();
+    fig.save(tmp("forest.svg")).unwrap();
+    let img = check_png(&fig, 900, 170 + 3 * 44, 10);
+    assert!(has_text(&img, 0, 40), "title text rendered");
+    // One bar per verdict colour (drawn at 35 % over white), the thin t lines in full colour,
+    // the δ mark, and the reference line at 0 between the contradicted and reproduced rows.
+    let over_white = |[r, g, b]: [u8; 3]| {
+        let mix = |c: u8| (0.35 * c as f64 + 0.65 * 255.0).round() as u8;
+        [mix(r), mix(g), mix(b)]
+    };
+    for (name, rgb) in [("reproduced", [44, 160, 44]), ("contradicted", [214, 39, 40]), ("inconclusive", [127, 127, 127])] {
+        let bar = count_near(&img, over_white(rgb), 2);
+        assert!(bar > 200, "{name} bar: {bar} pixels near {:?}", over_white(rgb));
+        assert!(count_near(&img, rgb, 0) > 40, "{name} line and note: {} pixels", count_near(&img, rgb, 0));
+    }
+    assert!(count_near(&img, [118, 42, 131], 0) > 30, "smallest-effect mark");
+    for label in ["probe top-1", "patch-seg recall", "choice accuracy", "reproduced", "smallest effect of interest"] {
+        assert!(fig.svg.contains(label), "SVG lacks {label}");
+    }
+
+    let html = table.to_html();
+    std::fs::write(tmp("study.html"), &html).unwrap();
+    assert_eq!(html.matches("<tr>").count(), 4, "{html}");
+    for column in ["measure", "mean Δ", "95 % t CI", "95 % bootstrap CI", "Holm-adjusted CI", "paired t p", "Wilcoxon p", "Holm p", "verdict"] {
+        assert!(html.contains(&format!(">{column}</th>")), "HTML lacks column {column}");
+    }
+    let bundle = table.mime_bundle();
+    // The table stays the text part (the REPL shows a PNG instead of the text, so there is none).
+    assert!(bundle.data["text/html"].as_str().unwrap().contains("<img") && !bundle.data.contains_key("image/png"));
+    assert_eq!(bundle.plain_text(), table.to_string());
+
+    // Bad rows are errors that name the row.
+    let bad = ForestPlot::new("t", "x").row(ForestRow::new("a", 0.0, (-1.0, 1.0))).row(ForestRow::new("b", 0.0, (1.0, -1.0)));
+    let err = bad.render().unwrap_err().to_string();
+    assert!(err.contains("row 1 (`b`)"), "{err}");
+    assert!(ForestPlot::new("t", "x").render().is_err());
+}

@@ -222,3 +222,57 @@ impl AlignmentGrid {
         self
     }
 }
+
+/// How an alignment grid shows itself: one line of text, the layer × layer heat map, `Metrics`.
+mod display {
+    use super::AlignmentGrid;
+    use crate::error::Result;
+    use crate::plot::{Figure, Metrics, heatmap};
+    use crate::runtime::{MimeBundle, Rich};
+    use std::fmt;
+
+    impl AlignmentGrid {
+        /// The full layer × layer grid with the argmax outlined.
+        pub fn heatmap(&self) -> Result<Figure> {
+            let title = format!("{}: max {:.4} at ({}, {})", self.metric.name(), self.best, self.argmax.0, self.argmax.1);
+            heatmap(&title, &self.labels_b, &self.labels_a, &self.scores, Some(self.argmax))
+        }
+    }
+
+    impl fmt::Display for AlignmentGrid {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            writeln!(
+                f,
+                "{}: max {:.4} at ({} {}, {} {}) over a {}×{} grid",
+                self.metric.name(),
+                self.best,
+                self.labels_a,
+                self.argmax.0,
+                self.labels_b,
+                self.argmax.1,
+                self.scores.len(),
+                self.scores.first().map_or(0, |r| r.len())
+            )
+        }
+    }
+
+    impl Rich for AlignmentGrid {
+        fn mime_bundle(&self) -> MimeBundle {
+            let b = MimeBundle::text(self.to_string());
+            match self.heatmap() {
+                Ok(fig) => b.with_png(&fig.png),
+                Err(_) => b,
+            }
+        }
+    }
+
+    impl Metrics for AlignmentGrid {
+        fn metrics(&self) -> Vec<(String, f64)> {
+            vec![
+                (self.metric.name(), self.best),
+                ("argmax_a".into(), self.argmax.0 as f64),
+                ("argmax_b".into(), self.argmax.1 as f64),
+            ]
+        }
+    }
+}

@@ -289,3 +289,37 @@ mod tests {
         assert_eq!(mask_outline(&img, &GrayImage::new(4, 4), [255, 0, 0]), img);
     }
 }
+
+/// How a localisation score shows itself: one line of text and a `Metrics` row for `Runs`.
+mod display {
+    use super::LocalisationScore;
+    use crate::plot::Metrics;
+    use crate::runtime::{MimeBundle, Rich};
+    use std::fmt;
+
+    impl fmt::Display for LocalisationScore {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(
+                f,
+                "localisation over {} maps: energy in mask {:.3} (chance {:.3}), pointing game {:.3}",
+                self.n, self.energy, self.chance, self.pointing
+            )
+        }
+    }
+
+    impl Rich for LocalisationScore {
+        fn mime_bundle(&self) -> MimeBundle {
+            MimeBundle::text(self.to_string())
+        }
+    }
+
+    impl Metrics for LocalisationScore {
+        fn metrics(&self) -> Vec<(String, f64)> {
+            vec![
+                ("energy_in_mask".into(), self.energy),
+                ("pointing_game".into(), self.pointing),
+                ("chance".into(), self.chance),
+            ]
+        }
+    }
+}

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::render::{Stream, WorldRng};
+use super::rng::{Stream, WorldRng};
 use super::text::{self, CAPTION_PROMPT};
 use super::world::ShapesWorld;
 use super::Split;

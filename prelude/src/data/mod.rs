@@ -28,7 +28,9 @@ mod folders;
 mod formats;
 mod json;
 mod render;
+mod rng;
 mod samples;
+mod scene;
 mod text;
 pub mod vocab;
 mod world;
@@ -46,10 +48,8 @@ pub use folders::{ImageFolder, MaskEncoding, ADE20K_CLASSES, COCO_STUFF_CLASSES}
 pub use samples::*;
 pub use text::CAPTION_PROMPT;
 pub use vocab::{tiny_words, TINY_VOCABULARY};
-pub use world::{
-    Background, BoundingBox, Colour, ColourGroup, Scene, SceneObject, Shape, ShapesConfig, ShapesWorld, Size, Texture,
-    RenderedScene, VQA_CATEGORIES,
-};
+pub use scene::{Background, BoundingBox, Colour, ColourGroup, Scene, SceneObject, Shape, Size, Texture};
+pub use world::{RenderedScene, ShapesConfig, ShapesWorld, VQA_CATEGORIES};
 
 /// Which part of a data set. The world draws each split from its own random stream, so splits
 /// never share an image.

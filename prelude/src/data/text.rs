@@ -5,8 +5,8 @@
 //! near-miss RLAIF-V and MMPR pairs contain. Words are separated by spaces, punctuation included,
 //! so the tiny word-level tokenizer and a human reader split them the same way.
 
-use super::render::WorldRng;
-use super::world::{Colour, Scene, SceneObject, Shape, Size};
+use super::rng::WorldRng;
+use super::scene::{Colour, Scene, SceneObject, Shape, Size};
 
 /// The instruction of the world's captioning records (exported as the human turn; LLaVA's
 /// `plain` pretraining template discards it).

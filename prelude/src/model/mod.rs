@@ -3,6 +3,7 @@
 //! and a `forward`.
 
 pub mod batch;
+pub mod bert;
 pub mod clip;
 pub mod dinov2;
 pub mod encoder;

@@ -11,7 +11,7 @@ use plotters::prelude::*;
 use plotters::style::colors::colormaps::ViridisRGB;
 use std::sync::OnceLock;
 
-const FONT: &str = "sans-serif";
+pub(super) const FONT: &str = "sans-serif";
 
 fn ensure_font() {
     static DONE: OnceLock<()> = OnceLock::new();
@@ -22,19 +22,19 @@ fn ensure_font() {
     });
 }
 
-type DrawResult = std::result::Result<(), String>;
+pub(super) type DrawResult = std::result::Result<(), String>;
 
 /// One chart, drawable on any plotters backend (so PNG and SVG come from the same code).
-trait Chart {
+pub(super) trait Chart {
     fn title(&self) -> &str;
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> DrawResult;
 }
 
-fn e<E: std::fmt::Debug>(err: E) -> String {
+pub(super) fn e<E: std::fmt::Debug>(err: E) -> String {
     format!("{err:?}")
 }
 
-fn render<C: Chart>(chart: &C, size: (u32, u32)) -> Result<Figure> {
+pub(super) fn render<C: Chart>(chart: &C, size: (u32, u32)) -> Result<Figure> {
     ensure_font();
     let (w, h) = size;
     let mut buf = vec![255u8; (w * h * 3) as usize];
@@ -58,7 +58,7 @@ pub fn series_color(i: usize) -> RGBColor {
     RGBColor(c.0, c.1, c.2)
 }
 
-fn finite_range(vals: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
+pub(super) fn finite_range(vals: impl Iterator<Item = f64>) -> Option<(f64, f64)> {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
     for v in vals.filter(|v| v.is_finite()) {
         lo = lo.min(v);

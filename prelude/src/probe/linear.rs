@@ -416,3 +416,83 @@ impl SgdLinearProbe {
         Ok(r)
     }
 }
+
+/// How a probe report shows itself: text, HTML, the sweep curve, and a `Metrics` row for `Runs`.
+mod display {
+    use super::ProbeReport;
+    use crate::error::Result;
+    use crate::plot::html::{key_value_table, percent};
+    use crate::plot::{Figure, Metrics, Series, curves};
+    use crate::runtime::{MimeBundle, Rich};
+    use std::fmt;
+
+    impl ProbeReport {
+        fn rows(&self) -> Vec<(String, String)> {
+            let mut r = vec![
+                ("method".into(), self.method.clone()),
+                ("top-1".into(), percent(self.top1)),
+                ("top-5".into(), percent(self.top5)),
+            ];
+            if let Some(c) = self.c {
+                r.push(("C".into(), format!("{c:.4e}")));
+            }
+            if let Some(lr) = self.lr {
+                r.push(("lr".into(), format!("{lr:.1e}")));
+            }
+            r.push(("train / val".into(), format!("{} / {}", self.n_train, self.n_val)));
+            r.push(("features".into(), format!("{} (standardised: {})", self.num_features, self.standardized)));
+            r.push(("sweep points".into(), self.sweep.len().to_string()));
+            r.push(("fit time".into(), format!("{:.2} s", self.fit_seconds)));
+            let worst = self
+                .per_class_accuracy
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| a.is_finite())
+                .min_by(|a, b| a.1.total_cmp(b.1));
+            if let Some((i, a)) = worst {
+                let name = self.class_names.get(i).cloned().unwrap_or_else(|| format!("class {i}"));
+                r.push(("worst class".into(), format!("{name}: {}", percent(*a))));
+            }
+            r
+        }
+
+        pub fn to_html(&self) -> String {
+            key_value_table("Linear probe", &self.rows())
+        }
+
+        /// Held-out top-1 against the swept hyper-parameter (log x axis as log10).
+        pub fn plot_sweep(&self) -> Result<Figure> {
+            let pts = self.sweep.iter().map(|p| (p.param.log10(), p.top1)).collect();
+            let x = if self.c.is_some() { "log10 C" } else { "log10 lr" };
+            curves("probe sweep", x, "held-out top-1", &[Series::new(self.method.clone(), pts)])
+        }
+    }
+
+    impl fmt::Display for ProbeReport {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            for (k, v) in self.rows() {
+                writeln!(f, "{k:>14}: {v}")?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Rich for ProbeReport {
+        fn mime_bundle(&self) -> MimeBundle {
+            MimeBundle::text(self.to_string()).with_html(self.to_html())
+        }
+    }
+
+    impl Metrics for ProbeReport {
+        fn metrics(&self) -> Vec<(String, f64)> {
+            let mut m = vec![("top1".to_string(), self.top1), ("top5".to_string(), self.top5)];
+            if let Some(c) = self.c {
+                m.push(("C".into(), c));
+            }
+            if let Some(lr) = self.lr {
+                m.push(("lr".into(), lr));
+            }
+            m
+        }
+    }
+}

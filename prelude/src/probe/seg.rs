@@ -688,3 +688,98 @@ mod tests {
         assert!(rep.predict(&enc, &val).is_err());
     }
 }
+
+/// How the segmentation probes' reports show themselves: text, HTML, and `Metrics` rows for `Runs`.
+mod display {
+    use super::{DenseSegReport, PatchSegReport};
+    use crate::plot::Metrics;
+    use crate::plot::html::{key_value_table, percent};
+    use crate::runtime::{MimeBundle, Rich};
+    use std::fmt;
+
+    impl PatchSegReport {
+        fn rows(&self) -> Vec<(String, String)> {
+            let b = &self.best;
+            vec![
+                ("labels / head".into(), format!("{:?} / {:?}", self.labels, self.head)),
+                ("macro recall".into(), percent(b.macro_recall)),
+                ("macro precision".into(), percent(b.macro_precision)),
+                ("macro F1".into(), percent(b.macro_f1)),
+                ("micro accuracy".into(), percent(b.micro_accuracy)),
+                ("best epoch".into(), format!("{} of {}", self.best_epoch + 1, self.epochs.len())),
+                ("classes present".into(), format!("{} of {}", b.classes_present, self.num_classes)),
+                ("train / val".into(), format!("{} / {}", self.n_train, self.n_val)),
+                ("fit time".into(), format!("{:.2} s", self.fit_seconds)),
+            ]
+        }
+
+        pub fn to_html(&self) -> String {
+            key_value_table("Patch segmentation probe", &self.rows())
+        }
+    }
+
+    impl fmt::Display for PatchSegReport {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            for (k, v) in self.rows() {
+                writeln!(f, "{k:>16}: {v}")?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Rich for PatchSegReport {
+        fn mime_bundle(&self) -> MimeBundle {
+            MimeBundle::text(self.to_string()).with_html(self.to_html())
+        }
+    }
+
+    impl Metrics for PatchSegReport {
+        fn metrics(&self) -> Vec<(String, f64)> {
+            let b = &self.best;
+            vec![
+                ("macro_recall".into(), b.macro_recall),
+                ("macro_precision".into(), b.macro_precision),
+                ("macro_f1".into(), b.macro_f1),
+                ("micro_accuracy".into(), b.micro_accuracy),
+            ]
+        }
+    }
+
+    impl DenseSegReport {
+        fn rows(&self) -> Vec<(String, String)> {
+            let scored = self.iou_per_class.iter().filter(|v| !v.is_nan()).count();
+            vec![
+                ("mIoU".into(), percent(self.miou)),
+                ("pixel accuracy".into(), percent(self.pixel_accuracy)),
+                ("classes scored".into(), format!("{scored} of {}", self.iou_per_class.len())),
+                ("train / val".into(), format!("{} / {}", self.n_train, self.n_val)),
+                ("fit time".into(), format!("{:.2} s", self.fit_seconds)),
+            ]
+        }
+
+        pub fn to_html(&self) -> String {
+            key_value_table("Dense linear segmentation probe", &self.rows())
+        }
+    }
+
+    impl fmt::Display for DenseSegReport {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            for (k, v) in self.rows() {
+                writeln!(f, "{k:>16}: {v}")?;
+            }
+            Ok(())
+        }
+    }
+
+    impl Rich for DenseSegReport {
+        fn mime_bundle(&self) -> MimeBundle {
+            MimeBundle::text(self.to_string()).with_html(self.to_html())
+        }
+    }
+
+    impl Metrics for DenseSegReport {
+        fn metrics(&self) -> Vec<(String, f64)> {
+            vec![("miou".into(), self.miou), ("pixel_accuracy".into(), self.pixel_accuracy)]
+        }
+    }
+}
