@@ -67,6 +67,374 @@ fn tree(dir: &Path) -> Vec<String> {
     out
 }
 
+// ---------------------------------------------------------------- hashes, interrupt
+
+#[test]
+fn a_same_size_corruption_is_refused_naming_the_file() {
+    let _lock = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 8);
+    let dir = scratch("corrupt");
+    let cfg = TrainConfig::default().batch_size(4).max_steps(2).quiet();
+    tch::manual_seed(0);
+    let mut m = Mllm::tiny(Device::Cpu);
+    SftTrainer::new(cfg.clone().checkpoints(&dir, 1)).run(&mut m, &data).unwrap();
+    let last = dir.join("step-000002");
+    verify_checkpoint(&last).unwrap();
+
+    // One flipped bit in the middle of the optimizer state: same size, different bytes.
+    let f = last.join("optimizer.safetensors");
+    let mut bytes = fs::read(&f).unwrap();
+    let mid = bytes.len() - 100;
+    bytes[mid] ^= 0x10;
+    fs::write(&f, &bytes).unwrap();
+
+    let err = verify_checkpoint(&last).unwrap_err();
+    assert!(matches!(&err, PivotError::File { path, .. } if path == &f), "{err:?}");
+    assert!(err.to_string().contains("BLAKE3"), "{err}");
+    let mut r = Mllm::tiny(Device::Cpu);
+    let before = weights_of(&r);
+    let e = SftTrainer::new(cfg.clone()).resume(&mut r, &data, &last).unwrap_err();
+    assert!(e.to_string().contains("optimizer.safetensors"), "{e}");
+    assert_identical(&before, &weights_of(&r));
+    // Through the parent directory, the intact step 1 is used.
+    assert_eq!(latest_checkpoint(&dir).unwrap(), dir.join("step-000001"));
+}
+
+#[test]
+fn an_interrupted_save_leaves_the_previous_checkpoint_and_nothing_partial() {
+    let _lock = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 8);
+    let dir = scratch("interrupt");
+    let cfg = TrainConfig::default().batch_size(2).max_steps(4).quiet().checkpoints(&dir, 1);
+    tch::manual_seed(0);
+    let mut m = Mllm::tiny(Device::Cpu);
+    clear_interrupt();
+    // The step hook runs between step 2's update and its save: the flag is up when the save starts.
+    let err = SftTrainer::new(cfg)
+        .on_step(|row| {
+            if row.step == 2 {
+                pivot::runtime::interrupt_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        })
+        .run(&mut m, &data)
+        .unwrap_err();
+    clear_interrupt();
+    assert!(matches!(&err, PivotError::Interrupted { at } if at.contains("checkpoint save")), "{err:?}");
+    let files = tree(&dir);
+    assert!(files.iter().all(|f| f.starts_with("step-000001") && !f.contains(".tmp") && !f.contains(".partial")), "{files:?}");
+    verify_checkpoint(dir.join("step-000001")).unwrap();
+    assert_eq!(latest_checkpoint(&dir).unwrap(), dir.join("step-000001"));
+}
+
+// ---------------------------------------------------------------- durability under strace
+
+/// strace from the system, installed with apt-get where missing (CI images are Debian/Ubuntu).
+fn strace() -> &'static str {
+    let works = || Command::new("strace").arg("-V").output().is_ok_and(|o| o.status.success());
+    if !works() {
+        let apt = |args: &[&str]| Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive").status();
+        let _ = apt(&["install", "-y", "-qq", "strace"]);
+        if !works() {
+            let _ = apt(&["update", "-qq"]);
+            let _ = apt(&["install", "-y", "-qq", "strace"]);
+        }
+        assert!(works(), "this test needs strace and could not install it with apt-get");
+    }
+    "strace"
+}
+
+/// Child: two saves of steps 1 and 2, then a resume from step 1 that saves step 2 again.
+#[test]
+fn strace_child() {
+    let Ok(dir) = std::env::var("PIVOT_STRACE_CHILD") else { return };
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 8);
+    let cfg = TrainConfig::default().batch_size(4).max_steps(2).quiet().prefetch(0).checkpoints(&dir, 1);
+    tch::manual_seed(0);
+    let mut m = Mllm::tiny(Device::Cpu);
+    SftTrainer::new(cfg.clone()).run(&mut m, &data).unwrap();
+    let mut m = Mllm::tiny(Device::Cpu);
+    SftTrainer::new(cfg).resume(&mut m, &data, Path::new(&dir).join("step-000001")).unwrap();
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Call {
+    Fsync(String),
+    Rename { from: String, to: String, exchange: bool },
+    Remove(String),
+    Mkdir(String),
+}
+
+/// The strings between double quotes, and the paths strace's `-y` shows in `<...>` after fds.
+fn quoted(s: &str) -> Vec<String> {
+    s.split('"').skip(1).step_by(2).map(str::to_string).collect()
+}
+fn fd_paths(s: &str) -> Vec<String> {
+    s.split('<').skip(1).filter_map(|p| p.split('>').next()).map(str::to_string).collect()
+}
+
+/// Parses `strace -f -y` output into the calls that matter, joining `<unfinished ...>` halves.
+fn parse_trace(text: &str) -> Vec<Call> {
+    let mut pending: BTreeMap<String, String> = BTreeMap::new();
+    let mut calls = Vec::new();
+    for raw in text.lines() {
+        let (pid, rest) = raw.split_once(' ').unwrap_or(("", raw));
+        let line = if let Some(head) = rest.strip_suffix("<unfinished ...>") {
+            pending.insert(pid.to_string(), head.to_string());
+            continue;
+        } else if rest.starts_with("<... ") {
+            let tail = rest.split_once("resumed>").map(|x| x.1).unwrap_or("");
+            format!("{}{tail}", pending.remove(pid).unwrap_or_default())
+        } else {
+            rest.to_string()
+        };
+        let line = line.trim();
+        if !line.ends_with(" = 0") && !line.contains(" = 0 ") {
+            continue; // failed calls changed nothing
+        }
+        let name = line.split('(').next().unwrap_or("");
+        let args = &line[name.len()..];
+        let join = |dir: &str, name: &str| if name.starts_with('/') { name.to_string() } else { format!("{dir}/{name}") };
+        match name {
+            "fsync" | "fdatasync" => calls.extend(fd_paths(args).into_iter().next().map(Call::Fsync)),
+            "rename" | "renameat" | "renameat2" => {
+                let q = quoted(args);
+                let dirs = fd_paths(args);
+                if q.len() == 2 {
+                    let (d0, d1) = (dirs.first().cloned().unwrap_or_default(), dirs.get(1).cloned().unwrap_or_default());
+                    calls.push(Call::Rename { from: join(&d0, &q[0]), to: join(&d1, &q[1]), exchange: args.contains("RENAME_EXCHANGE") });
+                }
+            }
+            "unlink" | "rmdir" => calls.extend(quoted(args).into_iter().next().map(Call::Remove)),
+            "unlinkat" => {
+                if let (Some(d), Some(n)) = (fd_paths(args).into_iter().next(), quoted(args).into_iter().next()) {
+                    calls.push(Call::Remove(join(&d, &n)));
+                }
+            }
+            "mkdir" | "mkdirat" => calls.extend(quoted(args).into_iter().next().map(Call::Mkdir)),
+            _ => {}
+        }
+    }
+    calls
+}
+
+#[test]
+fn checkpoint_files_and_directories_are_fsynced_before_they_are_named() {
+    let strace = strace();
+    let dir = scratch("strace");
+    let dir = dir.canonicalize().unwrap();
+    let trace = dir.join("trace.txt");
+    let ckpts = dir.join("ckpt");
+    let status = Command::new(strace)
+        .args(["-f", "-y", "-qq", "-o"])
+        .arg(&trace)
+        .args(["-e", "trace=openat,rename,renameat,renameat2,fsync,fdatasync,unlink,unlinkat,rmdir,mkdir,mkdirat"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "strace_child", "--nocapture", "--test-threads=1"])
+        .env("PIVOT_STRACE_CHILD", &ckpts)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the traced child failed");
+    let calls = parse_trace(&fs::read_to_string(&trace).unwrap());
+    let pos = |pred: &dyn Fn(&Call) -> bool, after: usize| calls.iter().skip(after).position(pred).map(|i| i + after);
+
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    // Three saves: step 1, step 2, step 2 again. Walk them in order.
+    let mut cursor = 0;
+    for (save, step) in [(1, "step-000001"), (2, "step-000002"), (3, "step-000002")] {
+        let final_dir = s(&ckpts.join(step));
+        let tmp = format!("{final_dir}.tmp");
+        let start = pos(&|c| *c == Call::Mkdir(tmp.clone()), cursor).unwrap_or_else(|| panic!("save {save}: no mkdir of {tmp}"));
+        let install = pos(&|c| matches!(c, Call::Rename { from, to, .. } if *from == tmp && *to == final_dir), start)
+            .unwrap_or_else(|| panic!("save {save}: {tmp} never renamed to {final_dir}"));
+        for file in ["model.safetensors", "optimizer.safetensors", "trainer_state.json", "MANIFEST.json"] {
+            let named = format!("{tmp}/{file}");
+            let partial = format!("{named}.partial");
+            let rename = pos(&|c| matches!(c, Call::Rename { from, to, .. } if *from == partial && *to == named), start)
+                .filter(|&i| i < install)
+                .unwrap_or_else(|| panic!("save {save}: {partial} not renamed to {file} before the install"));
+            assert!(
+                calls[start..rename].contains(&Call::Fsync(partial.clone())),
+                "save {save}: {partial} was renamed without an fsync of its data"
+            );
+        }
+        let last_into_tmp = (start..install).rev().find(|&i| matches!(&calls[i], Call::Rename { to, .. } if to.starts_with(&format!("{tmp}/")))).unwrap();
+        assert!(
+            calls[last_into_tmp..install].contains(&Call::Fsync(tmp.clone())),
+            "save {save}: the directory {tmp} was not fsynced between its last entry and its rename"
+        );
+        let parent = s(&ckpts);
+        let synced = pos(&|c| *c == Call::Fsync(parent.clone()), install);
+        let next = pos(&|c| matches!(c, Call::Mkdir(d) if d.ends_with(".tmp")), install + 1).unwrap_or(calls.len());
+        assert!(synced.is_some_and(|i| i < next), "save {save}: {parent} not fsynced after the rename");
+        if save == 3 {
+            // The re-save of an existing step: swapped in atomically, old files removed only after.
+            assert!(matches!(&calls[install], Call::Rename { exchange: true, .. }), "{:?}", calls[install]);
+            let early = calls[start..install].iter().find(|c| matches!(c, Call::Remove(p) if p == &final_dir || p.starts_with(&format!("{final_dir}/"))));
+            assert!(early.is_none(), "the old {step} was deleted before the new one was in place: {early:?}");
+        }
+        cursor = install + 1;
+    }
+    verify_checkpoint(ckpts.join("step-000002")).unwrap();
+    assert_eq!(tree(&ckpts).iter().filter(|f| f.contains(".tmp") || f.contains(".old") || f.contains(".partial")).count(), 0);
+}
+
+// ---------------------------------------------------------------- SIGKILL during saves
+
+const KILL_STEPS: usize = 6;
+
+/// Child: trains `KILL_STEPS` steps with a checkpoint after each, resuming from the newest complete
+/// checkpoint in the directory if there is one; prints `STEP n` after each step's update, right
+/// before its save.
+#[test]
+fn kill_child() {
+    let Ok(dir) = std::env::var("PIVOT_KILL_CHILD") else { return };
+    tch::set_num_threads(1);
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 12);
+    tch::manual_seed(11);
+    let mut m = Mllm::tiny(Device::Cpu);
+    let cfg = TrainConfig { lr: 1e-3, ..TrainConfig::default() }
+        .batch_size(2)
+        .max_steps(KILL_STEPS)
+        .seed(5)
+        .quiet()
+        .prefetch(0)
+        .checkpoints(&dir, 1);
+    let mut trainer = SftTrainer::new(cfg).on_step(|row| {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "STEP {}", row.step).unwrap();
+        out.flush().unwrap();
+    });
+    match latest_checkpoint(&dir) {
+        Some(p) => trainer.resume(&mut m, &data, p).unwrap(),
+        None => trainer.run(&mut m, &data).unwrap(),
+    };
+    println!("DONE");
+}
+
+enum Outcome {
+    Killed,
+    Finished,
+}
+
+/// Runs the kill child on `dir`; kills it `delay` after it prints `STEP kill_after` (never if None).
+/// Returns how it ended and the gaps between its `STEP` lines.
+fn run_child(dir: &Path, kill_after: Option<usize>, delay: Duration) -> (Outcome, Vec<Duration>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "kill_child", "--nocapture", "--test-threads=1"])
+        .env("PIVOT_KILL_CHILD", dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut gaps = Vec::new();
+    let mut last: Option<Instant> = None;
+    let mut done = false;
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.ends_with("DONE") {
+            done = true;
+        }
+        // The harness's "test kill_child ... " shares a line with the first STEP.
+        let Some(step) = line.rsplit_once("STEP ").and_then(|(_, s)| s.trim().parse::<usize>().ok()) else { continue };
+        let now = Instant::now();
+        if let Some(t) = last {
+            gaps.push(now - t);
+        }
+        last = Some(now);
+        if Some(step) == kill_after {
+            std::thread::sleep(delay);
+            child.kill().unwrap(); // SIGKILL
+            let _ = child.wait();
+            return (Outcome::Killed, gaps);
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success() && done, "the training child failed: {status}");
+    (Outcome::Finished, gaps)
+}
+
+/// What an unfinished save leaves on disk (`.tmp` directories, `.partial` files, `.old` swaps),
+/// with modification times, so that a new leftover is told from an old one.
+fn leftovers(dir: &Path) -> Vec<(String, Option<std::time::SystemTime>)> {
+    tree(dir)
+        .into_iter()
+        .filter(|f| f.contains(".tmp") || f.contains(".partial") || f.contains(".old"))
+        .map(|f| {
+            let t = fs::metadata(dir.join(&f)).and_then(|m| m.modified()).ok();
+            (f, t)
+        })
+        .collect()
+}
+
+/// (model, optimizer) bytes and the loss log of a checkpoint.
+fn contents(ckpt: &Path) -> (Vec<u8>, Vec<u8>, Vec<f64>) {
+    let state: TrainerState = serde_json::from_str(&fs::read_to_string(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    (fs::read(ckpt.join("model.safetensors")).unwrap(), fs::read(ckpt.join("optimizer.safetensors")).unwrap(), state.log.get("loss"))
+}
+
+/// 50 SIGKILLs of a real training process at random points during its saves. After every kill the
+/// directory holds only complete checkpoints (plus leftovers the next save ignores), each
+/// identical to the uninterrupted run's checkpoint of the same step, and the next process resumes
+/// from the newest one; every sequence ends with the uninterrupted run's final weights.
+#[test]
+fn sigkill_during_saves_always_resumes_bit_identically() {
+    let root = scratch("kill");
+    let reference = root.join("reference");
+    let (_, gaps) = run_child(&reference, None, Duration::ZERO);
+    let expected: BTreeMap<usize, (Vec<u8>, Vec<u8>, Vec<f64>)> =
+        (1..=KILL_STEPS).map(|s| (s, contents(&reference.join(format!("step-{s:06}"))))).collect();
+    // A kill lands uniformly in the time from a step's `STEP` line (its save starts right after)
+    // to the next one: one save plus one step, the median on the reference run.
+    let mut gaps = gaps;
+    gaps.sort();
+    let window = gaps.get(gaps.len() / 2).copied().unwrap_or(Duration::from_millis(100));
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0xC0FFEE);
+    let dir = root.join("run");
+    let (mut kills, mut mid_save, mut sequences, mut resumes) = (0, 0, 0, 0);
+    let started = Instant::now();
+    while kills < 50 {
+        let done = latest_checkpoint(&dir).map(|p| contents(&p).2.len()).unwrap_or(0);
+        if done > 0 {
+            resumes += 1;
+        }
+        // Mostly the first save after the resume (the cheapest trial), sometimes the one after.
+        let target = rng.random_range(done + 1..=(done + 2).min(KILL_STEPS));
+        let delay = window.mul_f64(rng.random::<f64>());
+        let before = leftovers(&dir);
+        let (outcome, _) = run_child(&dir, Some(target), delay);
+        if let Outcome::Killed = outcome {
+            kills += 1;
+            let after = leftovers(&dir);
+            if !after.is_empty() && after != before {
+                mid_save += 1;
+            }
+        }
+        // Every named checkpoint is complete and equal to the reference's.
+        let mut newest = 0;
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) else { continue };
+            verify_checkpoint(entry.path()).unwrap_or_else(|e| panic!("kill {kills}: {name} is not complete: {e}"));
+            assert!(contents(&entry.path()) == expected[&step], "kill {kills}: {name} differs from the uninterrupted run");
+            newest = newest.max(step);
+        }
+        let latest = latest_checkpoint(&dir);
+        assert_eq!(latest.map(|p| p.file_name().unwrap().to_string_lossy().into_owned()), (newest > 0).then(|| format!("step-{newest:06}")));
+        if newest == KILL_STEPS {
+            sequences += 1;
+            fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+    eprintln!(
+        "{kills} SIGKILLs ({mid_save} left a save half-done on disk), {resumes} resumes, {sequences} complete runs, all bit-identical; kill window {} ms; {:.1} s",
+        window.as_millis(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(mid_save >= 10, "only {mid_save} of {kills} kills landed inside a save: the timing window is off");
+}
+
 // ---------------------------------------------------------------- safetensors reader
 
 fn sample_tensors() -> Vec<(String, Tensor)> {
