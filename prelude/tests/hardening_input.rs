@@ -1,0 +1,256 @@
+//! Bad input from the disk or the caller is a clear error (or a counted skip), never a crash, a
+//! silently wrong result or an abort mid-run: invalid UTF-8 in JSON/JSONL, truncated and corrupt
+//! images, out-of-range segmentation mask ids, invalid optimiser and probe hyper-parameters,
+//! non-finite updates and features. Ends with a seeded mutation fuzz of the JSON/JSONL readers.
+
+use std::fs;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use image::{Rgb, RgbImage};
+use pivot::prelude::*;
+use rand::{Rng, SeedableRng};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hardening_input").join(name);
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_png(path: &Path) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    RgbImage::from_fn(6, 4, |x, y| Rgb([7, x as u8 * 10, y as u8 * 20])).save_with_format(path, image::ImageFormat::Png).unwrap();
+}
+
+/// A JPEG large enough that its entropy-coded scan is most of the file.
+fn write_noisy_jpeg(path: &Path) {
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    RgbImage::from_fn(64, 48, |_, _| Rgb([rng.random(), rng.random(), rng.random()]))
+        .save_with_format(path, image::ImageFormat::Jpeg)
+        .unwrap();
+}
+
+fn truncate(path: &Path, fraction: f64) {
+    let len = fs::metadata(path).unwrap().len();
+    fs::OpenOptions::new().write(true).open(path).unwrap().set_len((len as f64 * fraction) as u64).unwrap();
+}
+
+fn record(err: PivotError) -> (usize, String, String) {
+    match err {
+        PivotError::Record { line, field, message, .. } => (line, field, message),
+        other => panic!("expected a Record error, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------- loaders: UTF-8
+
+#[test]
+fn invalid_utf8_names_file_and_line_and_is_skipped_under_skip() {
+    let dir = scratch("utf8");
+    for name in ["a.png", "b.png", "c.png"] {
+        write_png(&dir.join(name));
+    }
+    // JSONL: line 2 holds a Latin-1 é (0xE9), invalid in UTF-8.
+    let jsonl = dir.join("captions.jsonl");
+    let mut bytes = b"{\"image\": \"a.png\", \"caption\": \"one\"}\n".to_vec();
+    bytes.extend_from_slice(b"{\"image\": \"b.png\", \"caption\": \"caf\xE9\"}\n");
+    bytes.extend_from_slice(b"{\"image\": \"c.png\", \"caption\": \"three\"}\n");
+    fs::write(&jsonl, &bytes).unwrap();
+
+    let err = CaptionDataset::from_jsonl(&jsonl, &dir).unwrap_err();
+    assert!(err.to_string().contains("captions.jsonl"), "{err}");
+    let (line, field, message) = record(err);
+    assert_eq!((line, field.as_str()), (2, "json"), "{message}");
+    assert!(message.contains("UTF-8") && message.contains("0xe9"), "{message}");
+
+    let lax = CaptionDataset::from_jsonl_with(&jsonl, &dir, LoadOptions::skipping()).unwrap();
+    assert_eq!(lax.samples.iter().map(|s| s.caption.as_str()).collect::<Vec<_>>(), ["one", "three"]);
+    assert_eq!(lax.skipped.count, 1);
+    assert_eq!(lax.skipped.reasons[0].line, Some(2));
+
+    // A JSON list: the bad byte sits on line 6, inside the second record (which starts on line 4).
+    let list = dir.join("llava.json");
+    let mut bytes = Vec::new();
+    bytes.extend_from_slice(b"[\n{\"image\": \"a.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"q\"}, {\"from\": \"gpt\", \"value\": \"a\"}]},\n");
+    bytes.extend_from_slice(b"\n{\"image\": \"b.png\",\n \"conversations\": [{\"from\": \"human\", \"value\": \"q\"},\n {\"from\": \"gpt\", \"value\": \"\xFF\"}]},\n");
+    bytes.extend_from_slice(b"{\"image\": \"c.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"q2\"}, {\"from\": \"gpt\", \"value\": \"a2\"}]}\n]\n");
+    fs::write(&list, &bytes).unwrap();
+    let (line, _, message) = record(VqaDataset::from_llava_json(&list, &dir).unwrap_err());
+    assert_eq!(line, 6, "{message}");
+    let lax = VqaDataset::from_llava_json_with(&list, &dir, LoadOptions::skipping()).unwrap();
+    assert_eq!(lax.samples.iter().map(|s| s.answer.as_str()).collect::<Vec<_>>(), ["a", "a2"]);
+    assert_eq!(lax.skipped.count, 1);
+}
+
+// ---------------------------------------------------------------- loaders: images
+
+#[test]
+fn truncated_images_fail_the_load_check_instead_of_the_run() {
+    let dir = scratch("truncated");
+    write_png(&dir.join("ok.png"));
+    write_noisy_jpeg(&dir.join("cut.jpg"));
+    truncate(&dir.join("cut.jpg"), 0.6);
+    write_noisy_jpeg(&dir.join("whole.jpg"));
+    // The premise: the header of the cut JPEG still reads.
+    assert_eq!(image::image_dimensions(dir.join("cut.jpg")).unwrap(), (64, 48));
+
+    let json = dir.join("caps.jsonl");
+    fs::write(
+        &json,
+        "{\"image\": \"ok.png\", \"caption\": \"a\"}\n{\"image\": \"cut.jpg\", \"caption\": \"b\"}\n{\"image\": \"whole.jpg\", \"caption\": \"c\"}\n",
+    )
+    .unwrap();
+    let (line, field, message) = record(CaptionDataset::from_jsonl(&json, &dir).unwrap_err());
+    assert_eq!((line, field.as_str()), (2, "image"));
+    assert!(message.contains("cut.jpg") && message.contains("truncated"), "{message}");
+
+    let lax = CaptionDataset::from_jsonl_with(&json, &dir, LoadOptions::skipping()).unwrap();
+    assert_eq!(lax.len(), 2);
+    assert_eq!(lax.skipped.count, 1);
+    for s in &lax {
+        s.image.load().expect("every image that passed the check decodes");
+    }
+
+    // A truncated PNG in a class folder is counted too.
+    let folder = dir.join("classes");
+    write_png(&folder.join("cat/1.png"));
+    write_png(&folder.join("cat/2.png"));
+    truncate(&folder.join("cat/2.png"), 0.7);
+    write_png(&folder.join("dog/1.png"));
+    assert!(ImageFolder::open(&folder).is_err());
+    let lax = ImageFolder::open_with(&folder, LoadOptions::skipping()).unwrap();
+    assert_eq!((lax.len(), lax.skipped.count), (2, 1));
+}
+
+#[test]
+fn decode_check_catches_corruption_inside_a_complete_file() {
+    let dir = scratch("decode");
+    let path = dir.join("x.png");
+    fs::create_dir_all(&dir).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    RgbImage::from_fn(32, 32, |_, _| Rgb([rng.random(), rng.random(), rng.random()])).save(&path).unwrap();
+    // Overwrite the middle of the compressed pixel data; header and IEND stay intact.
+    let mut bytes = fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 64].fill(0xAB);
+    fs::write(&path, &bytes).unwrap();
+    let json = dir.join("c.jsonl");
+    fs::write(&json, "{\"image\": \"x.png\", \"caption\": \"a\"}\n").unwrap();
+
+    assert!(CaptionDataset::from_jsonl(&json, &dir).is_ok(), "header and end are fine");
+    let decode = LoadOptions::default().with_image_check(ImageCheck::Decode);
+    let (line, field, message) = record(CaptionDataset::from_jsonl_with(&json, &dir, decode).unwrap_err());
+    assert_eq!((line, field.as_str()), (1, "image"), "{message}");
+    assert!(message.contains("x.png"), "{message}");
+    let lax = CaptionDataset::from_jsonl_with(&json, &dir, decode.with_skip_policy(SkipPolicy::Skip)).unwrap();
+    assert_eq!((lax.len(), lax.skipped.count), (0, 1));
+}
+
+// ---------------------------------------------------------------- fuzz: JSON / JSONL readers
+
+/// One random edit of `bytes`: flip, insert or delete bytes, duplicate or drop a range, truncate.
+pub fn mutate(rng: &mut impl Rng, bytes: &mut Vec<u8>) {
+    const INTERESTING: &[u8] = b"{}[]\",:\\\n\r \x00\xff\xe9\xc3\x80";
+    let len = bytes.len().max(1);
+    match rng.random_range(0..7) {
+        0 => {
+            let i = rng.random_range(0..len).min(bytes.len().saturating_sub(1));
+            if let Some(b) = bytes.get_mut(i) {
+                *b ^= 1 << rng.random_range(0..8);
+            }
+        }
+        1 => {
+            let i = rng.random_range(0..=bytes.len());
+            bytes.insert(i, INTERESTING[rng.random_range(0..INTERESTING.len())]);
+        }
+        2 => {
+            let i = rng.random_range(0..=bytes.len());
+            bytes.insert(i, rng.random());
+        }
+        3 if !bytes.is_empty() => {
+            let i = rng.random_range(0..bytes.len());
+            let n = rng.random_range(1..=16).min(bytes.len() - i);
+            bytes.drain(i..i + n);
+        }
+        4 if !bytes.is_empty() => {
+            let i = rng.random_range(0..bytes.len());
+            let n = rng.random_range(1..=64).min(bytes.len() - i);
+            let chunk = bytes[i..i + n].to_vec();
+            let at = rng.random_range(0..=bytes.len());
+            bytes.splice(at..at, chunk);
+        }
+        5 => bytes.truncate(rng.random_range(0..=bytes.len())),
+        _ => {
+            let i = rng.random_range(0..len).min(bytes.len().saturating_sub(1));
+            if let Some(b) = bytes.get_mut(i) {
+                *b = INTERESTING[rng.random_range(0..INTERESTING.len())];
+            }
+        }
+    }
+}
+
+/// The errors a loader may give for a broken file: a record error inside the file, or a file error
+/// naming it.
+fn names_the_file(err: &PivotError, file: &Path, lines: usize) -> bool {
+    match err {
+        PivotError::Record { path, line, .. } => path == file && (1..=lines + 1).contains(line),
+        PivotError::File { path, .. } => path == file,
+        _ => false,
+    }
+}
+
+/// Fixed budget: 600 mutants × 4 readers × 2 policies (about a second).
+#[test]
+fn fuzz_json_and_jsonl_readers_never_panic_and_always_name_the_file() {
+    let dir = scratch("fuzz-json");
+    write_png(&dir.join("a.png"));
+    let seeds: [(&str, &str); 3] = [
+        (
+            "llava.json",
+            "[\n {\"id\": 1, \"image\": \"a.png\", \"conversations\": [{\"from\": \"human\", \"value\": \"<image>\\nWhat?\"}, {\"from\": \"gpt\", \"value\": \"A \\\"red\\\" disc.\"}]},\n {\"image\": [\"a.png\"], \"category\": \"c\", \"conversations\": [{\"from\": \"system\", \"value\": \"s\"}, {\"from\": \"user\", \"value\": \"q\"}, {\"from\": \"assistant\", \"value\": \"é\"}]}\n]\n",
+        ),
+        (
+            "prefs.jsonl",
+            "{\"image\": \"a.png\", \"question\": \"q\", \"chosen\": \"yes\", \"rejected\": \"no\"}\n{\"image\": \"a.png\", \"prompt\": \"<image>\\nq\", \"chosen\": \"ü\", \"rejected\": \"n\", \"category\": \"x\"}\n\n",
+        ),
+        ("caps.jsonl", "{\"image\": \"a.png\", \"caption\": \"a cat\"}\r\n{\"image\": \"a.png\", \"text\": \"[a] {b}\"}\n"),
+    ];
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5EED);
+    let file = dir.join("mutant");
+    let options = [
+        LoadOptions::default().with_image_check(ImageCheck::Exists),
+        LoadOptions::skipping().with_image_check(ImageCheck::Exists),
+    ];
+    for iteration in 0..600 {
+        let (_, seed) = seeds[iteration % seeds.len()];
+        let mut bytes = seed.as_bytes().to_vec();
+        for _ in 0..rng.random_range(1..=4) {
+            mutate(&mut rng, &mut bytes);
+        }
+        fs::write(&file, &bytes).unwrap();
+        let lines = bytes.iter().filter(|&&b| b == b'\n').count() + 1;
+        for options in options {
+            let outcome = catch_unwind(AssertUnwindSafe(|| {
+                let results: [std::result::Result<usize, PivotError>; 4] = [
+                    VqaDataset::from_llava_json_with(&file, &dir, options).map(|d| d.len() + d.skipped.count),
+                    CaptionDataset::from_llava_json_with(&file, &dir, options).map(|d| d.len() + d.skipped.count),
+                    CaptionDataset::from_jsonl_with(&file, &dir, options).map(|d| d.len() + d.skipped.count),
+                    PreferenceDataset::from_jsonl_with(&file, &dir, options).map(|d| d.len() + d.skipped.count),
+                ];
+                results
+            }));
+            let Ok(results) = outcome else {
+                let keep = dir.join(format!("panic-{iteration}"));
+                fs::copy(&file, &keep).unwrap();
+                panic!("a reader panicked on mutant {iteration} (kept as {})", keep.display());
+            };
+            for r in results {
+                if let Err(e) = r {
+                    assert!(names_the_file(&e, &file, lines), "mutant {iteration}: {e:?}\n{}", String::from_utf8_lossy(&bytes));
+                }
+            }
+        }
+    }
+}
