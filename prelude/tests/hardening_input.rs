@@ -148,6 +148,38 @@ fn decode_check_catches_corruption_inside_a_complete_file() {
     assert_eq!((lax.len(), lax.skipped.count), (0, 1));
 }
 
+// ---------------------------------------------------------------- segmentation mask ids
+
+/// Tokens [n, 4, 8] on a 2×2 grid and masks [n, 4, 4] (patch 2) with ids in 0..4 and some 255.
+fn seg_data(n: i64) -> (Tensor, Tensor) {
+    tch::manual_seed(0);
+    let masks = Tensor::randint(4, [n, 4, 4], (Kind::Uint8, Device::Cpu));
+    let _ = masks.get(0).get(0).get(0).fill_(255);
+    (Tensor::randn([n, 4, 8], (Kind::Float, Device::Cpu)), masks)
+}
+
+#[test]
+fn both_segmentation_probes_name_the_sample_and_the_bad_mask_id() {
+    let (xt, mt) = seg_data(8);
+    let (xv, mv) = seg_data(4);
+    let bad = mt.copy();
+    let _ = bad.get(5).get(2).get(3).fill_(7);
+    let patch = PatchSegProbe { epochs: 1, warmup_steps: 0, head: SegHead::Linear, ..PatchSegProbe::new(4) };
+    let dense = DenseSegProbe { epochs: 1, warmup_steps: 0, ..DenseSegProbe::new(4) };
+    patch.fit_tokens(&xt, &mt, &xv, &mv).expect("ids 0..4 and 255 are fine");
+    dense.fit_tokens(&xt, &mt, &xv, &mv).expect("ids 0..4 and 255 are fine");
+
+    let e = patch.fit_tokens(&xt, &bad, &xv, &mv).unwrap_err().to_string();
+    assert!(e.contains("PatchSegProbe train") && e.contains("sample 5") && e.contains("mask id 7"), "{e}");
+    let e = dense.fit_tokens(&xt, &mt, &xv, &bad.narrow(0, 2, 4)).unwrap_err().to_string();
+    assert!(e.contains("DenseSegProbe val") && e.contains("sample 3") && e.contains("mask id 7"), "{e}");
+
+    let e = DenseSegProbe { lr: f64::NAN, ..dense.clone() }.fit_tokens(&xt, &mt, &xv, &mv).unwrap_err();
+    assert!(matches!(&e, PivotError::Config { field, .. } if field == "lr"), "{e}");
+    let e = PatchSegProbe { weight_decay: -1.0, ..patch.clone() }.fit_tokens(&xt, &mt, &xv, &mv).unwrap_err();
+    assert!(matches!(&e, PivotError::Config { field, .. } if field == "weight_decay"), "{e}");
+}
+
 // ---------------------------------------------------------------- fuzz: JSON / JSONL readers
 
 /// One random edit of `bytes`: flip, insert or delete bytes, duplicate or drop a range, truncate.
