@@ -180,6 +180,99 @@ fn both_segmentation_probes_name_the_sample_and_the_bad_mask_id() {
     assert!(matches!(&e, PivotError::Config { field, .. } if field == "weight_decay"), "{e}");
 }
 
+// ---------------------------------------------------------------- optimiser
+
+fn tiny_weights(m: &Mllm) -> Vec<Tensor> {
+    [m.tower.var_store(), m.projector.var_store(), m.lm.var_store()]
+        .iter()
+        .flat_map(|vs| {
+            let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v.into_iter().map(|(_, t)| t.detach().copy())
+        })
+        .collect()
+}
+
+#[test]
+fn adamw_refuses_invalid_hyper_parameters_before_touching_the_model() {
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 4);
+    let base = TrainConfig::default().batch_size(2).max_steps(1).quiet();
+    let cases: [(&str, TrainConfig); 6] = [
+        ("eps", TrainConfig { eps: 0.0, ..base.clone() }),
+        ("eps", TrainConfig { eps: f64::NAN, ..base.clone() }),
+        ("betas.0", TrainConfig { betas: (1.0, 0.999), ..base.clone() }),
+        ("betas.1", TrainConfig { betas: (0.9, -0.5), ..base.clone() }),
+        ("weight_decay", TrainConfig { weight_decay: -0.1, ..base.clone() }),
+        ("weight_decay", TrainConfig { weight_decay: f64::INFINITY, ..base.clone() }),
+    ];
+    for (expected, cfg) in cases {
+        tch::manual_seed(0);
+        let mut m = Mllm::tiny(Device::Cpu);
+        let before = tiny_weights(&m);
+        let err = SftTrainer::new(cfg).run(&mut m, &data).unwrap_err();
+        assert!(matches!(&err, PivotError::Config { field, .. } if field == expected), "{expected}: {err:?}");
+        for (a, b) in before.iter().zip(tiny_weights(&m)) {
+            assert!(a.equal(&b), "{expected}: the model changed");
+        }
+    }
+}
+
+#[test]
+fn an_update_that_overflows_is_reported_at_its_own_step() {
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 4);
+    // Finite in f64, infinite once an fp32 weight moves by it.
+    let cfg = TrainConfig { lr: 1e300, warmup_ratio: 0.0, max_grad_norm: None, ..TrainConfig::default() }
+        .batch_size(2)
+        .max_steps(1)
+        .quiet();
+    tch::manual_seed(0);
+    let mut m = Mllm::tiny(Device::Cpu);
+    let err = SftTrainer::new(cfg).run(&mut m, &data).unwrap_err().to_string();
+    assert!(err.contains("AdamW update 1") && err.contains("non-finite"), "{err}");
+}
+
+// ---------------------------------------------------------------- SGD linear probe
+
+fn blobs(n: i64, seed: i64) -> FeatureSet {
+    tch::manual_seed(seed);
+    let y = Tensor::arange(n, (Kind::Int64, Device::Cpu)).remainder(3);
+    let centres = Tensor::eye(3, (Kind::Float, Device::Cpu)) * 4.0;
+    let x = centres.index_select(0, &y).constant_pad_nd([0, 5]) + Tensor::randn([n, 8], (Kind::Float, Device::Cpu)) * 0.3;
+    FeatureSet::new(x, y)
+}
+
+#[test]
+fn sgd_probe_checks_features_hyper_parameters_and_diverged_heads() {
+    let (train, val) = (blobs(60, 1), blobs(30, 2));
+    let probe = SgdLinearProbe { epochs: 3, batch_size: 16, ..SgdLinearProbe::default() };
+
+    let nan_x = train.x.copy();
+    let _ = nan_x.get(3).get(1).fill_(f64::NAN);
+    let e = probe.fit_features(&FeatureSet::new(nan_x, train.y.copy()), &val).unwrap_err().to_string();
+    assert!(e.contains("SgdLinearProbe train") && e.contains("row 3"), "{e}");
+
+    for (field, bad) in [
+        ("lrs", SgdLinearProbe { lrs: vec![1e-2, f64::NAN], ..probe.clone() }),
+        ("lrs", SgdLinearProbe { lrs: vec![0.0], ..probe.clone() }),
+        ("momentum", SgdLinearProbe { momentum: 1.0, ..probe.clone() }),
+        ("weight_decay", SgdLinearProbe { weight_decay: -1e-4, ..probe.clone() }),
+    ] {
+        let e = bad.fit_features(&train, &val).unwrap_err();
+        assert!(matches!(&e, PivotError::Config { field: f, .. } if f == field), "{field}: {e:?}");
+    }
+
+    // On unstandardised features of scale 100, a learning rate at f32's limit overflows its head's
+    // weights at the first step (then NaN); that head is reported as diverged and never chosen.
+    let (train, val) = (FeatureSet::new(&train.x * 100.0, train.y.copy()), FeatureSet::new(&val.x * 100.0, val.y.copy()));
+    let raw = SgdLinearProbe { standardize: false, ..probe };
+    let r = SgdLinearProbe { lrs: vec![1e-3, 3e38], ..raw.clone() }.fit_features(&train, &val).unwrap();
+    assert_eq!(r.lr, Some(1e-3));
+    assert_eq!((r.sweep[1].top1, r.sweep[1].loss), (0.0, f64::INFINITY));
+    assert!(r.top1 > 0.9, "the sane head separates the blobs: {}", r.top1);
+    let e = SgdLinearProbe { lrs: vec![3e38], ..raw }.fit_features(&train, &val).unwrap_err();
+    assert!(matches!(e, PivotError::NonFinite { .. }), "{e:?}");
+}
+
 // ---------------------------------------------------------------- fuzz: JSON / JSONL readers
 
 /// One random edit of `bytes`: flip, insert or delete bytes, duplicate or drop a range, truncate.
