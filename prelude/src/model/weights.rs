@@ -260,11 +260,21 @@ impl Checkpoint {
             ));
         }
         let (start, end) = info.byte_range;
-        let mut data = vec![0u8; (end - start) as usize];
-        shard.file.read_exact_at(&mut data, start).map_err(|e| {
-            PivotError::file(&shard.path, format!("cannot read tensor `{name}` (bytes {start}..{end}): {e}"))
-        })?;
-        Ok(Tensor::f_from_data_size(&data, &info.shape, kind)?)
+        let nbytes = (end - start) as usize;
+        // Read straight into the tensor's storage: no second copy of a large embedding.
+        let tensor = Tensor::f_empty(info.shape.as_slice(), (kind, tch::Device::Cpu))?;
+        if nbytes != tensor.numel() * kind.elt_size_in_bytes() {
+            return Err(PivotError::file(&shard.path, format!("tensor `{name}`: {nbytes} bytes for shape {:?}", info.shape)));
+        }
+        if nbytes > 0 {
+            // SAFETY: a fresh contiguous CPU tensor owns exactly `nbytes` bytes at `data_ptr`, and
+            // nothing else refers to it yet.
+            let dst = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, nbytes) };
+            shard.file.read_exact_at(dst, start).map_err(|e| {
+                PivotError::file(&shard.path, format!("cannot read tensor `{name}` (bytes {start}..{end}): {e}"))
+            })?;
+        }
+        Ok(tensor)
     }
 
     /// The first of `prefixes` under which `probe` exists, e.g. to find whether a tower is stored
