@@ -126,6 +126,29 @@ fn an_interrupted_save_leaves_the_previous_checkpoint_and_nothing_partial() {
     assert_eq!(latest_checkpoint(&dir).unwrap(), dir.join("step-000001"));
 }
 
+/// Where `renameat2(RENAME_EXCHANGE)` is unavailable a re-save parks the old step as
+/// `step-N.old` until the new one has its name; a crash in between leaves only `.old`, which must
+/// still be found, and the next save of that step must clear it.
+#[test]
+fn a_crash_between_the_fallback_renames_leaves_the_old_step_findable() {
+    let _lock = TRAINING.lock().unwrap_or_else(|e| e.into_inner());
+    let data = ShapesWorld::new(ShapesConfig::default()).vqa(Split::Train, 8);
+    let dir = scratch("fallback");
+    let cfg = TrainConfig::default().batch_size(4).max_steps(2).quiet().checkpoints(&dir, 1);
+    tch::manual_seed(0);
+    let mut m = Mllm::tiny(Device::Cpu);
+    SftTrainer::new(cfg.clone()).run(&mut m, &data).unwrap();
+    fs::rename(dir.join("step-000002"), dir.join("step-000002.old")).unwrap();
+    assert_eq!(latest_checkpoint(&dir).unwrap(), dir.join("step-000002.old"));
+
+    // Re-running step 2 from step 1 saves it again under its own name and drops the `.old`.
+    let mut r = Mllm::tiny(Device::Cpu);
+    SftTrainer::new(cfg).resume(&mut r, &data, dir.join("step-000001")).unwrap();
+    assert_eq!(tree(&dir).iter().filter(|f| !f.contains('/')).collect::<Vec<_>>(), ["step-000001", "step-000002"]);
+    assert_eq!(latest_checkpoint(&dir).unwrap(), dir.join("step-000002"));
+    assert_identical(&weights_of(&m), &weights_of(&r));
+}
+
 // ---------------------------------------------------------------- durability under strace
 
 /// strace from the system, installed with apt-get where missing (CI images are Debian/Ubuntu).
