@@ -215,7 +215,7 @@ impl SegDataset {
                     continue;
                 }
             };
-            if options.image_check == ImageCheck::Header {
+            if matches!(options.image_check, ImageCheck::Header | ImageCheck::Decode) {
                 let (w, h) = image_dimensions(&image).unwrap_or(mask.dimensions());
                 if (w, h) != mask.dimensions() {
                     let message = format!(

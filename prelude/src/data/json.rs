@@ -3,6 +3,10 @@
 //! A JSON list is cut into its top-level elements by a small scanner before parsing, so that each
 //! record knows the line it starts on and one malformed record can be skipped without losing the
 //! rest of the file — neither of which `serde_json::from_str::<Vec<Value>>` offers.
+//!
+//! The file is read as bytes and each record is checked for UTF-8 on its own, so one bad byte
+//! (a Latin-1 caption in a UTF-8 dump) is an error naming its line, or one skipped record, rather
+//! than a failure of the whole file.
 
 use std::path::{Path, PathBuf};
 
@@ -22,10 +26,10 @@ pub(super) enum Layout {
     Auto,
 }
 
-/// The unparsed text of one record and where it starts.
+/// The unparsed bytes of one record and where it starts.
 pub(super) struct RawRecord<'a> {
     pub line: usize,
-    pub text: &'a str,
+    pub text: &'a [u8],
 }
 
 /// One parsed record: field accessors turn every problem into a `PivotError::Record`.
@@ -52,7 +56,13 @@ fn kind_of(value: &Value) -> &'static str {
 
 impl<'a> Record<'a> {
     fn parse(path: &'a Path, raw: &RawRecord<'_>) -> Result<Record<'a>> {
-        let value: Value = serde_json::from_str(raw.text).map_err(|e| {
+        let text = std::str::from_utf8(raw.text).map_err(|e| {
+            let at = e.valid_up_to();
+            let line = raw.line + raw.text[..at].iter().filter(|&&b| b == b'\n').count();
+            let column = at - raw.text[..at].iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) + 1;
+            record_error(path, line, "json", format!("invalid UTF-8 (byte 0x{:02x} at column {column}); the file must be UTF-8", raw.text[at]))
+        })?;
+        let value: Value = serde_json::from_str(text).map_err(|e| {
             // serde counts lines from the start of the record's text.
             record_error(path, raw.line + e.line().saturating_sub(1), "json", format!("malformed JSON: {e}"))
         })?;
@@ -136,10 +146,10 @@ pub(super) fn load_records<T>(
     options: &LoadOptions,
     mut parse: impl FnMut(&Record<'_>) -> Result<Vec<T>>,
 ) -> Result<(Vec<T>, SkipReport)> {
-    let text = std::fs::read_to_string(path).map_err(|e| PivotError::file(path, format!("cannot read: {e}")))?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let bytes = std::fs::read(path).map_err(|e| PivotError::file(path, format!("cannot read: {e}")))?;
+    let text = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
     let layout = match layout {
-        Layout::Auto if text.trim_start().starts_with('[') => Layout::List,
+        Layout::Auto if text.get(skip_whitespace(text, 0)) == Some(&b'[') => Layout::List,
         Layout::Auto => Layout::Lines,
         other => other,
     };
@@ -168,10 +178,11 @@ pub(super) fn load_records<T>(
     Ok((samples, skipped))
 }
 
-fn split_lines(text: &str) -> Vec<RawRecord<'_>> {
-    text.lines()
+fn split_lines(text: &[u8]) -> Vec<RawRecord<'_>> {
+    text.split(|&b| b == b'\n')
         .enumerate()
-        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| (i, line.strip_suffix(b"\r").unwrap_or(line)))
+        .filter(|(_, line)| !line.iter().all(|b| b.is_ascii_whitespace()))
         .map(|(i, line)| RawRecord { line: i + 1, text: line })
         .collect()
 }
@@ -180,17 +191,17 @@ fn split_lines(text: &str) -> Vec<RawRecord<'_>> {
 struct LineIndex(Vec<usize>);
 
 impl LineIndex {
-    fn new(text: &str) -> Self {
-        LineIndex(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i).collect())
+    fn new(text: &[u8]) -> Self {
+        LineIndex(text.iter().copied().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i).collect())
     }
     fn line(&self, offset: usize) -> usize {
         self.0.partition_point(|&newline| newline < offset) + 1
     }
 }
 
-fn split_list<'a>(path: &Path, text: &'a str) -> Result<Vec<RawRecord<'a>>> {
+fn split_list<'a>(path: &Path, text: &'a [u8]) -> Result<Vec<RawRecord<'a>>> {
     let lines = LineIndex::new(text);
-    let bytes = text.as_bytes();
+    let bytes = text;
     let fail = |at: usize, message: &str| record_error(path, lines.line(at), "json", message);
 
     let mut i = skip_whitespace(bytes, 0);

@@ -88,17 +88,24 @@ pub enum SkipPolicy {
     Skip,
 }
 
-/// How much a loader checks each image at load time. Decoding always happens later, on use.
+/// How much a loader checks each image at load time. Training decodes the images later, on use,
+/// so an image that fails there stops the run; the checks move that failure to load time, where
+/// [`SkipPolicy::Skip`] drops and counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ImageCheck {
     /// Trust the paths.
     None,
     /// One `stat` per image: the file exists.
     Exists,
-    /// Read the image header: the file exists and is a PNG/JPEG the decoder understands.
-    /// Costs one small read per image, which catches truncated downloads and HTML error pages.
+    /// Read the image's header and its last bytes: the file exists, is a PNG/JPEG the decoder
+    /// understands, and ends as a complete one does (JPEG: an end-of-image marker after the last
+    /// scan; PNG: the `IEND` chunk). Two small reads per image, which catch truncated downloads
+    /// and HTML error pages.
     #[default]
     Header,
+    /// Decode every image fully at load time (and check its end as `Header` does): also catches
+    /// corruption inside complete files, at the cost of one decode per image.
+    Decode,
 }
 
 /// Options shared by every loader.
@@ -273,13 +280,53 @@ fn check_image(path: &Path, check: ImageCheck) -> std::result::Result<(), String
                 Err(format!("image file {} does not exist", path.display()))
             }
         }
-        ImageCheck::Header => {
+        ImageCheck::Header | ImageCheck::Decode => {
             if !path.is_file() {
                 return Err(format!("image file {} does not exist", path.display()));
             }
-            image_dimensions(path).map(|_| ())
+            image_dimensions(path)?;
+            check_image_end(path)?;
+            if check == ImageCheck::Decode {
+                decode_rgb(path).map_err(|e| e.to_string())?;
+            }
+            Ok(())
         }
     }
+}
+
+/// How far from the end a complete image's end marker may sit (some writers pad or append a few
+/// bytes after it).
+const IMAGE_TAIL_BYTES: u64 = 64 * 1024;
+
+/// Checks that a PNG/JPEG file ends like a complete one, from its last [`IMAGE_TAIL_BYTES`]: a
+/// truncated download keeps a valid header, so the header alone cannot tell.
+fn check_image_end(path: &Path) -> std::result::Result<(), String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let truncated = |what: &str| format!("{} is truncated or incomplete: {what}", path.display());
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| format!("cannot read image {}: {e}", path.display()))?.len();
+    let mut head = [0u8; 8];
+    file.read_exact(&mut head).map_err(|_| truncated("shorter than an image header"))?;
+    let from = len.saturating_sub(IMAGE_TAIL_BYTES);
+    let mut tail = Vec::with_capacity((len - from) as usize);
+    file.seek(SeekFrom::Start(from))
+        .and_then(|_| file.read_to_end(&mut tail))
+        .map_err(|e| format!("cannot read image {}: {e}", path.display()))?;
+    let find_last = |needle: &[u8]| tail.windows(needle.len()).rposition(|w| w == needle);
+    if head.starts_with(&[0x89, b'P', b'N', b'G']) {
+        // The IEND chunk: zero length, type, and its fixed CRC.
+        if find_last(&[0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82]).is_none() {
+            return Err(truncated("no IEND chunk at its end"));
+        }
+    } else if head.starts_with(&[0xFF, 0xD8]) {
+        // Entropy-coded data never holds FF D9 (a data byte FF is stuffed as FF 00), so the last
+        // FF D9 is a real end-of-image marker; no scan (FF DA) may start after it.
+        match find_last(&[0xFF, 0xD9]) {
+            Some(eoi) if !tail[eoi..].windows(2).any(|w| w == [0xFF, 0xDA]) => {}
+            _ => return Err(truncated("no end-of-image marker after its last scan")),
+        }
+    }
+    Ok(())
 }
 
 fn image_dimensions(path: &Path) -> std::result::Result<(u32, u32), String> {

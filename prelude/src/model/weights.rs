@@ -1,27 +1,50 @@
 //! Reading and writing Hugging Face safetensors checkpoints.
 //!
 //! A checkpoint is a single `*.safetensors` file, a sharded set described by
-//! `model.safetensors.index.json`, or a directory holding either. Files are memory-mapped and a
-//! tensor is copied out only when a model asks for it, so loading a tower out of a whole MLLM
-//! checkpoint does not read the language model. Errors always name the file and the tensor.
+//! `model.safetensors.index.json`, or a directory holding either. Each file's header is read and
+//! validated once, at open: every tensor's byte range is checked against the file's length, so a
+//! truncated download is an error naming the file before any model is touched. A tensor is read
+//! only when a model asks for it (loading a tower out of a whole MLLM checkpoint does not read the
+//! language model), with bounds-checked positional reads (`pread`) on the open file rather than
+//! through a memory map: a file truncated underneath a map turns the next access into SIGBUS, and
+//! one rewritten in place hands out foreign bytes. Before each read the file's length and mtime
+//! are compared with those seen at open, so a file changed underneath us is an error naming it.
+//! Errors always name the file and the tensor.
+//!
+//! Writes are atomic and durable: data goes to `<name>.partial`, is fsynced, renamed into place,
+//! and the directory is fsynced, so after a crash or power cut the real name holds either the old
+//! file or the complete new one.
 
 use crate::error::{PivotError, Result};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
+use safetensors::tensor::Metadata;
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 use tch::{Kind, Tensor, nn::VarStore};
+
+/// safetensors' own limit on the JSON header (`MAX_HEADER_SIZE` in the crate).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 struct Shard {
     path: PathBuf,
-    mmap: memmap2::Mmap,
+    file: File,
+    /// Length and modification time at open: a file that differs later was changed underneath us.
+    len: u64,
+    modified: Option<SystemTime>,
 }
 
-/// Where one tensor lives: which shard, its dtype and shape.
+/// Where one tensor lives: which shard, its dtype and shape, and its absolute byte range in the
+/// shard (already checked against the file's length).
 #[derive(Clone, Debug)]
 pub struct TensorInfo {
     pub shard: usize,
     pub dtype: Dtype,
     pub shape: Vec<i64>,
+    pub byte_range: (u64, u64),
 }
 
 /// An opened (possibly sharded) safetensors checkpoint.
@@ -29,6 +52,16 @@ pub struct Checkpoint {
     root: PathBuf,
     shards: Vec<Shard>,
     index: BTreeMap<String, TensorInfo>,
+}
+
+thread_local! {
+    static HEADER_PARSES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// How many safetensors headers this thread has parsed so far. A checkpoint parses each file's
+/// header once, at open; this counter lets a test check that reading tensors parses nothing more.
+pub fn header_parse_count() -> usize {
+    HEADER_PARSES.with(|c| c.get())
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -61,6 +94,45 @@ fn dtype_of(kind: Kind) -> Result<Dtype> {
         Kind::Bool => Dtype::BOOL,
         other => return Err(PivotError::invalid(format!("cannot write a {other:?} tensor to safetensors"))),
     })
+}
+
+/// Reads and validates one file's header: (tensor name, dtype, shape, absolute byte range).
+fn read_header(path: &Path, file: &File, len: u64) -> Result<Vec<(String, Dtype, Vec<i64>, (u64, u64))>> {
+    let bad = |why: String| PivotError::file(path, format!("not a valid safetensors file (truncated or corrupt?): {why}"));
+    if len < 8 {
+        return Err(bad(format!("{len} bytes, shorter than the 8-byte header length")));
+    }
+    let mut n = [0u8; 8];
+    file.read_exact_at(&mut n, 0).map_err(|e| PivotError::file(path, e))?;
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES {
+        return Err(bad(format!("header length {n} exceeds safetensors' limit of {MAX_HEADER_BYTES} bytes")));
+    }
+    if 8 + n > len {
+        return Err(bad(format!("header length {n} runs past the end of the {len}-byte file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact_at(&mut header, 8).map_err(|e| PivotError::file(path, e))?;
+    HEADER_PARSES.with(|c| c.set(c.get() + 1));
+    // `Metadata`'s deserializer checks that the byte ranges are contiguous and match dtype × shape.
+    let meta: Metadata = serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let data_start = 8 + n;
+    let expected = data_start + meta.data_len() as u64;
+    if expected != len {
+        return Err(bad(format!("the header describes {expected} bytes, the file has {len}")));
+    }
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i64::try_from(d).map_err(|_| bad(format!("tensor `{name}` has dimension {d}"))))
+            .collect::<Result<Vec<i64>>>()?;
+        // Offsets within the data section, which `expected == len` bounds by the file.
+        out.push((name, info.dtype, shape, (data_start + s as u64, data_start + e as u64)));
+    }
+    Ok(out)
 }
 
 impl Checkpoint {
@@ -99,21 +171,19 @@ impl Checkpoint {
         let mut shards = Vec::with_capacity(files.len());
         let mut index = BTreeMap::new();
         for (i, file) in files.into_iter().enumerate() {
-            let handle = std::fs::File::open(&file).map_err(|e| PivotError::file(&file, e))?;
-            // SAFETY: the map is read-only; a checkpoint modified while we read it is the
-            // user's race, and the worst outcome is wrong numbers, not memory unsafety in Rust code
-            // that only reads bytes.
-            let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| PivotError::file(&file, e))?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| {
-                PivotError::file(&file, format!("not a valid safetensors file (truncated or corrupt?): {e}"))
-            })?;
-            for (name, view) in st.tensors() {
-                let shape = view.shape().iter().map(|&d| d as i64).collect();
-                if index.insert(name.clone(), TensorInfo { shard: i, dtype: view.dtype(), shape }).is_some() {
+            let handle = File::open(&file).map_err(|e| PivotError::file(&file, e))?;
+            let meta = handle.metadata().map_err(|e| PivotError::file(&file, e))?;
+            if !meta.is_file() {
+                return Err(PivotError::file(&file, "not a regular file"));
+            }
+            let len = meta.len();
+            for (name, dtype, shape, byte_range) in read_header(&file, &handle, len)? {
+                if index.contains_key(&name) {
                     return Err(PivotError::file(&file, format!("tensor `{name}` appears in more than one shard")));
                 }
+                index.insert(name, TensorInfo { shard: i, dtype, shape, byte_range });
             }
-            shards.push(Shard { path: file, mmap });
+            shards.push(Shard { path: file, file: handle, len, modified: meta.modified().ok() });
         }
         Ok(Checkpoint { root: path.to_path_buf(), shards, index })
     }
@@ -175,12 +245,36 @@ impl Checkpoint {
             .get(name)
             .ok_or_else(|| PivotError::MissingTensor { path: self.root.clone(), name: name.to_string(), expected: vec![] })?;
         let shard = &self.shards[info.shard];
-        let st = SafeTensors::deserialize(&shard.mmap).map_err(|e| PivotError::file(&shard.path, e))?;
-        let view = st.tensor(name).map_err(|e| PivotError::file(&shard.path, e))?;
         let kind = kind_of(info.dtype).ok_or_else(|| {
             PivotError::file(&shard.path, format!("tensor `{name}` has unsupported dtype {:?}", info.dtype))
         })?;
-        Ok(Tensor::f_from_data_size(view.data(), &info.shape, kind)?)
+        let now = shard.file.metadata().map_err(|e| PivotError::file(&shard.path, e))?;
+        if now.len() != shard.len || now.modified().ok() != shard.modified {
+            return Err(PivotError::file(
+                &shard.path,
+                format!(
+                    "changed since it was opened ({} bytes then, {} now); reading tensor `{name}` from it would mix two versions — open it again",
+                    shard.len,
+                    now.len()
+                ),
+            ));
+        }
+        let (start, end) = info.byte_range;
+        let nbytes = (end - start) as usize;
+        // Read straight into the tensor's storage: no second copy of a large embedding.
+        let tensor = Tensor::f_empty(info.shape.as_slice(), (kind, tch::Device::Cpu))?;
+        if nbytes != tensor.numel() * kind.elt_size_in_bytes() {
+            return Err(PivotError::file(&shard.path, format!("tensor `{name}`: {nbytes} bytes for shape {:?}", info.shape)));
+        }
+        if nbytes > 0 {
+            // SAFETY: a fresh contiguous CPU tensor owns exactly `nbytes` bytes at `data_ptr`, and
+            // nothing else refers to it yet.
+            let dst = unsafe { std::slice::from_raw_parts_mut(tensor.data_ptr() as *mut u8, nbytes) };
+            shard.file.read_exact_at(dst, start).map_err(|e| {
+                PivotError::file(&shard.path, format!("cannot read tensor `{name}` (bytes {start}..{end}): {e}"))
+            })?;
+        }
+        Ok(tensor)
     }
 
     /// The first of `prefixes` under which `probe` exists, e.g. to find whether a tower is stored
@@ -242,8 +336,8 @@ impl Checkpoint {
 }
 
 /// Writes named tensors to one safetensors file with `{"format": "pt"}` metadata (which
-/// `transformers` requires), atomically: the data goes to `<path>.partial` and is renamed into
-/// place only when complete, so a crash never leaves a truncated checkpoint under the real name.
+/// `transformers` requires), atomically and durably (see the module doc): a crash or power cut
+/// never leaves a truncated or zero-filled file under the real name.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     struct Owned {
         dtype: Dtype,
@@ -279,16 +373,39 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
     let views: Vec<(&str, &Owned)> = owned.iter().map(|(n, o)| (n.as_str(), o)).collect();
     let partial = partial_path(path);
     safetensors::serialize_to_file(views, Some(metadata), &partial).map_err(|e| PivotError::file(&partial, e))?;
-    std::fs::rename(&partial, path).map_err(|e| PivotError::file(path, e))?;
-    Ok(())
+    commit_partial(&partial, path)
 }
 
-/// Writes a text file atomically (see [`write_safetensors`]).
+/// Writes a text file atomically and durably (see [`write_safetensors`]).
 pub fn write_text_atomic(path: &Path, text: &str) -> Result<()> {
     let partial = partial_path(path);
     std::fs::write(&partial, text).map_err(|e| PivotError::file(&partial, e))?;
-    std::fs::rename(&partial, path).map_err(|e| PivotError::file(path, e))?;
-    Ok(())
+    commit_partial(&partial, path)
+}
+
+/// fsyncs a fully written `partial`, renames it to `path` and fsyncs the directory: without the
+/// first fsync a power cut after the rename can leave `path` at its full size holding zeros;
+/// without the second the rename itself may be lost. On error the partial file is removed.
+fn commit_partial(partial: &Path, path: &Path) -> Result<()> {
+    let res = sync_file(partial)
+        .and_then(|()| std::fs::rename(partial, path).map_err(|e| PivotError::file(path, e)))
+        .and_then(|()| sync_dir(path.parent().unwrap_or(Path::new("."))));
+    if res.is_err() {
+        let _ = std::fs::remove_file(partial);
+    }
+    res
+}
+
+/// fsync of a file's data and metadata. On Linux fsync on any descriptor of the file flushes all
+/// of its dirty pages, so a read-only handle opened after the writer closed is enough.
+pub fn sync_file(path: &Path) -> Result<()> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(|e| PivotError::file(path, format!("fsync: {e}")))
+}
+
+/// fsync of a directory, which makes the creations, renames and removals of its entries durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    File::open(dir).and_then(|f| f.sync_all()).map_err(|e| PivotError::file(dir, format!("fsync of the directory: {e}")))
 }
 
 fn partial_path(path: &Path) -> PathBuf {

@@ -309,6 +309,20 @@ impl LinearProbe {
     }
 }
 
+/// Features with a NaN or Inf (a failed extraction, an overflowing fp16 tower) would turn every head
+/// into NaN and the report into noise: an error naming the set and the first bad row instead.
+fn check_finite_features(x: &Tensor, what: &str) -> Result<()> {
+    let bad_rows = tch::no_grad(|| x.isfinite().logical_not().any_dim(1, false).nonzero());
+    if bad_rows.size()[0] == 0 {
+        return Ok(());
+    }
+    let row = bad_rows.int64_value(&[0, 0]);
+    Err(PivotError::invalid(format!(
+        "{what}: feature row {row} (and {} more) holds NaN or Inf",
+        bad_rows.size()[0] - 1
+    )))
+}
+
 /// DINOv2's linear head (`eval/linear.py`) on frozen features: one linear layer per learning rate,
 /// all trained jointly on the same mini-batches with SGD (momentum 0.9, no weight decay), cosine
 /// annealing to 0, lr scaled by batch/256, weights N(0, 0.01²), bias 0. As in DINOv2 the best
@@ -339,13 +353,38 @@ impl Default for SgdLinearProbe {
 }
 
 impl SgdLinearProbe {
+    /// The learning rates (finite, > 0), momentum in [0, 1), weight decay >= 0, batch size and
+    /// epochs >= 1.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, msg: String| Err(PivotError::config("SgdLinearProbe", field, msg));
+        if self.lrs.is_empty() {
+            return bad("lrs", "empty learning-rate grid".into());
+        }
+        if let Some(lr) = self.lrs.iter().find(|lr| !(lr.is_finite() && **lr > 0.0)) {
+            return bad("lrs", format!("{lr} is not a positive finite learning rate"));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum", format!("{} is outside [0, 1)", self.momentum));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad("weight_decay", format!("{} is not a finite value >= 0", self.weight_decay));
+        }
+        if self.batch_size < 1 {
+            return bad("batch_size", format!("{}: must be at least 1", self.batch_size));
+        }
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
     pub fn fit_features(&self, train: &FeatureSet, val: &FeatureSet) -> Result<ProbeReport> {
         let start = Instant::now();
         let (n, d) = check_xy(&train.x, &train.y, "SgdLinearProbe train")?;
         check_xy(&val.x, &val.y, "SgdLinearProbe val")?;
-        if self.lrs.is_empty() {
-            return Err(PivotError::invalid("SgdLinearProbe: empty learning-rate grid"));
-        }
+        self.validate()?;
+        check_finite_features(&train.x, "SgdLinearProbe train")?;
+        check_finite_features(&val.x, "SgdLinearProbe val")?;
         let dev = train.x.device();
         let k = num_classes(train, val);
         let g = self.lrs.len() as i64;
@@ -406,9 +445,24 @@ impl SgdLinearProbe {
                 .collect();
             (s, tops)
         });
+        // A head whose weights went NaN/Inf (its lr diverged) scores garbage; it is reported with
+        // top-1 0 and an infinite loss and never chosen.
+        let diverged: Vec<bool> = tch::no_grad(|| {
+            (0..g).map(|i| !(w.get(i).sum(Kind::Float).double_value(&[]).is_finite() && b.get(i).sum(Kind::Float).double_value(&[]).is_finite())).collect()
+        });
+        if diverged.iter().all(|&d| d) {
+            return Err(PivotError::NonFinite {
+                what: format!("SgdLinearProbe weights for every learning rate of {:?}", self.lrs),
+                step: total as usize,
+                last_good: 0,
+            });
+        }
+        let tops: Vec<(f64, f64)> =
+            tops.iter().zip(&diverged).map(|(&t, &d)| if d { (0.0, f64::INFINITY) } else { t }).collect();
         let sweep: Vec<SweepPoint> =
             self.lrs.iter().zip(&tops).map(|(&lr, &(top1, loss))| SweepPoint { param: lr, top1, loss }).collect();
         let best = (0..g as usize)
+            .filter(|&i| !diverged[i])
             .max_by(|&a, &b| tops[a].0.total_cmp(&tops[b].0).then(tops[b].1.total_cmp(&tops[a].1)))
             .unwrap_or(0);
         let mut r = report("sgd-linear", &scores_all.get(best as i64), train, val, k, sweep, start, self.standardize);

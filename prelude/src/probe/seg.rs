@@ -137,7 +137,9 @@ impl BinaryConfusions {
             self.tp[c] += tp;
             self.fn_[c] += row - tp;
             self.fp[c] += col - tp;
-            self.tn[c] += total - row - col + tp;
+            // row + col can exceed total (a class that is both common and often predicted):
+            // add tp first so the unsigned arithmetic never goes below zero.
+            self.tn[c] += total + tp - row - col;
         }
     }
 
@@ -286,6 +288,49 @@ fn check_tokens_masks(tokens: &Tensor, masks: &Tensor, what: &str) -> Result<(i6
     Ok((ts[0], ts[1], ts[2], ms[1] * ms[2]))
 }
 
+/// Every mask id must be a class (0..C) or the ignore index: the patch-seg counts would drop any
+/// other id silently and the dense cross-entropy would index past its classes (a device assert on
+/// CUDA). The error names the first offending sample and id.
+fn check_mask_ids(masks: &Tensor, num_classes: i64, ignore: i64, what: &str) -> Result<()> {
+    let m = masks.to_kind(Kind::Int64);
+    let bad = m.lt(0).logical_or(&m.ge(num_classes)).logical_and(&m.ne(ignore));
+    let per_sample = bad.reshape([m.size()[0], -1]).any_dim(1, false);
+    let samples = per_sample.nonzero();
+    if samples.size()[0] == 0 {
+        return Ok(());
+    }
+    let i = samples.int64_value(&[0, 0]);
+    let id = m.get(i).masked_select(&bad.get(i)).int64_value(&[0]);
+    Err(PivotError::invalid(format!(
+        "{what}: sample {i} has mask id {id}, which is neither one of the {num_classes} classes (0..={}) nor the ignore index {ignore}",
+        num_classes - 1
+    )))
+}
+
+/// Optimiser settings of a segmentation probe: finite, lr > 0, 0 <= min_lr <= lr, weight decay >= 0.
+fn check_probe_hyper(what: &str, num_classes: i64, lr: f64, min_lr: f64, weight_decay: f64, batch_size: i64, epochs: usize) -> Result<()> {
+    let bad = |field: &str, msg: String| Err(PivotError::config(what, field, msg));
+    if num_classes < 1 {
+        return bad("num_classes", format!("{num_classes}: must be at least 1"));
+    }
+    if !(lr.is_finite() && lr > 0.0) {
+        return bad("lr", format!("{lr} is not a positive finite learning rate"));
+    }
+    if !(min_lr.is_finite() && (0.0..=lr).contains(&min_lr)) {
+        return bad("min_lr", format!("{min_lr} is outside [0, lr = {lr}]"));
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        return bad("weight_decay", format!("{weight_decay} is not a finite value >= 0"));
+    }
+    if batch_size < 1 {
+        return bad("batch_size", format!("{batch_size}: must be at least 1"));
+    }
+    if epochs == 0 {
+        return bad("epochs", "must be at least 1".into());
+    }
+    Ok(())
+}
+
 fn grid_of(tokens: i64, masks: &Tensor, what: &str) -> Result<(i64, i64, i64)> {
     let ms = masks.size();
     let (hh, ww) = (ms[1], ms[2]);
@@ -338,6 +383,8 @@ pub struct PatchSegProbe {
     pub num_classes: i64,
     /// Class id treated as "unlabeled" by the union rule (COCO-Stuff/ADE20K: 0).
     pub unlabeled: Option<i64>,
+    /// Mask value of pixels without a label (not counted); any other id must be a class.
+    pub ignore_index: i64,
     pub lr: f64,
     pub min_lr: f64,
     pub weight_decay: f64,
@@ -356,6 +403,7 @@ impl PatchSegProbe {
             head: SegHead::Mlp { hidden: 1024 },
             num_classes,
             unlabeled: Some(0),
+            ignore_index: 255,
             lr: 1e-3,
             min_lr: 1e-4,
             weight_decay: 0.01,
@@ -405,6 +453,9 @@ impl PatchSegProbe {
         let start = Instant::now();
         let (n, t, d, _) = check_tokens_masks(train_tokens, train_masks, "PatchSegProbe train")?;
         let (nv, tv, dv, _) = check_tokens_masks(val_tokens, val_masks, "PatchSegProbe val")?;
+        check_probe_hyper("PatchSegProbe", self.num_classes, self.lr, self.min_lr, self.weight_decay, self.batch_size, self.epochs)?;
+        check_mask_ids(train_masks, self.num_classes, self.ignore_index, "PatchSegProbe train")?;
+        check_mask_ids(val_masks, self.num_classes, self.ignore_index, "PatchSegProbe val")?;
         if tv != t || dv != d {
             return Err(PivotError::invalid(format!("PatchSegProbe: train tokens [{n},{t},{d}] vs val [{nv},{tv},{dv}]")));
         }
@@ -589,6 +640,9 @@ impl DenseSegProbe {
         let start = Instant::now();
         let (n, t, d, _) = check_tokens_masks(train_tokens, train_masks, "DenseSegProbe train")?;
         let (nv, tv, _, _) = check_tokens_masks(val_tokens, val_masks, "DenseSegProbe val")?;
+        check_probe_hyper("DenseSegProbe", self.num_classes, self.lr, self.min_lr, self.weight_decay, self.batch_size, self.epochs)?;
+        check_mask_ids(train_masks, self.num_classes, self.ignore_index, "DenseSegProbe train")?;
+        check_mask_ids(val_masks, self.num_classes, self.ignore_index, "DenseSegProbe val")?;
         if tv != t {
             return Err(PivotError::invalid(format!("DenseSegProbe: train has {t} tokens per image, val {tv}")));
         }

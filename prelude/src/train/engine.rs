@@ -284,7 +284,7 @@ fn run_inner<S: Sync, O: Objective<S>>(
     total: usize,
     log: &mut TrainLog,
 ) -> Result<()> {
-    let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay);
+    let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
     let mut start = 0;
     match &cfg.resume_from {
         Some(dir) => {

@@ -147,7 +147,7 @@ pub struct AdamW {
 impl AdamW {
     /// Collects every parameter of `mllm` that currently requires grad. `lrs` are the peak
     /// learning rates of tower, projector and LM.
-    pub(crate) fn new(mllm: &Mllm, lrs: [f64; 3], betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+    pub(crate) fn new(mllm: &Mllm, lrs: [f64; 3], betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<Self> {
         let mut params = Vec::new();
         let mut seen = std::collections::HashSet::new();
         for module in ParamGroup::ALL {
@@ -161,9 +161,29 @@ impl AdamW {
         Self::from_params(params, lrs, betas, eps, weight_decay)
     }
 
-    pub(crate) fn from_params(params: Vec<Param>, lrs: [f64; 3], betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+    /// Refuses hyper-parameters that make the update undefined or silently wrong: ε = 0 divides
+    /// 0 by 0 for a parameter whose gradient has always been zero, β ≥ 1 makes the bias
+    /// correction divide by zero, β < 0 or a negative weight decay are no longer AdamW.
+    pub(crate) fn from_params(params: Vec<Param>, lrs: [f64; 3], betas: (f64, f64), eps: f64, weight_decay: f64) -> Result<Self> {
+        let bad = |field: &str, msg: String| Err(PivotError::config("AdamW", field, msg));
+        for (lr, group) in lrs.iter().zip(ParamGroup::ALL) {
+            if !(lr.is_finite() && *lr >= 0.0) {
+                return bad("lr", format!("{lr} (the {group:?} group's) is not a finite value >= 0"));
+            }
+        }
+        for (beta, field) in [(betas.0, "betas.0"), (betas.1, "betas.1")] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(field, format!("{beta} is outside [0, 1)"));
+            }
+        }
+        if !(eps.is_finite() && eps > 0.0) {
+            return bad("eps", format!("{eps} is not a finite value > 0"));
+        }
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            return bad("weight_decay", format!("{weight_decay} is not a finite value >= 0"));
+        }
         let fused = cfg!(pivot_fused_optim);
-        AdamW { params, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused }
+        Ok(AdamW { params, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused })
     }
 
     fn build_segments(&mut self) -> Result<()> {
@@ -269,6 +289,31 @@ impl AdamW {
                 }
             }
             self.step_unfused(i, lr, grad_scale);
+        }
+        self.check_finite()
+    }
+
+    /// After an update: finite gradients and valid hyper-parameters can still overflow (an lr
+    /// too large for the weights' dtype). Stop at the step that did it rather than a step later
+    /// at a NaN loss with the cause gone.
+    fn check_finite(&self) -> Result<()> {
+        for s in &self.segments {
+            for w in std::iter::once(&s.flat).chain(s.master.as_ref()) {
+                // A sum is non-finite iff an element is (or the weights are beyond 1e38 anyway),
+                // and needs no weight-sized temporary.
+                let finite = tch::no_grad(|| w.sum(Kind::Float)).double_value(&[]).is_finite();
+                if !finite {
+                    let name = s.views(w).into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0).map(|(n, _)| n);
+                    return Err(PivotError::invalid(format!(
+                        "AdamW update {} made the {:?} weights non-finite (first: `{}`; lr {:?} too large for their dtype?); \
+                         the model's weights are no longer usable — resume from the last checkpoint",
+                        self.t,
+                        s.module,
+                        name.unwrap_or_default(),
+                        self.lrs[s.module as usize]
+                    )));
+                }
+            }
         }
         Ok(())
     }
@@ -483,7 +528,7 @@ mod tests {
             .collect();
         let f = |k: &str| cfg[k].as_f64().unwrap();
         let betas = (cfg["betas"][0].as_f64().unwrap(), cfg["betas"][1].as_f64().unwrap());
-        let mut opt = AdamW::from_params(params, [f("lr_tower"), 0.0, f("lr_lm")], betas, f("eps"), f("weight_decay"));
+        let mut opt = AdamW::from_params(params, [f("lr_tower"), 0.0, f("lr_lm")], betas, f("eps"), f("weight_decay")).unwrap();
         opt.fused = fused;
         let max_norm = f("max_norm");
         for s in 0..cfg["steps"].as_u64().unwrap() as usize {
