@@ -2,7 +2,7 @@
 """Data-parallel step time: `pivot-train` DPO on the tiny MLLM at 1 rank (alone) and 2 ranks
 (torchrun --standalone, c10d Gloo), 1 thread per rank, on the CPU; the same per-rank micro-batch,
 so 2 ranks do twice the work per step. Reports the median step time of the steps after the first
-(from each run's log.csv) and the bytes each rank puts into collectives per step.
+(from each run's log.csv) and the payload bytes each rank all-reduces per step.
 
     benches/dist_train.py [--bin PATH] [--steps 12] [--batch 2] [--samples 64]
 
@@ -79,7 +79,7 @@ def main() -> None:
             if p.returncode != 0:
                 sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
             steps = step_seconds(tmp / f"r{ranks}")[1:]
-            sent = [int(b) for b in re.findall(r"(\d+) bytes sent per step", p.stdout)]
+            sent = [int(b) for b in re.findall(r"(\d+) bytes all-reduced per step", p.stdout)]
             rows.append({
                 "ranks": ranks,
                 "pairs_per_step": args.batch * args.accum * ranks,
@@ -92,7 +92,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['ranks']:>5} {r['pairs_per_step']:>10} {r['median_step_s']:>13.4f} {r['pairs_per_step'] / r['median_step_s']:>8.1f} {r['bytes_sent_per_step_per_rank']:>16,}")
     res = ROOT / "benches/results" / f"dist-train-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    machine = {"cpus": os.cpu_count(), "loadavg": os.getloadavg()}
+    machine = {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
     res.write_text(json.dumps({"args": vars(args) | {"bin": str(binary)}, "machine": machine, "runs": rows}, indent=1, default=str))
     print(f"wrote {res}")
 

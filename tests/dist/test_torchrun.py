@@ -114,8 +114,12 @@ def test_dpo_two_ranks_of_b_pairs_equal_one_rank_of_2b(tmp_path):
     assert set(d) == {0, 1} and d[0] == d[1], f"the ranks' weights differ after 3 steps: {d}"
     np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
     assert_same_model(tmp_path / "two", tmp_path / "one")
-    sent = re.search(r"rank 0/2: .* (\d+) bytes sent per step", two.stdout)
-    assert sent and int(sent.group(1)) > 0
+    # Once per step the fp32 gradients of every weight the loss reaches, plus a few flags and
+    # metrics: within 1 % of the saved model's size (it also keeps a few weights the loss does not
+    # reach, such as the tower's final norm), not a multiple of it.
+    model_bytes = 4 * sum(w.size for w in load_file(str(tmp_path / "two" / "model.safetensors")).values())
+    sent = [int(b) for b in re.findall(r"rank \d/2: .* (\d+) bytes all-reduced per step", two.stdout)]
+    assert len(sent) == 2 and all(0.99 * model_bytes <= b <= 1.01 * model_bytes for b in sent), (sent, model_bytes)
 
 
 def test_sft_two_ranks_equal_one_rank_with_doubled_accumulation(tmp_path):

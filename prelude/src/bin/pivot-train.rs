@@ -33,7 +33,7 @@
 //!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
 //! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
-//! collectives per step.
+//! all-reduces per step.
 
 use pivot::prelude::*;
 use pivot::train::dist;
@@ -242,13 +242,13 @@ fn run(path: &Path) -> Result<()> {
         mllm.save_pretrained(out)?;
         log.save_csv(out.join("log.csv"))?;
     }
-    let sent = group.map_or(0, |g| g.bytes_sent());
+    let (reduced, broadcast) = group.map_or((0, 0), |g| (g.bytes_all_reduced(), g.bytes_broadcast()));
     println!(
-        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes sent per step",
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast",
         log.len(),
         log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
         weights_digest(&mllm),
-        sent / log.len().max(1) as u64
+        reduced / log.len().max(1) as u64
     );
     Ok(())
 }

@@ -31,8 +31,9 @@ pub struct ProcessGroup {
     world: usize,
     local_rank: usize,
     raw: shim::Raw,
-    /// Payload bytes this rank sent into collectives (what the benchmark reports).
-    bytes: AtomicU64,
+    /// Payload bytes this rank put into all-reduces and broadcasts (what the benchmark reports).
+    reduced: AtomicU64,
+    broadcast: AtomicU64,
 }
 
 // SAFETY: c10d process groups are thread-safe (their work runs on Gloo's own threads); the
@@ -116,7 +117,7 @@ pub fn init(r: &Rendezvous) -> Result<&'static ProcessGroup> {
     let is_server = !r.agent_store && r.rank == 0;
     let prefix = format!("pivot/{}/", r.restart);
     let raw = shim::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms)?;
-    let pg = ProcessGroup { rank: r.rank, world: r.world, local_rank: r.local_rank, raw, bytes: AtomicU64::new(0) };
+    let pg = ProcessGroup { rank: r.rank, world: r.world, local_rank: r.local_rank, raw, reduced: AtomicU64::new(0), broadcast: AtomicU64::new(0) };
     let _ = GROUP.set(pg);
     Ok(GROUP.get().expect("just set"))
 }
@@ -136,26 +137,31 @@ impl ProcessGroup {
     pub fn local_rank(&self) -> usize {
         self.local_rank
     }
-    /// Payload bytes this rank has put into collectives so far.
-    pub fn bytes_sent(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
+    /// Payload bytes this rank has put into all-reduces so far (a ring all-reduce moves about
+    /// twice that over the wire per rank).
+    pub fn bytes_all_reduced(&self) -> u64 {
+        self.reduced.load(Ordering::Relaxed)
+    }
+    /// Payload bytes of the broadcasts so far (the weights at the start of each run).
+    pub fn bytes_broadcast(&self) -> u64 {
+        self.broadcast.load(Ordering::Relaxed)
     }
 
-    fn count(&self, tensors: &[&Tensor]) {
+    fn count(counter: &AtomicU64, tensors: &[&Tensor]) {
         let n: usize = tensors.iter().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum();
-        self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        counter.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Reduces each tensor in place over all ranks (every rank gets the result). Tensors must be
     /// contiguous.
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
-        self.count(tensors);
+        Self::count(&self.reduced, tensors);
         shim::all_reduce(&self.raw, tensors, op)
     }
 
     /// Copies each tensor of rank `root` into the same tensor of every other rank.
     pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
-        self.count(tensors);
+        Self::count(&self.broadcast, tensors);
         shim::broadcast(&self.raw, tensors, root)
     }
 
