@@ -36,7 +36,7 @@ def train_bin() -> Path:
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIVOT_INJECT_NAN")}
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIVOT_INJECT_NAN", "PIVOT_INJECT_INTERRUPT")}
     e["OMP_NUM_THREADS"] = "1"
     return e
 
@@ -141,3 +141,14 @@ def test_a_nan_on_rank_1_stops_both_ranks_naming_the_step(tmp_path):
         assert "non-finite" in line and "at step 2" in line, line
     assert "another rank" in next(l for l in p.stderr.splitlines() if "pivot-train rank 0:" in l)
     assert not (tmp_path / "nan").exists(), "a failed run must not save a model"
+
+
+def test_an_interrupt_on_rank_1_stops_both_ranks_mid_step(tmp_path):
+    cfg = write_config(tmp_path, "int", "sft", batch_size=2, grad_accum=2, steps=4)
+    p = torchrun(2, str(cfg), extra={"PIVOT_INJECT_INTERRUPT": "2@1"})
+    assert p.returncode != 0, p.stdout
+    for rank in (0, 1):
+        line = next((l for l in p.stderr.splitlines() if f"pivot-train rank {rank}:" in l), None)
+        assert line is not None, f"rank {rank} did not report its exit:\n{p.stderr}"
+        assert "interrupted" in line and "step 2 of 4, micro-batch 2 of 2" in line, line
+    assert "interrupt on another rank" in next(l for l in p.stderr.splitlines() if "pivot-train rank 0:" in l)

@@ -243,13 +243,15 @@ fn run(path: &Path) -> Result<()> {
         log.save_csv(out.join("log.csv"))?;
     }
     let (reduced, broadcast) = group.map_or((0, 0), |g| (g.bytes_all_reduced(), g.bytes_broadcast()));
-    println!(
-        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast",
+    let line = format!(
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast\n",
         log.len(),
         log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
         weights_digest(&mllm),
         reduced / log.len().max(1) as u64
     );
+    // One write, as for errors in `main`.
+    std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
     Ok(())
 }
 
@@ -278,7 +280,8 @@ fn check_dist() -> Result<()> {
     g.broadcast(&[&x], root)?;
     expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, Device::Cpu)))?;
     g.barrier()?;
-    println!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, barrier)", g.rank(), g.world());
+    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, barrier)\n", g.rank(), g.world());
+    std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
     Ok(())
 }
 
@@ -293,7 +296,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let rank = std::env::var("RANK").map(|r| format!(" rank {r}")).unwrap_or_default();
-            eprintln!("pivot-train{rank}: {e}");
+            // One write: the ranks share torchrun's stderr, and a pipe keeps a single write of
+            // under 4 KiB whole, where eprintln's pieces from two ranks can interleave.
+            let line = format!("pivot-train{rank}: {e}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             ExitCode::FAILURE
         }
     }

@@ -293,9 +293,10 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
         .collect();
     mllm.set_trainable(cfg.train_tower, cfg.train_projector, cfg.train_lm);
     let mut log = TrainLog::new(label);
-    let result = fault::nan_step(shard.rank).and_then(|nan_at| {
+    let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?)));
+    let result = faults.and_then(|(nan_at, interrupt_at)| {
         let opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay);
-        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at };
+        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at };
         lp.run(mllm, data, &mut log)
     });
     for (t, f) in flags {
@@ -316,8 +317,10 @@ struct Loop<'a, O> {
     shard: Shard,
     steps_per_epoch: usize,
     total: usize,
-    /// Fault injection: the step whose loss is made NaN on this rank.
+    /// Fault injection: the step whose loss is made NaN on this rank, and the step in whose last
+    /// micro-batch this rank sees an interrupt request.
     nan_at: Option<usize>,
+    interrupt_at: Option<usize>,
 }
 
 /// Why a rank wants the run to stop in the middle of a step.
@@ -462,6 +465,9 @@ impl<O> Loop<'_, O> {
         let t0 = Instant::now();
         let mut sums = Sums::default();
         for micro in 0..self.cfg.grad_accum {
+            if self.interrupt_at == Some(step + 1) && micro + 1 == self.cfg.grad_accum {
+                crate::runtime::interrupt_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+            }
             self.agree(step, micro, check_interrupt(&self.at(step, micro)).map_err(Stop::Interrupt))?;
             let forward = self.forward::<S>(mllm, step, batches, &timer);
             let (m, loss) = self.agree(step, micro, forward)?;

@@ -1,8 +1,11 @@
-//! Fault injection for tests of the non-finite guard: a NaN loss at a chosen optimizer step.
+//! Fault injection for tests of the non-finite guard and of interrupts: a NaN loss, or an
+//! interrupt request, at a chosen optimizer step.
 //!
 //! Kept out of `TrainConfig`: no user setting can turn it on by accident. Two switches:
 //! * `PIVOT_INJECT_NAN=STEP` (every rank) or `STEP@RANK` (one rank of a distributed run): what
-//!   the torchrun suites set, since torchrun gives every worker the same environment.
+//!   the torchrun suites set, since torchrun gives every worker the same environment; likewise
+//!   `PIVOT_INJECT_INTERRUPT`, which raises the interrupt flag before the last micro-batch of
+//!   that step (as a Ctrl-C on that rank alone would).
 //! * [`inject_nan_at`] (feature `test-hooks`, which the prelude's own tests enable): per thread,
 //!   so tests that run side by side in one process do not see each other's fault.
 
@@ -31,8 +34,20 @@ pub(crate) fn nan_step(rank: usize) -> Result<Option<usize>> {
     }
 }
 
+/// The step in whose last micro-batch rank `rank` sees an interrupt request, if any.
+pub(crate) fn interrupt_step(rank: usize) -> Result<Option<usize>> {
+    match std::env::var("PIVOT_INJECT_INTERRUPT") {
+        Ok(spec) if !spec.trim().is_empty() => parse_var("PIVOT_INJECT_INTERRUPT", &spec, rank),
+        _ => Ok(None),
+    }
+}
+
 fn parse(spec: &str, rank: usize) -> Result<Option<usize>> {
-    let bad = || PivotError::config("environment", "PIVOT_INJECT_NAN", format!("`{spec}` is not STEP or STEP@RANK"));
+    parse_var("PIVOT_INJECT_NAN", spec, rank)
+}
+
+fn parse_var(var: &str, spec: &str, rank: usize) -> Result<Option<usize>> {
+    let bad = || PivotError::config("environment", var, format!("`{spec}` is not STEP or STEP@RANK"));
     let (step, only) = match spec.trim().split_once('@') {
         Some((s, r)) => (s, Some(r.parse::<usize>().map_err(|_| bad())?)),
         None => (spec.trim(), None),
