@@ -74,12 +74,21 @@ HOST         := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 SLOT0_TARGET := $(PIVOT_CACHE_DIR)/slots/0/target
 PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) cargo test -p pivot --target $(HOST)
 
-test: pydeps fixtures rust-src kernel
+test: pydeps fixtures rust-src kernel gloo
 	$(PRELUDE_TEST) --no-fail-fast
+	PIVOT_TRAIN_BIN=$(SLOT0_TARGET)/$(HOST)/debug/pivot-train $(PY) -m pytest -q tests/dist
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-kernel -p pivot-repl --no-fail-fast
 	command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux; }
 	PIVOT_REPL_BIN=$(KERNEL_TARGET)/debug/pivot-repl $(PY) -m pytest -q tests/kernel tests/repl tests/notebooks
 	$(PY) -m pytest -q tests/papermill tests/lab tests/study
+
+# Gloo's headers for the c10d shim (prelude/csrc/c10d_gloo.cpp): torch's wheel lacks them; Debian
+# packages them. Without them the prelude builds without data parallelism (a cargo warning says so).
+GLOO_HEADER := /usr/include/gloo/algorithm.h
+.PHONY: gloo
+gloo: $(GLOO_HEADER)
+$(GLOO_HEADER):
+	apt-get update -qq && apt-get install -y -qq libgloo-dev
 
 clean-fixtures:
 	rm -rf $(PIVOT_FIXTURES)

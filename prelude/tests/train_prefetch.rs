@@ -249,10 +249,12 @@ fn early_exits_stop_the_worker_without_a_hang() {
 
         // A non-finite loss with the worker far from done.
         let mut m = init.clone();
-        let mut train = cfg.clone();
-        train.inject_nan_at = Some(2);
+        let train = cfg.clone();
+        pivot::train::fault::inject_nan_at(Some(2));
         let mut trainer = SftTrainer::new(train);
-        match trainer.run(&mut m, &data) {
+        let result = trainer.run(&mut m, &data);
+        pivot::train::fault::inject_nan_at(None);
+        match result {
             Err(PivotError::NonFinite { step, last_good, .. }) => assert_eq!((step, last_good), (2, 1)),
             other => panic!("expected NonFinite, got {other:?}"),
         }

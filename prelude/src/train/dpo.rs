@@ -5,17 +5,21 @@
 //! halves the tower's cost; the tower's gradient is the same sum PIVOT gets from its two copies.
 //! `double_encoding` reproduces PIVOT's `images + images` literally.
 
-use super::profile;
 use super::checkpoint;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
-use super::log::{StepMetrics, TrainLog};
+use super::log::TrainLog;
 use super::prefetch::prefetch;
+use super::profile;
+use super::trainer::Recipe;
 use crate::data::{PreferenceDataset, PreferenceSample};
 use crate::error::{PivotError, Result};
 use crate::model::{Batch, Batcher, Checkpoint, Encoded, Mllm, MllmOutput, Stage};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-#[derive(Clone, Debug, PartialEq)]
+/// `pivot-train` reads it from TOML (`[dpo]`, its optimisation settings under `[dpo.train]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct DpoConfig {
     /// Inverse temperature of the implicit reward (PIVOT / TRL: 0.1).
     pub beta: f64,
@@ -252,56 +256,30 @@ impl Objective<PreferenceSample> for DpoObjective {
     }
 }
 
-/// Stage-2 DPO (PIVOT: β 0.1, lr 1e-6 for every part, 3 epochs, 256 pairs per step).
-pub struct DpoTrainer {
-    pub config: DpoConfig,
-    hooks: Hooks,
-}
-
-impl DpoTrainer {
-    pub fn new(config: DpoConfig) -> Self {
-        DpoTrainer { config, hooks: Hooks::default() }
+impl Recipe for DpoConfig {
+    type Data = PreferenceDataset;
+    fn train_config_mut(&mut self) -> &mut TrainConfig {
+        &mut self.train
     }
-
-    pub fn on_step(mut self, f: impl FnMut(&StepMetrics) + 'static) -> Self {
-        self.hooks.on_step.push(Box::new(f));
-        self
-    }
-
-    /// Trains `mllm` in place against a frozen copy of itself (or cached reference log-probs) and
-    /// records `Stage::Dpo` in its provenance. On error the model keeps its last good weights
-    /// and [`DpoTrainer::last_log`] holds the steps done so far.
-    pub fn run(&mut self, mllm: &mut Mllm, data: &PreferenceDataset) -> Result<TrainLog> {
-        let c = &self.config;
-        if !(c.beta.is_finite() && c.beta > 0.0) {
-            return Err(PivotError::config("DpoConfig", "beta", format!("{} must be positive", c.beta)));
+    fn fit(&self, mllm: &mut Mllm, data: &PreferenceDataset, hooks: &mut Hooks) -> Result<TrainLog> {
+        if !(self.beta.is_finite() && self.beta > 0.0) {
+            return Err(PivotError::config("DpoConfig", "beta", format!("{} must be positive", self.beta)));
         }
-        if !(0.0..=0.5).contains(&c.label_smoothing) {
-            return Err(PivotError::config("DpoConfig", "label_smoothing", format!("{} is outside [0, 0.5]", c.label_smoothing)));
+        if !(0.0..=0.5).contains(&self.label_smoothing) {
+            return Err(PivotError::config("DpoConfig", "label_smoothing", format!("{} is outside [0, 0.5]", self.label_smoothing)));
         }
         let mut obj = DpoObjective {
-            beta: c.beta,
-            label_smoothing: c.label_smoothing,
-            sft_weight: c.sft_weight,
-            double_encoding: c.double_encoding,
-            cached: c.cached_reference,
-            prefetch: c.train.prefetch,
+            beta: self.beta,
+            label_smoothing: self.label_smoothing,
+            sft_weight: self.sft_weight,
+            double_encoding: self.double_encoding,
+            cached: self.cached_reference,
+            prefetch: self.train.prefetch,
             reference: Reference::None,
         };
-        let log = engine::run("DPO", mllm, &data.samples, &c.train, &mut obj, &mut self.hooks)?;
-        let what = format!("DPO beta {} lr {:e}", c.beta, c.train.lr);
-        mllm.provenance.record(Stage::Dpo, log.len(), c.train.seed, what);
+        let log = engine::run("DPO", mllm, &data.samples, &self.train, &mut obj, hooks)?;
+        let what = format!("DPO beta {} lr {:e}", self.beta, self.train.lr);
+        mllm.provenance.record(Stage::Dpo, log.len(), self.train.seed, what);
         Ok(log)
-    }
-
-    pub fn resume(&mut self, mllm: &mut Mllm, data: &PreferenceDataset, checkpoint: impl Into<std::path::PathBuf>) -> Result<TrainLog> {
-        self.config.train.resume_from = Some(checkpoint.into());
-        let r = self.run(mllm, data);
-        self.config.train.resume_from = None;
-        r
-    }
-
-    pub fn last_log(&self) -> Option<&TrainLog> {
-        self.hooks.last_log.as_ref()
     }
 }

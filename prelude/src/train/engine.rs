@@ -3,24 +3,40 @@
 //! clipping, schedule, AdamW, non-finite guard, interruption, checkpoints, log, live view).
 //! The CPU half of each micro-batch (`Objective::collate`) runs `TrainConfig::prefetch`
 //! micro-batches ahead on a worker thread while the model computes.
+//!
+//! One optimizer step ([`Loop::step`]): for each micro-batch check for an interrupt, forward,
+//! guard the loss, backward; then all-reduce the gradients (data parallel), clip, update.
+//! Interrupts are checked before every micro-batch, so a step of thousands of micro-batches
+//! stops within one of them; the partial gradients are dropped and the weights and optimizer
+//! state stay those of the last completed step.
+//!
+//! Under a process group ([`dist`]) each rank collates only its shard of every global
+//! micro-batch, gradients are averaged over the ranks, and the ranks agree on every stop (an
+//! interrupt, a non-finite loss or a failure on one rank stops all of them at the same point);
+//! rank 0 alone shows progress and saves checkpoints.
 
 use super::checkpoint::{self, TrainerState};
+use super::dist::{self, ProcessGroup, ReduceOp};
+use super::fault;
 use super::log::{LiveView, StepMetrics, TrainLog};
-use super::optim::{AdamW, cosine_schedule};
+use super::optim::{AdamW, ParamGroup, cosine_schedule};
 use super::prefetch::prefetch;
-use super::profile;
+use super::profile::StepTimer;
 use crate::error::{PivotError, Result};
 use crate::model::{Batch, Batcher, Checkpoint, Mllm};
 use crate::runtime::check_interrupt;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::Tensor;
 
 /// Optimisation settings shared by every trainer. Defaults follow PIVOT's stage-2 SFT script
 /// (AdamW, lr 5e-6, weight decay 0, cosine, warmup ratio 0.03, clip 1.0) at a CPU-sized batch.
-#[derive(Clone, Debug, PartialEq)]
+/// `pivot-train` reads it from TOML (every field optional, unknown names refused).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Peak learning rate of the LM (and of tower/projector unless set below).
     pub lr: f64,
@@ -36,7 +52,8 @@ pub struct TrainConfig {
     pub betas: (f64, f64),
     pub eps: f64,
     pub warmup_ratio: f64,
-    /// Samples (SFT) or pairs (DPO) per micro-batch.
+    /// Samples (SFT) or pairs (DPO) per micro-batch on each rank (data-parallel runs take
+    /// `batch_size × ranks` per global micro-batch, each rank its own shard).
     pub batch_size: usize,
     /// Micro-batches per optimizer step.
     pub grad_accum: usize,
@@ -58,9 +75,6 @@ pub struct TrainConfig {
     /// pinned for CUDA) while the model computes; 0 prepares each on the main thread when it is
     /// needed. Results do not depend on it.
     pub prefetch: usize,
-    /// Test hook: makes the loss NaN at this optimizer step (1-based).
-    #[doc(hidden)]
-    pub inject_nan_at: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -88,7 +102,6 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             resume_from: None,
             prefetch: 2,
-            inject_nan_at: None,
         }
     }
 }
@@ -140,7 +153,8 @@ impl TrainConfig {
         [self.tower_lr.unwrap_or(self.lr), self.projector_lr.unwrap_or(self.lr), self.lr]
     }
 
-    fn validate(&self, n: usize) -> Result<(usize, usize)> {
+    /// Steps per epoch and in all, for `n` samples shared by `world` ranks.
+    fn validate(&self, n: usize, world: usize) -> Result<(usize, usize)> {
         let bad = |field: &str, msg: String| Err(PivotError::config("trainer config", field, msg));
         if self.batch_size == 0 {
             return bad("batch_size", "must be at least 1".into());
@@ -157,11 +171,12 @@ impl TrainConfig {
         if !(self.train_tower || self.train_projector || self.train_lm) {
             return bad("train_*", "nothing is trainable".into());
         }
-        let per_step = self.batch_size * self.grad_accum;
+        let per_step = self.batch_size * self.grad_accum * world;
         let steps_per_epoch = n / per_step;
         if steps_per_epoch == 0 {
+            let ranks = if world > 1 { format!(" × {world} ranks") } else { String::new() };
             return Err(PivotError::invalid(format!(
-                "{n} samples are fewer than one optimizer step needs (batch_size {} × grad_accum {})",
+                "{n} samples are fewer than one optimizer step needs (batch_size {} × grad_accum {}{ranks})",
                 self.batch_size, self.grad_accum
             )));
         }
@@ -210,17 +225,28 @@ pub(crate) fn collate<S, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usi
     (rows, batch)
 }
 
-/// The data-set rows of every micro-batch of steps `start..total`, in training order.
-fn schedule(cfg: &TrainConfig, n: usize, steps_per_epoch: usize, start: usize, total: usize) -> impl Iterator<Item = Vec<usize>> + Send + 'static {
+/// Which shard of the data this process trains on.
+#[derive(Clone, Copy)]
+struct Shard {
+    rank: usize,
+    world: usize,
+}
+
+/// The data-set rows of every micro-batch this rank runs in steps `start..total`, in training
+/// order: a step takes `batch × accum × world` rows of the epoch's order, a global micro-batch
+/// `batch × world` of them, and rank r the r-th `batch` of those.
+fn schedule(cfg: &TrainConfig, n: usize, steps_per_epoch: usize, start: usize, total: usize, shard: Shard) -> impl Iterator<Item = Vec<usize>> + Send + 'static {
     let (seed, shuffle, batch, accum) = (cfg.seed, cfg.shuffle, cfg.batch_size, cfg.grad_accum);
+    let global = batch * shard.world;
     let mut order = (usize::MAX, Vec::new());
     (start..total).flat_map(move |step| {
         let epoch = step / steps_per_epoch;
         if order.0 != epoch {
             order = (epoch, epoch_order(seed, epoch, n, shuffle));
         }
-        let first = (step % steps_per_epoch) * batch * accum;
-        order.1[first..first + batch * accum].chunks(batch).map(<[usize]>::to_vec).collect::<Vec<_>>()
+        let first = (step % steps_per_epoch) * global * accum;
+        let rows = &order.1[first..first + global * accum];
+        rows.chunks(global).map(|micro| micro[shard.rank * batch..(shard.rank + 1) * batch].to_vec()).collect::<Vec<_>>()
     })
 }
 
@@ -236,13 +262,14 @@ pub(crate) fn epoch_order(seed: u64, epoch: usize, n: usize, shuffle: bool) -> V
 
 /// Hooks and results a trainer keeps across runs.
 #[derive(Default)]
-pub(crate) struct Hooks {
-    pub on_step: Vec<Box<dyn FnMut(&StepMetrics)>>,
+pub struct Hooks {
+    pub(crate) on_step: Vec<Box<dyn FnMut(&StepMetrics)>>,
     /// The log of the last run, also after an error (interrupt, non-finite loss).
-    pub last_log: Option<TrainLog>,
+    pub(crate) last_log: Option<TrainLog>,
 }
 
-/// Runs `obj` over `data`. On error the partial log lands in `hooks.last_log`.
+/// Runs `obj` over `data`, on the process group's shard when one is set up. On error the
+/// partial log lands in `hooks.last_log`.
 pub(crate) fn run<S: Sync, O: Objective<S>>(
     label: &str,
     mllm: &mut Mllm,
@@ -251,10 +278,12 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
     obj: &mut O,
     hooks: &mut Hooks,
 ) -> Result<TrainLog> {
-    let (steps_per_epoch, total) = cfg.validate(data.len())?;
+    let group = dist::group();
+    let shard = group.map_or(Shard { rank: 0, world: 1 }, |g| Shard { rank: g.rank(), world: g.world() });
+    let (steps_per_epoch, total) = cfg.validate(data.len(), shard.world)?;
     // Trainable flags are per tensor, so remember each one and give them back afterwards:
     // a run must not silently unfreeze a transplanted tower for the next cell.
-    let flags: Vec<(Tensor, bool)> = super::optim::ParamGroup::ALL
+    let flags: Vec<(Tensor, bool)> = ParamGroup::ALL
         .iter()
         .flat_map(|m| m.vars(mllm))
         .map(|(_, t)| {
@@ -264,7 +293,12 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
         .collect();
     mllm.set_trainable(cfg.train_tower, cfg.train_projector, cfg.train_lm);
     let mut log = TrainLog::new(label);
-    let result = run_inner(label, mllm, data, cfg, obj, hooks, steps_per_epoch, total, &mut log);
+    let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?)));
+    let result = faults.and_then(|(nan_at, interrupt_at)| {
+        let opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
+        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at };
+        lp.run(mllm, data, &mut log)
+    });
     for (t, f) in flags {
         let _ = t.set_requires_grad(f);
     }
@@ -272,138 +306,293 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
     result.map(|()| log)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_inner<S: Sync, O: Objective<S>>(
-    label: &str,
-    mllm: &mut Mllm,
-    data: &[S],
-    cfg: &TrainConfig,
-    obj: &mut O,
-    hooks: &mut Hooks,
+/// One run's state: settings, objective, optimizer and where the run stands.
+struct Loop<'a, O> {
+    label: &'a str,
+    cfg: &'a TrainConfig,
+    obj: &'a mut O,
+    hooks: &'a mut Hooks,
+    opt: AdamW,
+    group: Option<&'static ProcessGroup>,
+    shard: Shard,
     steps_per_epoch: usize,
     total: usize,
-    log: &mut TrainLog,
-) -> Result<()> {
-    let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
-    let mut start = 0;
-    match &cfg.resume_from {
-        Some(dir) => {
-            let ck = checkpoint::open(dir)?;
-            let s = &ck.state;
-            let expect = (obj.name(), data.len(), cfg.batch_size, cfg.grad_accum, cfg.seed, total);
-            let found = (s.objective.as_str(), s.data_len, s.batch_size, s.grad_accum, s.seed, s.total_steps);
-            if expect != found {
-                return Err(PivotError::invalid(format!(
-                    "checkpoint {} was written by a different run: (objective, samples, batch, accum, seed, steps) = {found:?}, this run has {expect:?}",
-                    dir.display()
-                )));
-            }
-            obj.prepare(mllm, data, ck.objective.as_ref())?;
-            checkpoint::load_model(mllm, &ck.model, "")?;
-            opt.load_state(|k| ck.optimizer.tensor(k))?;
-            opt.t = s.adam_t;
-            start = s.step;
-            *log = s.log.clone();
+    /// Fault injection: the step whose loss is made NaN on this rank, and the step in whose last
+    /// micro-batch this rank sees an interrupt request.
+    nan_at: Option<usize>,
+    interrupt_at: Option<usize>,
+}
+
+/// Why a rank wants the run to stop in the middle of a step.
+enum Stop {
+    Interrupt(PivotError),
+    NonFinite(PivotError),
+    Failed(PivotError),
+}
+
+/// Sums over the micro-batches of a step.
+#[derive(Default)]
+struct Sums {
+    loss: f64,
+    samples: usize,
+    tokens: usize,
+    metrics: Vec<(String, f64)>,
+}
+
+impl<O> Loop<'_, O> {
+    fn at(&self, step: usize, micro: usize) -> String {
+        let mut at = format!("{} step {} of {}", self.label, step + 1, self.total);
+        if self.cfg.grad_accum > 1 {
+            at.push_str(&format!(", micro-batch {} of {}", micro + 1, self.cfg.grad_accum));
         }
-        None => obj.prepare(mllm, data, None)?,
+        at
     }
 
-    // The CPU side of the micro-batches runs ahead on a worker; the model stays on this thread.
-    let mllm: &Mllm = mllm;
-    let batcher = mllm.batcher();
-    let micro_batches = schedule(cfg, data.len(), steps_per_epoch, start, total).map(|rows| collate::<S, O>(&batcher, data, rows));
-    let dev = mllm.device();
-    let mut live = LiveView::new(label, total, cfg.live);
-    let result = prefetch(cfg.prefetch, micro_batches, |batches| -> Result<()> {
-        for step in start..total {
-            check_interrupt(&format!("{label} step {} of {total}", step + 1))?;
-            let t0 = Instant::now();
-            profile::begin(dev);
-            let (mut sums, mut samples, mut tokens, mut loss_sum) = (Vec::<(String, f64)>::new(), 0, 0, 0.0);
-            for _ in 0..cfg.grad_accum {
-                let (rows, batch) = batches.next().ok_or_else(|| PivotError::invalid("the batch preparation thread stopped"))?;
-                let batch = batch?.to_device(dev)?;
-                profile::mark("data", dev);
-                let mut micro = obj.micro_step(mllm, &rows, batch)?;
-                if cfg.inject_nan_at == Some(step + 1) {
-                    micro.loss = micro.loss * f64::NAN;
-                }
-                let loss = micro.loss.double_value(&[]);
-                if !loss.is_finite() {
-                    return Err(PivotError::NonFinite { what: format!("{label} loss ({loss})"), step: step + 1, last_good: step });
-                }
-                (&micro.loss / cfg.grad_accum as f64).backward();
-                profile::mark("backward", dev);
-                loss_sum += loss;
-                samples += micro.samples;
-                tokens += micro.tokens;
-                for (k, v) in micro.metrics {
-                    match sums.iter_mut().find(|(n, _)| *n == k) {
-                        Some(slot) => slot.1 += v,
-                        None => sums.push((k, v)),
-                    }
-                }
-            }
-            let grad_norm = opt.grad_norm()?;
-            profile::mark("grad norm", dev);
-            if !grad_norm.is_finite() {
-                return Err(PivotError::NonFinite { what: format!("{label} gradient norm ({grad_norm})"), step: step + 1, last_good: step });
-            }
-            let clip = match cfg.max_grad_norm {
-                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-                _ => 1.0,
-            };
-            let scale = cosine_schedule(step, total, cfg.warmup_ratio);
-            opt.step(scale, clip)?;
-            profile::mark("optimizer", dev);
-            opt.zero_grad();
-            profile::mark("zero grad", dev);
+    /// Every rank learns whether any rank must stop (one small all-reduce under a process
+    /// group), so all of them leave at the same point instead of waiting for each other in the
+    /// next collective. A rank's own reason wins over what it hears from the others.
+    fn agree<T>(&self, step: usize, micro: usize, local: std::result::Result<T, Stop>) -> Result<T> {
+        let Some(g) = self.group else {
+            return local.map_err(Stop::into_error);
+        };
+        let mut flags = [0.0f32; 3];
+        match &local {
+            Ok(_) => {}
+            Err(Stop::Interrupt(_)) => flags[0] = 1.0,
+            Err(Stop::NonFinite(_)) => flags[1] = 1.0,
+            Err(Stop::Failed(_)) => flags[2] = 1.0,
+        }
+        let t = Tensor::from_slice(&flags);
+        g.all_reduce(&[&t], ReduceOp::Max)?;
+        flags.copy_from_slice(&Vec::<f32>::try_from(&t)?);
+        let value = local.map_err(Stop::into_error)?;
+        let elsewhere = |what: &str| format!("{} ({what} on another rank)", self.at(step, micro));
+        if flags[2] > 0.0 {
+            Err(PivotError::invalid(format!("{}: stopped", elsewhere("a failure"))))
+        } else if flags[1] > 0.0 {
+            Err(PivotError::NonFinite { what: format!("{} loss on another rank", self.label), step: step + 1, last_good: step })
+        } else if flags[0] > 0.0 {
+            Err(PivotError::Interrupted { at: elsewhere("an interrupt") })
+        } else {
+            Ok(value)
+        }
+    }
+}
 
-            let secs = t0.elapsed().as_secs_f64().max(1e-9);
-            let n = cfg.grad_accum as f64;
-            let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / steps_per_epoch as f64, values: Vec::new() };
-            row.set("loss", loss_sum / n);
-            for (k, v) in sums {
-                row.set(&k, v / n);
-            }
-            row.set("learning_rate", cfg.lr * scale);
-            row.set("grad_norm", grad_norm);
-            row.set("samples_per_second", samples as f64 / secs);
-            row.set("tokens_per_second", tokens as f64 / secs);
-            row.set("step_seconds", secs);
-            log.rows.push(row.clone());
-            for f in &mut hooks.on_step {
-                f(&row);
-            }
-            live.update(log, &row, step + 1 == total);
+impl Stop {
+    fn into_error(self) -> PivotError {
+        match self {
+            Stop::Interrupt(e) | Stop::NonFinite(e) | Stop::Failed(e) => e,
+        }
+    }
+}
 
-            if cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
-                let dir = cfg.checkpoint_dir.as_ref().ok_or_else(|| {
-                    PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not")
-                })?;
-                let state = TrainerState {
-                    format: 1,
-                    objective: obj.name().to_string(),
-                    step: step + 1,
-                    total_steps: total,
-                    steps_per_epoch,
-                    data_len: data.len(),
-                    batch_size: cfg.batch_size,
-                    grad_accum: cfg.grad_accum,
-                    seed: cfg.seed,
-                    adam_t: opt.t,
-                    log: log.clone(),
-                };
-                checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &opt, &obj.state(), &state)?;
+impl<O> Loop<'_, O> {
+    /// Continues from `cfg.resume_from` or starts afresh (every rank from rank 0's weights);
+    /// returns the first step to run.
+    fn start<S>(&mut self, mllm: &mut Mllm, data: &[S], log: &mut TrainLog) -> Result<usize>
+    where
+        O: Objective<S>,
+    {
+        if let Some(g) = self.group {
+            // Before `prepare`, so that DPO's reference copy is the same on every rank.
+            let weights: Vec<Tensor> = ParamGroup::ALL.iter().flat_map(|m| m.vars(mllm)).map(|(_, t)| t.detach()).collect();
+            g.broadcast(&weights.iter().collect::<Vec<_>>(), 0)?;
+        }
+        let Some(dir) = &self.cfg.resume_from else {
+            self.obj.prepare(mllm, data, None)?;
+            return Ok(0);
+        };
+        let ck = checkpoint::open(dir)?;
+        let s = &ck.state;
+        let c = self.cfg;
+        let expect = (self.obj.name(), data.len(), c.batch_size, c.grad_accum, c.seed, self.total);
+        let found = (s.objective.as_str(), s.data_len, s.batch_size, s.grad_accum, s.seed, s.total_steps);
+        if expect != found {
+            return Err(PivotError::invalid(format!(
+                "checkpoint {} was written by a different run: (objective, samples, batch, accum, seed, steps) = {found:?}, this run has {expect:?}",
+                dir.display()
+            )));
+        }
+        self.obj.prepare(mllm, data, ck.objective.as_ref())?;
+        checkpoint::load_model(mllm, &ck.model, "")?;
+        self.opt.load_state(|k| ck.optimizer.tensor(k))?;
+        self.opt.t = s.adam_t;
+        *log = s.log.clone();
+        Ok(s.step)
+    }
+
+    fn run<S: Sync>(&mut self, mllm: &mut Mllm, data: &[S], log: &mut TrainLog) -> Result<()>
+    where
+        O: Objective<S>,
+    {
+        // A rank that cannot start (a checkpoint it cannot read) stops the others too.
+        let started = self.start(mllm, data, log).map_err(Stop::Failed);
+        let start = self.agree(0, 0, started)?;
+        // The CPU side of the micro-batches runs ahead on a worker; the model stays on this thread.
+        let mllm: &Mllm = mllm;
+        let batcher = mllm.batcher();
+        let rows = schedule(self.cfg, data.len(), self.steps_per_epoch, start, self.total, self.shard);
+        let micro_batches = rows.map(|rows| collate::<S, O>(&batcher, data, rows));
+        let mut live = LiveView::new(self.label, self.total, self.cfg.live && self.shard.rank == 0);
+        let result = prefetch(self.cfg.prefetch, micro_batches, |batches| -> Result<()> {
+            for step in start..self.total {
+                let row = self.step::<S>(mllm, step, batches)?;
+                log.rows.push(row.clone());
+                for f in &mut self.hooks.on_step {
+                    f(&row);
+                }
+                live.update(log, &row, step + 1 == self.total);
+                self.checkpoint::<S>(mllm, data.len(), step, log)?;
             }
+            Ok(())
+        });
+        if result.is_err() {
+            // A failed step (bad data, non-finite loss, interrupt) leaves no partial gradient behind.
+            self.opt.zero_grad();
+        }
+        result?;
+        live.finish(log);
+        Ok(())
+    }
+
+    /// One optimizer step: accumulate, guard, all-reduce, clip, update.
+    fn step<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = (Vec<usize>, Result<Batch>)>) -> Result<StepMetrics>
+    where
+        O: Objective<S>,
+    {
+        let timer = StepTimer::start(mllm.device());
+        let t0 = Instant::now();
+        let mut sums = Sums::default();
+        for micro in 0..self.cfg.grad_accum {
+            if self.interrupt_at == Some(step + 1) && micro + 1 == self.cfg.grad_accum {
+                crate::runtime::interrupt_flag().store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.agree(step, micro, check_interrupt(&self.at(step, micro)).map_err(Stop::Interrupt))?;
+            let forward = self.forward::<S>(mllm, step, batches, &timer);
+            let (m, loss) = self.agree(step, micro, forward)?;
+            (&m.loss / self.cfg.grad_accum as f64).backward();
+            timer.mark("backward");
+            sums.add(loss, m);
+        }
+        self.all_reduce_gradients()?;
+        timer.mark("all-reduce");
+        let grad_norm = self.opt.grad_norm()?;
+        timer.mark("grad norm");
+        if !grad_norm.is_finite() {
+            // The gradients are the same on every rank after the all-reduce: so is this exit.
+            return Err(PivotError::NonFinite { what: format!("{} gradient norm ({grad_norm})", self.label), step: step + 1, last_good: step });
+        }
+        let clip = match self.cfg.max_grad_norm {
+            Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+            _ => 1.0,
+        };
+        let lr_scale = cosine_schedule(step, self.total, self.cfg.warmup_ratio);
+        self.opt.step(lr_scale, clip)?;
+        timer.mark("optimizer");
+        self.opt.zero_grad();
+        timer.mark("zero grad");
+        self.metrics(step, sums, grad_norm, lr_scale, t0)
+    }
+
+    /// The next micro-batch's loss and metrics, with the loss guarded.
+    fn forward<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = (Vec<usize>, Result<Batch>)>, timer: &StepTimer) -> std::result::Result<(Micro, f64), Stop>
+    where
+        O: Objective<S>,
+    {
+        let (rows, batch) = batches.next().ok_or_else(|| Stop::Failed(PivotError::invalid("the batch preparation thread stopped")))?;
+        let batch = batch.and_then(|b| b.to_device(mllm.device())).map_err(Stop::Failed)?;
+        timer.mark("data");
+        let mut m = self.obj.micro_step(mllm, &rows, batch).map_err(Stop::Failed)?;
+        if self.nan_at == Some(step + 1) {
+            m.loss = m.loss * f64::NAN;
+        }
+        let loss = m.loss.double_value(&[]);
+        if !loss.is_finite() {
+            return Err(Stop::NonFinite(PivotError::NonFinite { what: format!("{} loss ({loss})", self.label), step: step + 1, last_good: step }));
+        }
+        Ok((m, loss))
+    }
+
+    /// Averages the flat gradient buffers over the ranks.
+    fn all_reduce_gradients(&mut self) -> Result<()> {
+        let Some(g) = self.group else { return Ok(()) };
+        let grads = self.opt.flat_grads()?;
+        g.all_reduce(&grads.iter().collect::<Vec<_>>(), ReduceOp::Sum)?;
+        for t in &grads {
+            let _ = t.shallow_clone().g_div_scalar_(self.shard.world as f64);
         }
         Ok(())
-    });
-    if result.is_err() {
-        // A failed step (bad data, non-finite loss, interrupt) leaves no partial gradient behind.
-        opt.zero_grad();
     }
-    result?;
-    live.finish(log);
-    Ok(())
+
+    /// The step's row of the log: means over micro-batches (and ranks), throughput of all ranks.
+    fn metrics(&self, step: usize, mut sums: Sums, grad_norm: f64, lr_scale: f64, t0: Instant) -> Result<StepMetrics> {
+        if let Some(g) = self.group {
+            let mut v = vec![sums.loss, sums.samples as f64, sums.tokens as f64];
+            v.extend(sums.metrics.iter().map(|(_, x)| *x));
+            let t = Tensor::from_slice(&v);
+            g.all_reduce(&[&t], ReduceOp::Sum)?;
+            let v = Vec::<f64>::try_from(&t)?;
+            (sums.loss, sums.samples, sums.tokens) = (v[0], v[1] as usize, v[2] as usize);
+            sums.metrics.iter_mut().zip(&v[3..]).for_each(|(m, x)| m.1 = *x);
+        }
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        let n = (self.cfg.grad_accum * self.shard.world) as f64;
+        let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / self.steps_per_epoch as f64, values: Vec::new() };
+        row.set("loss", sums.loss / n);
+        for (k, v) in sums.metrics {
+            row.set(&k, v / n);
+        }
+        row.set("learning_rate", self.cfg.lr * lr_scale);
+        row.set("grad_norm", grad_norm);
+        row.set("samples_per_second", sums.samples as f64 / secs);
+        row.set("tokens_per_second", sums.tokens as f64 / secs);
+        row.set("step_seconds", secs);
+        Ok(row)
+    }
+
+    /// Saves after every `checkpoint_every` steps (rank 0 writes; all ranks learn if it failed).
+    fn checkpoint<S>(&self, mllm: &Mllm, data_len: usize, step: usize, log: &TrainLog) -> Result<()>
+    where
+        O: Objective<S>,
+    {
+        let c = self.cfg;
+        if c.checkpoint_every == 0 || (step + 1) % c.checkpoint_every != 0 {
+            return Ok(());
+        }
+        let dir = c.checkpoint_dir.as_ref().ok_or_else(|| PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not"))?;
+        let saved = if self.shard.rank == 0 {
+            let state = TrainerState {
+                format: 1,
+                objective: self.obj.name().to_string(),
+                step: step + 1,
+                total_steps: self.total,
+                steps_per_epoch: self.steps_per_epoch,
+                data_len,
+                batch_size: c.batch_size,
+                grad_accum: c.grad_accum,
+                seed: c.seed,
+                adam_t: self.opt.t,
+                log: log.clone(),
+            };
+            checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &self.opt, &self.obj.state(), &state)
+        } else {
+            Ok(())
+        };
+        self.agree(step, c.grad_accum - 1, saved.map_err(Stop::Failed))
+    }
+}
+
+impl Sums {
+    fn add(&mut self, loss: f64, m: Micro) {
+        self.loss += loss;
+        self.samples += m.samples;
+        self.tokens += m.tokens;
+        for (k, v) in m.metrics {
+            match self.metrics.iter_mut().find(|(n, _)| *n == k) {
+                Some(slot) => slot.1 += v,
+                None => self.metrics.push((k, v)),
+            }
+        }
+    }
 }

@@ -17,27 +17,38 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Interruption (`check_interrupt` every step) and a NaN/Inf loss or gradient end `run` with
-//! `PivotError::Interrupted` / `PivotError::NonFinite`. The model then holds the weights of the
-//! last completed step (a bad step is never applied) and `trainer.last_log()` the steps so far.
+//! Interruption (`check_interrupt` before every micro-batch) and a NaN/Inf loss or gradient end
+//! `run` with `PivotError::Interrupted` / `PivotError::NonFinite`. The model then holds the
+//! weights of the last completed step (a bad or cut-short step is never applied) and
+//! `trainer.last_log()` the steps so far.
+//!
+//! Data parallel: under `torchrun` (or any launcher that sets its variables) call
+//! [`dist::init_from_env`] once; every trainer then trains its rank's shard (see [`dist`]).
 
 pub mod checkpoint;
+pub mod dist;
 mod dpo;
 mod engine;
 mod eval;
+#[doc(hidden)]
+pub mod fault;
 mod log;
 mod optim;
 mod prefetch;
 mod profile;
 mod sft;
 mod stage1;
+mod trainer;
 
 pub use checkpoint::{TrainerState, latest_checkpoint, verify as verify_checkpoint};
-pub use dpo::{DpoConfig, DpoTerms, DpoTrainer, dpo_loss, reference_logps};
+pub use dpo::{DpoConfig, DpoTerms, dpo_loss, reference_logps};
+#[doc(hidden)]
+pub use engine::Hooks;
 pub use engine::TrainConfig;
 pub use eval::{VqaEval, VqaReport, normalize_answer};
 pub use log::{StepMetrics, TrainLog};
 pub use optim::{ParamGroup, cosine_schedule};
 pub use profile::take_step_profile;
-pub use sft::{SftConfig, SftTrainer};
+pub use sft::SftConfig;
 pub use stage1::{Stage1, Stage1Log, transplant};
+pub use trainer::{DpoTrainer, Recipe, SftTrainer, Trainer};

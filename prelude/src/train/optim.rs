@@ -253,6 +253,20 @@ impl AdamW {
         }
     }
 
+    /// The flat gradient buffer of every segment (the segments are built at the first call), for
+    /// the data-parallel all-reduce that precedes the norm.
+    pub(crate) fn flat_grads(&mut self) -> Result<Vec<Tensor>> {
+        self.build_segments()?;
+        Ok(self
+            .segments
+            .iter()
+            .map(|s| {
+                s.attach_grads();
+                s.grad.shallow_clone()
+            })
+            .collect())
+    }
+
     /// Global L2 norm of all gradients (fp32), as torch's `clip_grad_norm_` computes it.
     pub(crate) fn grad_norm(&mut self) -> Result<f64> {
         self.build_segments()?;

@@ -1,9 +1,10 @@
 //! Supervised fine-tuning: token-mean cross-entropy on answer tokens only (HF causal-LM loss on
 //! the labels `Mllm::encode_chat` sets). Stage 1 reuses the objective with captions.
 
-use super::profile;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
-use super::log::{StepMetrics, TrainLog};
+use super::log::TrainLog;
+use super::profile;
+use super::trainer::Recipe;
 use crate::data::{CaptionSample, ImageSource, VqaDataset, VqaSample};
 use crate::error::Result;
 use crate::model::{Batch, Batcher, Encoded, Mllm, Stage};
@@ -63,47 +64,18 @@ impl<S: LmSample> Objective<S> for LmObjective {
     }
 }
 
-/// Stage-2 SFT on (question, answer). PIVOT: lr 5e-6 for every part, 3 epochs, global batch 256.
-pub struct SftTrainer {
-    pub config: TrainConfig,
-    hooks: Hooks,
-}
-
 /// SFT uses the shared settings as they are.
 pub type SftConfig = TrainConfig;
 
-impl SftTrainer {
-    pub fn new(config: TrainConfig) -> Self {
-        SftTrainer { config, hooks: Hooks::default() }
-    }
-
-    /// Calls `f` after every optimizer step (live plots, custom logging, early stopping via the
-    /// interrupt flag).
-    pub fn on_step(mut self, f: impl FnMut(&StepMetrics) + 'static) -> Self {
-        self.hooks.on_step.push(Box::new(f));
+impl Recipe for TrainConfig {
+    type Data = VqaDataset;
+    fn train_config_mut(&mut self) -> &mut TrainConfig {
         self
     }
-
-    /// Trains `mllm` in place and records `Stage::Sft` in its provenance. On error (interrupt,
-    /// non-finite loss) the model keeps its last good weights and [`SftTrainer::last_log`] holds
-    /// the steps done so far.
-    pub fn run(&mut self, mllm: &mut Mllm, data: &VqaDataset) -> Result<TrainLog> {
+    fn fit(&self, mllm: &mut Mllm, data: &VqaDataset, hooks: &mut Hooks) -> Result<TrainLog> {
         let mut obj = LmObjective { name: "sft" };
-        let log = engine::run("SFT", mllm, &data.samples, &self.config, &mut obj, &mut self.hooks)?;
-        mllm.provenance.record(Stage::Sft, log.len(), self.config.seed, format!("SFT lr {:e}", self.config.lr));
+        let log = engine::run("SFT", mllm, &data.samples, self, &mut obj, hooks)?;
+        mllm.provenance.record(Stage::Sft, log.len(), self.seed, format!("SFT lr {:e}", self.lr));
         Ok(log)
-    }
-
-    /// Continues the run saved in `checkpoint` (a `step-*` directory, or the directory holding them).
-    pub fn resume(&mut self, mllm: &mut Mllm, data: &VqaDataset, checkpoint: impl Into<std::path::PathBuf>) -> Result<TrainLog> {
-        self.config.resume_from = Some(checkpoint.into());
-        let r = self.run(mllm, data);
-        self.config.resume_from = None;
-        r
-    }
-
-    /// The log of the last run, complete or cut short.
-    pub fn last_log(&self) -> Option<&TrainLog> {
-        self.hooks.last_log.as_ref()
     }
 }

@@ -10,10 +10,13 @@ use crate::error::Result;
 use crate::model::{LanguageModel, Mllm, MllmConfig, Stage, VisionEncoder};
 use crate::plot::{Figure, curves};
 use crate::runtime::{MimeBundle, Rich};
+use serde::{Deserialize, Serialize};
 
 /// Settings of the two steps. Defaults: projector-only at lr 1e-3 (stage1-proj), then tower +
 /// projector + LM at lr 1e-5 with the tower at 2e-6 (stage1-full), one epoch each.
-#[derive(Clone, Debug, PartialEq)]
+/// `pivot-train` reads it from TOML (`[stage1.projector]`, `[stage1.full]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Stage1 {
     pub projector: TrainConfig,
     pub full: TrainConfig,
@@ -54,10 +57,7 @@ impl Stage1 {
     /// Projector alignment on `captions`, then full training on `vqa`; records `Stage::Base` (with
     /// the tower frozen, as after `transplant`, the model keeps its stage).
     pub fn run(&self, mllm: &mut Mllm, captions: &CaptionDataset, vqa: &VqaDataset) -> Result<Stage1Log> {
-        let projector = self.run_projector(mllm, captions)?;
-        let full = self.run_full(mllm, vqa)?;
-        self.record(mllm, &projector, &full);
-        Ok(Stage1Log { projector, full })
+        self.run_both(mllm, captions, vqa, &mut Hooks::default())
     }
 
     /// Only the alignment step (captions, `plain` template).
@@ -80,14 +80,16 @@ impl Stage1 {
         vqa: &VqaDataset,
         f: impl FnMut(&StepMetrics) + 'static,
     ) -> Result<Stage1Log> {
-        let f = std::rc::Rc::new(std::cell::RefCell::new(f));
         let mut hooks = Hooks::default();
-        let g = f.clone();
-        hooks.on_step.push(Box::new(move |m| (g.borrow_mut())(m)));
+        hooks.on_step.push(Box::new(f));
+        self.run_both(mllm, captions, vqa, &mut hooks)
+    }
+
+    fn run_both(&self, mllm: &mut Mllm, captions: &CaptionDataset, vqa: &VqaDataset, hooks: &mut Hooks) -> Result<Stage1Log> {
         let mut obj = LmObjective { name: "stage1-projector" };
-        let projector = engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, &mut hooks)?;
+        let projector = engine::run("stage1 projector", mllm, &captions.samples, &self.projector, &mut obj, hooks)?;
         let mut obj = LmObjective { name: "stage1-full" };
-        let full = engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, &mut hooks)?;
+        let full = engine::run("stage1 full", mllm, &vqa.samples, &self.full, &mut obj, hooks)?;
         self.record(mllm, &projector, &full);
         Ok(Stage1Log { projector, full })
     }

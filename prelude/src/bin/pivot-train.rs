@@ -1,0 +1,350 @@
+//! `pivot-train CONFIG`: stage 1, SFT or DPO from a TOML file, alone or as one rank of a
+//! data-parallel run started by torchrun:
+//!
+//! ```text
+//! pivot-train run.toml
+//! torchrun --standalone --nproc-per-node 2 --no-python pivot-train run.toml
+//! ```
+//!
+//! The file (relative paths are taken from its folder):
+//!
+//! ```toml
+//! stage = "dpo"              # "stage1", "sft" or "dpo"
+//! threads = 1                # torch threads per rank (default: torch's choice)
+//! device = "cpu"             # or "cuda": each rank takes GPU LOCAL_RANK
+//!
+//! [model]
+//! pretrained = "base"        # a `save_pretrained` folder; absent: the tiny MLLM from `seed`
+//! seed = 0
+//! output = "out/dpo"         # rank 0 writes the trained model and log.csv here
+//!
+//! [data]                     # files, or the built-in world
+//! preferences = "pairs.jsonl"  # DPO (`vqa` for SFT and stage 1's full step, `captions` for its first)
+//! image_root = "images"
+//! # world = { seed = 0, samples = 64 }
+//!
+//! [train]                    # every TrainConfig field (SFT); DPO: [dpo] and [dpo.train];
+//! lr = 5e-6                  # stage 1: [stage1.projector] and [stage1.full]
+//! batch_size = 2
+//! ```
+//!
+//! `pivot-train --check-dist` (under torchrun) only checks that the ranks' collectives give the
+//! right values, before a long run is trusted to them.
+//!
+//! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
+//! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
+//! all-reduces per step.
+
+use pivot::prelude::*;
+use pivot::train::dist;
+use serde::Deserialize;
+use std::hash::Hasher;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunConfig {
+    stage: StageName,
+    #[serde(default)]
+    threads: Option<i32>,
+    #[serde(default)]
+    device: DeviceName,
+    #[serde(default)]
+    model: ModelSection,
+    data: DataSection,
+    #[serde(default)]
+    train: TrainConfig,
+    #[serde(default)]
+    dpo: DpoConfig,
+    #[serde(default)]
+    stage1: Stage1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum StageName {
+    Stage1,
+    Sft,
+    Dpo,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DeviceName {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModelSection {
+    pretrained: Option<PathBuf>,
+    #[serde(default)]
+    seed: i64,
+    output: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DataSection {
+    world: Option<WorldData>,
+    captions: Option<PathBuf>,
+    vqa: Option<PathBuf>,
+    preferences: Option<PathBuf>,
+    image_root: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorldData {
+    #[serde(default)]
+    seed: u64,
+    samples: usize,
+}
+
+/// `file:line:column: field `a.b`: message`, from toml's span of the offending key or value.
+fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> PivotError {
+    let Some(span) = err.span() else {
+        return PivotError::config(path.display().to_string(), "", err.message());
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("");
+    // The key on the error's line (before `=`), under the nearest `[table]` above it.
+    let key = line_text.split_once('=').map(|(k, _)| k.trim().trim_matches('"').to_string()).unwrap_or_else(|| line_text.trim().to_string());
+    let table = before[..line_start]
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('[') && l.ends_with(']'))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+    let field = match table {
+        Some(t) if !key.starts_with('[') => format!("{t}.{key}"),
+        _ => key,
+    };
+    PivotError::config(format!("{}:{line}:{column}", path.display()), field, err.message().trim())
+}
+
+impl RunConfig {
+    fn load(path: &Path) -> Result<RunConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| PivotError::file(path, e))?;
+        let mut cfg: RunConfig = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut Option<PathBuf>| {
+            if let Some(q) = p.as_mut().filter(|q| q.is_relative()) {
+                *q = base.join(&*q);
+            }
+        };
+        for p in [&mut cfg.model.pretrained, &mut cfg.model.output, &mut cfg.data.captions, &mut cfg.data.vqa, &mut cfg.data.preferences, &mut cfg.data.image_root] {
+            resolve(p);
+        }
+        for t in [&mut cfg.train, &mut cfg.dpo.train, &mut cfg.stage1.projector, &mut cfg.stage1.full] {
+            resolve(&mut t.checkpoint_dir);
+            resolve(&mut t.resume_from);
+        }
+        let needs = |field: &str, what: &str| PivotError::config(path.display().to_string(), field, format!("stage {:?} needs {what}", cfg.stage));
+        let world = cfg.data.world.is_some();
+        match cfg.stage {
+            StageName::Dpo if !world && cfg.data.preferences.is_none() => return Err(needs("data.preferences", "preference pairs (or data.world)")),
+            StageName::Sft if !world && cfg.data.vqa.is_none() => return Err(needs("data.vqa", "VQA samples (or data.world)")),
+            StageName::Stage1 if !world && (cfg.data.vqa.is_none() || cfg.data.captions.is_none()) => {
+                return Err(needs("data.captions", "captions and data.vqa (or data.world)"));
+            }
+            _ => {}
+        }
+        Ok(cfg)
+    }
+
+    fn image_root(&self) -> PathBuf {
+        self.data.image_root.clone().unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+/// A digest of every weight's bytes (name order): equal digests mean bitwise-equal models.
+fn weights_digest(mllm: &Mllm) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    for vs in [mllm.tower.var_store(), mllm.projector.var_store(), mllm.lm.var_store()] {
+        let mut named: Vec<_> = vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in named {
+            h.write(name.as_bytes());
+            let t = t.detach().to_device(Device::Cpu).contiguous().to_kind(Kind::Float).reshape([-1]);
+            let v: Vec<f32> = Vec::try_from(&t).unwrap_or_default();
+            v.iter().for_each(|x| h.write_u32(x.to_bits()));
+        }
+    }
+    h.finish()
+}
+
+fn run(path: &Path) -> Result<()> {
+    let cfg = RunConfig::load(path)?;
+    if let Some(n) = cfg.threads {
+        tch::set_num_threads(n);
+    }
+    pivot::runtime::install_sigint_handler();
+    let group = dist::init_from_env()?;
+    let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
+    let device = match cfg.device {
+        DeviceName::Cpu => Device::Cpu,
+        DeviceName::Cuda => Device::Cuda(group.map_or(0, |g| g.local_rank())),
+    };
+    tch::manual_seed(cfg.model.seed);
+    let mut mllm = match &cfg.model.pretrained {
+        Some(dir) => Mllm::from_pretrained(dir, device)?,
+        None => Mllm::tiny(device),
+    };
+    let shapes = cfg.data.world.as_ref().map(|w| (ShapesWorld::new(ShapesConfig { seed: w.seed, ..ShapesConfig::default() }), w.samples));
+    let root = cfg.image_root();
+    let vqa = || -> Result<VqaDataset> {
+        match (&shapes, &cfg.data.vqa) {
+            (_, Some(p)) => VqaDataset::from_llava_json(p, &root),
+            (Some((w, n)), None) => Ok(w.vqa(Split::Train, *n)),
+            (None, None) => unreachable!("checked in RunConfig::load"),
+        }
+    };
+    let quiet = |mut t: TrainConfig| {
+        t.live &= rank == 0;
+        t
+    };
+    let log = match cfg.stage {
+        StageName::Sft => SftTrainer::new(quiet(cfg.train.clone())).run(&mut mllm, &vqa()?)?,
+        StageName::Dpo => {
+            let data = match (&shapes, &cfg.data.preferences) {
+                (_, Some(p)) => PreferenceDataset::from_jsonl(p, &root)?,
+                (Some((w, n)), None) => w.preferences(Split::Train, *n),
+                (None, None) => unreachable!("checked in RunConfig::load"),
+            };
+            let mut dpo = cfg.dpo.clone();
+            dpo.train = quiet(dpo.train);
+            DpoTrainer::new(dpo).run(&mut mllm, &data)?
+        }
+        StageName::Stage1 => {
+            let captions = match (&shapes, &cfg.data.captions) {
+                (_, Some(p)) => CaptionDataset::from_jsonl(p, &root)?,
+                (Some((w, n)), None) => w.captions(Split::Train, *n),
+                (None, None) => unreachable!("checked in RunConfig::load"),
+            };
+            let mut s = cfg.stage1.clone();
+            (s.projector, s.full) = (quiet(s.projector), quiet(s.full));
+            let logs = s.run(&mut mllm, &captions, &vqa()?)?;
+            let mut log = logs.full;
+            log.rows.splice(0..0, logs.projector.rows);
+            log
+        }
+    };
+    if rank == 0
+        && let Some(out) = &cfg.model.output
+    {
+        mllm.save_pretrained(out)?;
+        log.save_csv(out.join("log.csv"))?;
+    }
+    let (reduced, broadcast) = group.map_or((0, 0), |g| (g.bytes_all_reduced(), g.bytes_broadcast()));
+    let line = format!(
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast\n",
+        log.len(),
+        log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
+        weights_digest(&mllm),
+        reduced / log.len().max(1) as u64
+    );
+    // One write, as for errors in `main`.
+    std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
+    Ok(())
+}
+
+/// All-reduce (sum, max; f32, f64, bf16; several tensors per call), broadcast and barrier on
+/// rank-dependent values, each compared with what it must give.
+fn check_dist() -> Result<()> {
+    let g = dist::init_from_env()?.ok_or_else(|| PivotError::invalid("--check-dist needs WORLD_SIZE > 1 (run it under torchrun)"))?;
+    let (r, w) = (g.rank() as f64, g.world() as f64);
+    let expect = |what: &str, got: &Tensor, want: &Tensor| -> Result<()> {
+        let err = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        if err == 0.0 { Ok(()) } else { Err(PivotError::invalid(format!("{what}: off by up to {err} on rank {r}"))) }
+    };
+    let ramp = Tensor::arange(4096, (Kind::Float, Device::Cpu));
+    let (a, b) = (&ramp * (r + 1.0), Tensor::full([3], r + 1.0, (Kind::Double, Device::Cpu)));
+    let c = Tensor::full([64], r + 1.0, (Kind::BFloat16, Device::Cpu));
+    g.all_reduce(&[&a, &b, &c], dist::ReduceOp::Sum)?;
+    let tri = w * (w + 1.0) / 2.0;
+    expect("all_reduce sum f32", &a, &(&ramp * tri))?;
+    expect("all_reduce sum f64", &b, &Tensor::full([3], tri, (Kind::Double, Device::Cpu)))?;
+    expect("all_reduce sum bf16", &c, &Tensor::full([64], tri, (Kind::BFloat16, Device::Cpu)))?;
+    let m = Tensor::from_slice(&[r as f32, -(r as f32)]);
+    g.all_reduce(&[&m], dist::ReduceOp::Max)?;
+    expect("all_reduce max", &m, &Tensor::from_slice(&[(w - 1.0) as f32, 0.0]))?;
+    let root = g.world() - 1;
+    let x = Tensor::full([5, 7], r, (Kind::Float, Device::Cpu));
+    g.broadcast(&[&x], root)?;
+    expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, Device::Cpu)))?;
+    g.barrier()?;
+    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, barrier)\n", g.rank(), g.world());
+    std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, arg] = args.as_slice() else {
+        eprintln!("usage: pivot-train CONFIG.toml | --check-dist   (alone, or under torchrun --no-python)");
+        return ExitCode::from(2);
+    };
+    let result = if arg == "--check-dist" { check_dist() } else { run(Path::new(arg)) };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let rank = std::env::var("RANK").map(|r| format!(" rank {r}")).unwrap_or_default();
+            // One write: the ranks share torchrun's stderr, and a pipe keeps a single write of
+            // under 4 KiB whole, where eprintln's pieces from two ranks can interleave.
+            let line = format!("pivot-train{rank}: {e}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<RunConfig> {
+        let dir = std::env::temp_dir().join(format!("pivot-train-cfg-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("run.toml");
+        std::fs::write(&path, text).unwrap();
+        let r = RunConfig::load(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn every_train_config_field_and_relative_paths() {
+        let cfg = load(
+            "stage = \"dpo\"\nthreads = 1\n[model]\noutput = \"out\"\n[data]\nworld = { seed = 3, samples = 8 }\n\
+             [dpo]\nbeta = 0.2\n[dpo.train]\nlr = 1e-5\ntower_lr = 2e-6\nprojector_lr = 1e-4\ntrain_tower = false\n\
+             train_projector = true\ntrain_lm = true\nweight_decay = 0.1\nbetas = [0.8, 0.99]\neps = 1e-6\n\
+             warmup_ratio = 0.1\nbatch_size = 2\ngrad_accum = 4\nepochs = 2\nmax_steps = 5\nmax_grad_norm = 0.5\n\
+             seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n",
+        )
+        .unwrap();
+        let t = &cfg.dpo.train;
+        assert_eq!((cfg.stage, cfg.dpo.beta, t.lr, t.tower_lr, t.betas, t.grad_accum, t.max_steps), (StageName::Dpo, 0.2, 1e-5, Some(2e-6), (0.8, 0.99), 4, Some(5)));
+        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch), (false, false, Some(0.5), 2, 0));
+        assert!(t.checkpoint_dir.as_ref().unwrap().ends_with("ck") && t.checkpoint_dir.as_ref().unwrap().is_absolute() == cfg.model.output.as_ref().unwrap().is_absolute());
+        assert_eq!(cfg.dpo.label_smoothing, 0.0, "absent fields keep their defaults");
+    }
+
+    #[test]
+    fn bad_files_name_file_line_and_field() {
+        let err = load("stage = \"sft\"\n[data]\nworld = { samples = 8 }\n[train]\nlr = 1e-5\nbatch_sise = 2\n").unwrap_err().to_string();
+        assert!(err.contains("run.toml:6:1") && err.contains("train.batch_sise") && err.contains("unknown field"), "{err}");
+        let err = load("stage = \"sft\"\n[data]\nworld = { samples = 8 }\n[train]\nlr = \"fast\"\n").unwrap_err().to_string();
+        assert!(err.contains("run.toml:5:") && err.contains("train.lr"), "{err}");
+        let err = load("stage = \"ppo\"\n[data]\n").unwrap_err().to_string();
+        assert!(err.contains("run.toml:1:") && err.contains("`stage`"), "{err}");
+        let err = load("stage = \"dpo\"\n[data]\nvqa = \"x.json\"\n").unwrap_err().to_string();
+        assert!(err.contains("data.preferences"), "{err}");
+    }
+}

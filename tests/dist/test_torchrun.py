@@ -1,0 +1,154 @@
+"""Data parallelism over c10d Gloo: `pivot-train` under `torchrun --standalone --no-python` at 2
+ranks on the CPU, 1 thread each, against the same binary run alone.
+
+The binary comes from PIVOT_TRAIN_BIN, else the prelude's test build in warm slot 0 (the Makefile's
+`cargo test -p pivot` builds it there). torchrun is the venv's (the torch that libtorch comes from).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+TIMEOUT = 240  # seconds per launch; a hung collective fails the test instead of the suite
+
+
+def host_triple() -> str:
+    out = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
+    return re.search(r"^host: (\S+)", out, re.M).group(1)
+
+
+def train_bin() -> Path:
+    env = os.environ.get("PIVOT_TRAIN_BIN")
+    if env:
+        return Path(env)
+    cache = Path(os.environ.get("PIVOT_CACHE_DIR", Path.home() / ".cache/pivot-lab"))
+    path = cache / "slots/0/target" / host_triple() / "debug/pivot-train"
+    if not path.exists():
+        raise RuntimeError(f"pivot-train is not built at {path}: run the prelude's tests (make test) or set PIVOT_TRAIN_BIN")
+    return path
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIVOT_INJECT_NAN", "PIVOT_INJECT_INTERRUPT")}
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def torchrun(nproc: int, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "--no-python", str(train_bin()), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env() | (extra or {}))
+
+
+def alone(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(train_bin()), *args], capture_output=True, text=True, timeout=TIMEOUT, env=env())
+
+
+def write_config(tmp: Path, name: str, stage: str, batch_size: int, grad_accum: int, steps: int = 3) -> Path:
+    out = tmp / name
+    section = "[dpo.train]" if stage == "dpo" else "[train]"
+    text = f"""stage = "{stage}"
+threads = 1
+[model]
+seed = 0
+output = "{out}"
+[data]
+world = {{ seed = 0, samples = 16 }}
+{section}
+lr = 1e-3
+warmup_ratio = 0.0
+batch_size = {batch_size}
+grad_accum = {grad_accum}
+max_steps = {steps}
+live = false
+"""
+    path = tmp / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def digests(p: subprocess.CompletedProcess) -> dict[int, str]:
+    return {int(r): d for r, d in re.findall(r"pivot-train rank (\d+)/\d+: .* weights digest ([0-9a-f]+)", p.stdout)}
+
+
+def assert_same_model(a: Path, b: Path) -> None:
+    """Equal up to float rounding. AdamW divides each gradient by its own running RMS, so a
+    coordinate whose gradient is nearly zero turns rounding noise into an update of order lr:
+    the bound on the largest difference is 3 % of what 3 steps at lr 1e-3 can move a weight
+    (a run that skipped the all-reduce differs by about lr almost everywhere), and nearly all
+    coordinates must agree to float precision."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    diff = np.concatenate([np.abs(wa[k].astype(np.float64) - wb[k]).ravel() for k in wa])
+    assert diff.max() <= 1e-4, f"weights differ by up to {diff.max():.2e}"
+    assert np.quantile(diff, 0.999) <= 1e-6, f"0.1 % of the weights differ by more than {np.quantile(diff, 0.999):.2e}"
+
+
+def losses(out: Path) -> np.ndarray:
+    lines = (out / "log.csv").read_text().splitlines()
+    col = lines[0].split(",").index("loss")
+    return np.array([float(l.split(",")[col]) for l in lines[1:]])
+
+
+def test_collectives_give_correct_values():
+    p = ok(torchrun(2, "--check-dist"))
+    assert len(re.findall(r"rank \d/2: collectives ok", p.stdout)) == 2, p.stdout
+
+
+def test_dpo_two_ranks_of_b_pairs_equal_one_rank_of_2b(tmp_path):
+    one = ok(alone(str(write_config(tmp_path, "one", "dpo", batch_size=4, grad_accum=1))))
+    two = ok(torchrun(2, str(write_config(tmp_path, "two", "dpo", batch_size=2, grad_accum=1))))
+    d = digests(two)
+    assert set(d) == {0, 1} and d[0] == d[1], f"the ranks' weights differ after 3 steps: {d}"
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+    # Once per step the fp32 gradients of every weight the loss reaches, plus a few flags and
+    # metrics: within 1 % of the saved model's size (it also keeps a few weights the loss does not
+    # reach, such as the tower's final norm), not a multiple of it.
+    model_bytes = 4 * sum(w.size for w in load_file(str(tmp_path / "two" / "model.safetensors")).values())
+    sent = [int(b) for b in re.findall(r"rank \d/2: .* (\d+) bytes all-reduced per step", two.stdout)]
+    assert len(sent) == 2 and all(0.99 * model_bytes <= b <= 1.01 * model_bytes for b in sent), (sent, model_bytes)
+
+
+def test_sft_two_ranks_equal_one_rank_with_doubled_accumulation(tmp_path):
+    ok(alone(str(write_config(tmp_path, "one", "sft", batch_size=2, grad_accum=2))))
+    two = ok(torchrun(2, str(write_config(tmp_path, "two", "sft", batch_size=2, grad_accum=1))))
+    d = digests(two)
+    assert set(d) == {0, 1} and d[0] == d[1], f"the ranks' weights differ after 3 steps: {d}"
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5, atol=1e-6)
+    assert_same_model(tmp_path / "two", tmp_path / "one")
+
+
+def test_a_nan_on_rank_1_stops_both_ranks_naming_the_step(tmp_path):
+    cfg = write_config(tmp_path, "nan", "dpo", batch_size=2, grad_accum=2, steps=4)
+    p = torchrun(2, str(cfg), extra={"PIVOT_INJECT_NAN": "2@1"})
+    assert p.returncode != 0, p.stdout
+    for rank in (0, 1):
+        line = next((l for l in p.stderr.splitlines() if f"pivot-train rank {rank}:" in l), None)
+        assert line is not None, f"rank {rank} did not report its exit:\n{p.stderr}"
+        assert "non-finite" in line and "at step 2" in line, line
+    assert "another rank" in next(l for l in p.stderr.splitlines() if "pivot-train rank 0:" in l)
+    assert not (tmp_path / "nan").exists(), "a failed run must not save a model"
+
+
+def test_an_interrupt_on_rank_1_stops_both_ranks_mid_step(tmp_path):
+    cfg = write_config(tmp_path, "int", "sft", batch_size=2, grad_accum=2, steps=4)
+    p = torchrun(2, str(cfg), extra={"PIVOT_INJECT_INTERRUPT": "2@1"})
+    assert p.returncode != 0, p.stdout
+    for rank in (0, 1):
+        line = next((l for l in p.stderr.splitlines() if f"pivot-train rank {rank}:" in l), None)
+        assert line is not None, f"rank {rank} did not report its exit:\n{p.stderr}"
+        assert "interrupted" in line and "step 2 of 4, micro-batch 2 of 2" in line, line
+    assert "interrupt on another rank" in next(l for l in p.stderr.splitlines() if "pivot-train rank 0:" in l)
