@@ -57,6 +57,19 @@ impl ConnectionInfo {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
     }
 
+    /// Whether other machines can reach the sockets: tcp on anything but a loopback address
+    /// (0.0.0.0, `*`, a LAN address, a host name other than localhost).
+    pub fn reachable_beyond_loopback(&self) -> bool {
+        if self.transport != "tcp" {
+            return false;
+        }
+        let host = self.ip.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => !ip.is_loopback(),
+            Err(_) => !host.eq_ignore_ascii_case("localhost"),
+        }
+    }
+
     /// jupyter_client's naming: `ipc://{ip}-{port}` for ipc (a path prefix), `tcp://ip:port`.
     pub fn endpoint(&self, port: u16) -> String {
         if self.transport == "ipc" {
@@ -130,6 +143,13 @@ fn to_zmq(frames: Vec<Bytes>) -> Option<ZmqMessage> {
 
 async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
     let signer = Signer::new(&conn.signature_scheme, &conn.key)?;
+    if conn.key.is_empty() && conn.reachable_beyond_loopback() {
+        eprintln!(
+            "pivot-kernel: WARNING: serving on {} with an empty key: anyone who can reach these ports can run \
+             code as this user. Put a key in the connection file (Jupyter does by default) or use 127.0.0.1.",
+            conn.ip
+        );
+    }
     // Each zeromq socket listens privately; the guard serves the public endpoint in front of it.
     let private = PrivateDir::create()?;
     let limits = Limits::default();
