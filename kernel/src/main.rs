@@ -148,6 +148,10 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
                 i += 1;
             }
             let nb = nb.ok_or_else(|| anyhow::anyhow!("which notebook?\n{USAGE}"))?;
+            // A write over RLIMIT_FSIZE then fails with EFBIG like a full disk (an error that
+            // names the notebook, the temporary file removed) instead of killing the process.
+            // SAFETY: only changes the disposition of one signal.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
             let slot = take_slot(None)?;
             slot.seed_if_cold();
             let failure = nbrun::run(&nb, &opts)?;

@@ -1,5 +1,6 @@
 //! Jupyter front end: wire protocol, kernel server, kernelspec install, notebook runner.
 
+pub mod guard;
 pub mod history;
 pub mod install;
 pub mod nbrun;

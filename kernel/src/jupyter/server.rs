@@ -5,6 +5,10 @@
 //! channel into one writer task, so a cell's outputs, its result and `idle` keep their order.
 //! Requests that need no engine (kernel_info, is_complete, history, comms) are answered at once,
 //! even while a cell runs or the prelude is still building.
+//!
+//! The zeromq sockets listen on private ipc endpoints; the connection file's endpoints are served
+//! by the ZMTP guard (`guard.rs`), which enforces frame and message limits before the zeromq crate
+//! allocates anything. Signatures are verified and checked against replay in `wire.rs`.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
@@ -18,6 +22,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
+use super::guard::{self, Limits, PrivateDir};
 use super::history::History;
 use super::wire::{self, HeaderFactory, Message, Signer};
 use crate::engine::{self, buildlog, slots, CellResult, Event, Frontend, Interrupter, Session, SessionOptions};
@@ -50,6 +55,19 @@ impl ConnectionInfo {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// Whether other machines can reach the sockets: tcp on anything but a loopback address
+    /// (0.0.0.0, `*`, a LAN address, a host name other than localhost).
+    pub fn reachable_beyond_loopback(&self) -> bool {
+        if self.transport != "tcp" {
+            return false;
+        }
+        let host = self.ip.trim_start_matches('[').trim_end_matches(']');
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => !ip.is_loopback(),
+            Err(_) => !host.eq_ignore_ascii_case("localhost"),
+        }
     }
 
     /// jupyter_client's naming: `ipc://{ip}-{port}` for ipc (a path prefix), `tcp://ip:port`.
@@ -125,16 +143,31 @@ fn to_zmq(frames: Vec<Bytes>) -> Option<ZmqMessage> {
 
 async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
     let signer = Signer::new(&conn.signature_scheme, &conn.key)?;
+    if conn.key.is_empty() && conn.reachable_beyond_loopback() {
+        eprintln!(
+            "pivot-kernel: WARNING: serving on {} with an empty key: anyone who can reach these ports can run \
+             code as this user. Put a key in the connection file (Jupyter does by default) or use 127.0.0.1.",
+            conn.ip
+        );
+    }
+    // Each zeromq socket listens privately; the guard serves the public endpoint in front of it.
+    let private = PrivateDir::create()?;
+    let limits = Limits::default();
     let mut shell = zeromq::RouterSocket::new();
-    bind(&mut shell, &conn.endpoint(conn.shell_port)).await?;
+    bind(&mut shell, &private.endpoint("shell")).await?;
     let mut control = zeromq::RouterSocket::new();
-    bind(&mut control, &conn.endpoint(conn.control_port)).await?;
+    bind(&mut control, &private.endpoint("control")).await?;
     let mut stdin = zeromq::RouterSocket::new();
-    bind(&mut stdin, &conn.endpoint(conn.stdin_port)).await?;
+    bind(&mut stdin, &private.endpoint("stdin")).await?;
     let mut iopub = zeromq::XPubSocket::new();
-    bind(&mut iopub, &conn.endpoint(conn.iopub_port)).await?;
+    bind(&mut iopub, &private.endpoint("iopub")).await?;
     let mut hb = zeromq::RepSocket::new();
-    bind(&mut hb, &conn.endpoint(conn.hb_port)).await?;
+    bind(&mut hb, &private.endpoint("hb")).await?;
+    for (name, port) in
+        [("shell", conn.shell_port), ("control", conn.control_port), ("stdin", conn.stdin_port), ("iopub", conn.iopub_port), ("hb", conn.hb_port)]
+    {
+        guard::serve(name, &conn.endpoint(port), &private.path.join(name), limits).await?;
+    }
 
     let (iopub_tx, iopub_rx) = unbounded_channel();
     let (shell_tx, shell_rx) = unbounded_channel();
@@ -255,10 +288,16 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
         });
     }
 
-    shared.shutdown.notified().await;
+    // SIGTERM (a front end giving up on shutdown_request) ends the kernel the same way.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = shared.shutdown.notified() => {}
+        _ = term.recv() => {}
+    }
     if let Some(i) = lock(&shared.interrupter).as_ref() {
         i.kill_child();
     }
+    drop(private);
     // The engine thread may be inside a long cell; exiting the process ends it, and the lock on
     // the build slot goes with the process.
     std::process::exit(0)
