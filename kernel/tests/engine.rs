@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pivot_kernel::engine::{self, paths, slots, Event, Frontend, Session, SessionOptions, StreamName};
+use pivot_engine::{self as engine, paths, slots, Event, Frontend, Session, SessionOptions, StreamName};
 
 fn stdout_of(events: &[Event]) -> String {
     events

@@ -22,8 +22,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pivot_kernel::engine::{paths, slots, Event, Sink};
-use pivot_kernel::scan::{self, Completeness};
+use pivot_engine::{paths, slots, Event, Sink};
+use pivot_engine::scan::{self, Completeness};
 
 use engine::Engine;
 use render::Out;
@@ -55,8 +55,8 @@ Figures are shown inline on kitty/iTerm2, otherwise saved under $PIVOT_FIGURES_D
 fn main() -> ExitCode {
     // This executable is also evcxr's child process and its rustc wrapper: those roles must be
     // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
-    if pivot_kernel::child::is_runtime_child() {
-        pivot_kernel::child::child_main();
+    if pivot_engine::child::is_runtime_child() {
+        pivot_engine::child::child_main();
     }
     evcxr::runtime_hook();
     match real_main() {
@@ -120,7 +120,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     // Still single-threaded: lock a build slot and export it to evcxr.
     let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
     let slot = slots::acquire(&paths::cache_dir(), want)?;
-    pivot_kernel::engine::prepare_process_env(&slot.dir);
+    pivot_engine::prepare_process_env(&slot.dir);
     let out = Arc::new(Out::new(args.no_color));
     if interactive {
         let o = out.clone();
@@ -235,7 +235,7 @@ impl Repl {
 
     fn save(&mut self, arg: &str) -> Flow {
         if arg.is_empty() {
-            self.out.error(&pivot_kernel::engine::CellError::new("UsageError", ":save FILE"));
+            self.out.error(&pivot_engine::CellError::new("UsageError", ":save FILE"));
             return Flow::Error;
         }
         match std::fs::write(arg, cells::to_script(&self.accepted)) {
@@ -244,7 +244,7 @@ impl Repl {
                 Flow::Ok
             }
             Err(e) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot write {arg}: {e}")));
+                self.out.error(&pivot_engine::CellError::new("IOError", format!("cannot write {arg}: {e}")));
                 Flow::Error
             }
         }
@@ -260,7 +260,7 @@ impl Repl {
                 }
             }
             Err(e) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot read {arg}: {e}")));
+                self.out.error(&pivot_engine::CellError::new("IOError", format!("cannot read {arg}: {e}")));
                 Flow::Error
             }
         }
@@ -275,7 +275,7 @@ impl Repl {
                 return Flow::Error;
             }
             Err(msg) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("EngineStartFailed", msg));
+                self.out.error(&pivot_engine::CellError::new("EngineStartFailed", msg));
                 self.failed = true;
                 return Flow::Quit;
             }

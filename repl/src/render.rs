@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pivot_kernel::engine::session::strip_ansi;
-use pivot_kernel::engine::{CellError, Event, StreamName};
+use pivot_engine::session::strip_ansi;
+use pivot_engine::{CellError, Event, StreamName};
 use serde_json::{Map, Value};
 
 const RED: &str = "\x1b[31m";

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use evcxr::{CommandContext, EvalCallbacks, EvalContext, Theme};
 use serde_json::{Map, Value};
 
-use super::output::{CellSignals, Pump, Sink};
-use super::paths;
+use crate::output::{CellSignals, Pump, Sink};
+use crate::paths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frontend {
