@@ -6,6 +6,7 @@
 //! checkpoint does not read the language model. Errors always name the file and the tensor.
 
 use crate::error::{PivotError, Result};
+use crate::runtime::check_interrupt;
 use safetensors::{Dtype, SafeTensors};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -244,6 +245,10 @@ impl Checkpoint {
 /// Writes named tensors to one safetensors file with `{"format": "pt"}` metadata (which
 /// `transformers` requires), atomically: the data goes to `<path>.partial` and is renamed into
 /// place only when complete, so a crash never leaves a truncated checkpoint under the real name.
+///
+/// Interruptible between tensors (each one's copy to the host is a chunk of work): an interrupt
+/// returns `PivotError::Interrupted` before anything is written, so the file already at `path`
+/// (an earlier checkpoint) stays as it was.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     struct Owned {
         dtype: Dtype,
@@ -265,7 +270,8 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
         }
     }
     let mut owned: Vec<(String, Owned)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        check_interrupt(&format!("saving {} (tensor {} of {})", path.display(), i + 1, tensors.len()))?;
         let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
         let dtype = dtype_of(t.kind())?;
         let numel = t.numel();
