@@ -74,7 +74,7 @@ PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) carg
 
 test: pydeps fixtures rust-src kernel
 	$(PRELUDE_TEST) --no-fail-fast
-	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-engine -p pivot-kernel -p pivot-repl --no-fail-fast
+	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-markers -p pivot-engine -p pivot-kernel -p pivot-repl --no-fail-fast
 	command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux; }
 	PIVOT_REPL_BIN=$(KERNEL_TARGET)/debug/pivot-repl $(PY) -m pytest -q tests/kernel tests/repl tests/notebooks
 	$(PY) -m pytest -q tests/papermill tests/lab tests/study

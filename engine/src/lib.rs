@@ -15,4 +15,4 @@ pub mod session;
 pub mod slots;
 
 pub use output::{Event, Sink, StreamName};
-pub use session::{prepare_process_env, CellError, CellResult, Frontend, Interrupter, Session, SessionOptions};
+pub use session::{prepare_process_env, CellError, CellResult, Frontend, InterruptOutcome, Interrupter, Session, SessionOptions};

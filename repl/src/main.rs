@@ -22,7 +22,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pivot_engine::{paths, slots, Event, Sink};
+use pivot_engine::{paths, slots, Event, InterruptOutcome, Sink};
 use pivot_engine::scan::{self, Completeness};
 
 use engine::Engine;
@@ -145,8 +145,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
         sys::install_sigint(move || {
             if running.load(Ordering::SeqCst) {
                 if let Some(i) = engine.interrupter() {
-                    out.note("interrupting… (the cell stops at its next check_interrupt; one that never checks is killed after the grace period)");
-                    i.interrupt();
+                    match i.interrupt() {
+                        InterruptOutcome::Requested => out.note(
+                            "interrupting… (the cell stops at its next check_interrupt; one that never checks is warned about, then restarted after the grace period)",
+                        ),
+                        InterruptOutcome::CompileStopped => out.note("interrupting… (stopping the build)"),
+                        InterruptOutcome::Killed => out.note("restarting the Rust process now…"),
+                        InterruptOutcome::Idle => {}
+                    }
                 }
             } else if !interactive && engine.is_ready() {
                 std::process::exit(130);
