@@ -77,7 +77,7 @@ PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) carg
 test: pydeps fixtures rust-src kernel gloo
 	$(PRELUDE_TEST) --no-fail-fast
 	PIVOT_TRAIN_BIN=$(SLOT0_TARGET)/$(HOST)/debug/pivot-train $(PY) -m pytest -q tests/dist
-	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-kernel -p pivot-repl --no-fail-fast
+	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-markers -p pivot-engine -p pivot-kernel -p pivot-repl --no-fail-fast
 	command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux; }
 	PIVOT_REPL_BIN=$(KERNEL_TARGET)/debug/pivot-repl $(PY) -m pytest -q tests/kernel tests/repl tests/notebooks
 	$(PY) -m pytest -q tests/papermill tests/lab tests/study

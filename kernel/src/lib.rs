@@ -1,7 +1,9 @@
-//! PIVOT Lab kernel: the evaluation engine (`engine`), the evcxr child process (`child`), the
-//! input scanner shared with the REPL (`scan`) and the Jupyter front end (`jupyter`).
+//! PIVOT Lab kernel: the Jupyter front end (`jupyter`) over the `pivot-engine` crate.
+//!
+//! The Jupyter modules reach the engine as `crate::engine` and the scanner as `crate::scan`
+//! (re-exported below), so they read the same as before the engine became its own crate.
 
-pub mod child;
-pub mod engine;
+pub use pivot_engine as engine;
+pub use pivot_engine::scan;
+
 pub mod jupyter;
-pub mod scan;

@@ -9,14 +9,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use pivot_kernel::engine::{self, buildlog, paths, slots};
+use pivot_engine::{self as engine, buildlog, paths, slots};
 use pivot_kernel::jupyter::{install, nbrun, server};
 
 fn main() -> ExitCode {
     // This executable is also evcxr's child process and its rustc wrapper: those roles must be
     // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
-    if pivot_kernel::child::is_runtime_child() {
-        pivot_kernel::child::child_main();
+    if pivot_engine::child::is_runtime_child() {
+        pivot_engine::child::child_main();
     }
     evcxr::runtime_hook();
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -7,16 +7,20 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pivot_kernel::engine::{self, paths, slots, Event, Frontend, Session, SessionOptions, StreamName};
+use pivot_engine::{self as engine, paths, slots, Event, Frontend, InterruptOutcome, Session, SessionOptions, StreamName};
 
-fn stdout_of(events: &[Event]) -> String {
+fn stream_of(events: &[Event], want: StreamName) -> String {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::Stream { name: StreamName::Stdout, text } => Some(text.as_str()),
+            Event::Stream { name, text } if *name == want => Some(text.as_str()),
             _ => None,
         })
         .collect()
+}
+
+fn stdout_of(events: &[Event]) -> String {
+    stream_of(events, StreamName::Stdout)
 }
 
 #[test]
@@ -31,6 +35,7 @@ fn engine_end_to_end() {
     let mut opts = SessionOptions::new(Frontend::Repl).unwrap();
     opts.child_exe = env!("CARGO_BIN_EXE_pivot-kernel").into();
     opts.interrupt_grace = Duration::from_secs(2);
+    opts.interrupt_warn = Duration::from_millis(500);
     let mut s = Session::start(opts, sink).expect("session starts");
     slot.mark_warm();
     let take = || std::mem::take(&mut *events.lock().unwrap());
@@ -75,7 +80,7 @@ fn engine_end_to_end() {
     let ev = take();
     assert!(matches!(&ev[0], Event::Display { update: false, display_id: Some(_), .. }), "{ev:?}");
     assert!(matches!(&ev[1], Event::Display { update: true, .. }));
-    assert!(ev.iter().any(|e| matches!(e, Event::Progress(v) if v["done"] == true && v["pos"] == 2)));
+    assert!(ev.iter().any(|e| matches!(e, Event::Progress(p) if p.done && p.pos == 2)));
 
     // The interrupt flag is process-global: a SIGINT sets the one flag that every cell's copy of
     // the prelude reads; a flag left over from an earlier cell is cleared at the next cell.
@@ -113,4 +118,34 @@ fn engine_end_to_end() {
     assert_eq!(r.value.unwrap()["text/plain"], "false", "the request was consumed");
     let r = s.execute("keep.len()", &no_input);
     assert_eq!(r.value.unwrap()["text/plain"], "4", "state survives a cooperative interrupt");
+
+    // A cell that never checks: the user is warned (what a restart loses, how to restart at once)
+    // before any kill, and a second interrupt after the warning kills at once.
+    take();
+    let interrupter = s.interrupter();
+    let seen = events.clone();
+    let t = std::thread::spawn(move || {
+        for _ in 0..6000 {
+            if stdout_of(&seen.lock().unwrap()).contains("spinning") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let first = interrupter.interrupt();
+        for _ in 0..100 {
+            if stream_of(&seen.lock().unwrap(), StreamName::Stderr).contains("still running") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (first, interrupter.interrupt())
+    });
+    let r = s.execute("println!(\"spinning\");\nloop { std::thread::sleep(std::time::Duration::from_millis(20)); }", &no_input);
+    let (first, second) = t.join().unwrap();
+    assert_eq!((first, second), (InterruptOutcome::Requested, InterruptOutcome::Killed));
+    let warning = stream_of(&take(), StreamName::Stderr);
+    assert!(warning.contains("still running") && warning.contains("keep") && warning.contains("Press Ctrl-C again"), "{warning}");
+    let e = r.error.expect("killed");
+    assert!(r.restarted && e.ename == "Interrupted" && e.evalue.contains("restarted") && e.evalue.contains("keep"), "{e:?}");
 }

@@ -1,7 +1,8 @@
 //! The prelude's side of the output and interrupt protocol shared with the PIVOT kernel and REPL.
 //!
 //! Cells run inside an evcxr child process whose stdout is read line by line by the front end.
-//! Rich output therefore travels as single stdout lines `\x1ePIVOT <base64(json)>` that the
+//! Rich output therefore travels as single stdout lines, typed [`Marker`]s of the
+//! `pivot-markers` crate (the protocol's one definition, shared with the engine), that the
 //! front end turns into Jupyter `display_data`/`update_display_data`/`clear_output` messages (or
 //! terminal renderings in the REPL). Outside a front end (`Frontend::Plain`: an ordinary program
 //! or test) the same calls degrade to plain text, so library code can call them unconditionally.
@@ -18,16 +19,11 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::error::{PivotError, Result};
 
-/// Start of every marker line. The record separator cannot appear in ordinary text output by
-/// accident, and the front end only has to test one byte before parsing.
-pub const MARKER_PREFIX: &str = "\x1ePIVOT ";
-
-/// Name of the flag exported by the front-end executable (see `interrupt_flag`).
-pub const INTERRUPT_FLAG_SYMBOL: &str = "PIVOT_INTERRUPT_FLAG";
+pub use pivot_markers::{Marker, INTERRUPT_FLAG_SYMBOL, PREFIX as MARKER_PREFIX};
 
 // ---------------------------------------------------------------------------------------------
 // Front end detection
@@ -157,9 +153,9 @@ impl<T: Rich + ?Sized> EvcxrDisplay for T {
 // Marker output
 
 /// Writes one marker line. Returns false when stdout is gone (nothing else can be done then).
-pub fn emit_marker(event: &Value) -> bool {
-    let payload = base64::engine::general_purpose::STANDARD.encode(event.to_string());
-    let line = format!("{MARKER_PREFIX}{payload}\n");
+pub fn emit_marker(marker: &Marker) -> bool {
+    let mut line = marker.to_line();
+    line.push('\n');
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
     // Text printed with `print!` and not yet terminated may precede the marker on the same line;
@@ -167,17 +163,15 @@ pub fn emit_marker(event: &Value) -> bool {
     lock.write_all(line.as_bytes()).and_then(|_| lock.flush()).is_ok()
 }
 
-/// Decodes a marker line written by `emit_marker` (used by front ends and tests).
-pub fn parse_marker(line: &str) -> Option<Value> {
-    let payload = line.strip_prefix(MARKER_PREFIX)?;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(payload.trim_end()).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// Decodes a marker line written by `emit_marker` (used by tests).
+pub fn parse_marker(line: &str) -> Option<Marker> {
+    Marker::decode(line.strip_prefix(MARKER_PREFIX)?)
 }
 
-fn bundle_json(b: &MimeBundle) -> (Value, Value) {
-    let data: serde_json::Map<String, Value> = b.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+fn bundle_json(b: &MimeBundle) -> (Map<String, Value>, Value) {
+    let data: Map<String, Value> = b.data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     let metadata = if b.metadata.is_object() { b.metadata.clone() } else { json!({}) };
-    (Value::Object(data), metadata)
+    (data, metadata)
 }
 
 /// Random, so that two cells (each with its own copy of this module) never hand out the same id.
@@ -202,7 +196,7 @@ impl DisplayHandle {
             Frontend::Plain => print_plain(b),
             _ => {
                 let (data, metadata) = bundle_json(b);
-                emit_marker(&json!({"t": "update", "id": self.id, "data": data, "metadata": metadata}));
+                emit_marker(&Marker::Update { id: self.id.clone(), data, metadata });
             }
         }
     }
@@ -226,7 +220,7 @@ pub fn display(b: &MimeBundle) -> DisplayHandle {
         Frontend::Plain => print_plain(b),
         _ => {
             let (data, metadata) = bundle_json(b);
-            emit_marker(&json!({"t": "display", "id": handle.id, "data": data, "metadata": metadata}));
+            emit_marker(&Marker::Display { id: handle.id.clone(), data, metadata });
         }
     }
     handle
@@ -240,7 +234,7 @@ pub fn show<T: Rich + ?Sized>(value: &T) -> DisplayHandle {
 /// Clears the cell's output; with `wait`, only when the next output arrives (no flicker).
 pub fn clear_output(wait: bool) {
     if frontend() != Frontend::Plain {
-        emit_marker(&json!({"t": "clear", "wait": wait}));
+        emit_marker(&Marker::Clear { wait });
     }
 }
 
@@ -382,7 +376,7 @@ pub fn install_panic_hook() {
         let loc = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column())).unwrap_or_default();
         let thread = std::thread::current().name().unwrap_or("<unnamed>").to_string();
         let frames = user_frames(&std::backtrace::Backtrace::force_capture().to_string());
-        emit_marker(&json!({"t": "panic", "msg": msg, "loc": loc, "thread": thread, "frames": frames}));
+        emit_marker(&Marker::Panic { msg, loc, thread, frames });
     }));
 }
 
@@ -508,10 +502,14 @@ impl Progress {
                 }
             }
             Frontend::Repl => {
-                emit_marker(&json!({
-                    "t": "progress", "id": self.id, "label": self.label, "pos": self.pos,
-                    "total": self.total, "msg": self.message,
-                    "elapsed": self.started.elapsed().as_secs_f64(), "done": self.finished,
+                emit_marker(&Marker::Progress(pivot_markers::Progress {
+                    id: self.id.clone(),
+                    label: self.label.clone(),
+                    pos: self.pos,
+                    total: self.total,
+                    msg: self.message.clone(),
+                    elapsed: self.started.elapsed().as_secs_f64(),
+                    done: self.finished,
                 }));
             }
             Frontend::Plain => {
@@ -609,10 +607,9 @@ mod tests {
 
     #[test]
     fn marker_round_trip() {
-        let v = json!({"t": "display", "data": {"text/plain": "x\ny"}});
-        let payload = base64::engine::general_purpose::STANDARD.encode(v.to_string());
-        let line = format!("{MARKER_PREFIX}{payload}");
-        assert_eq!(parse_marker(&line), Some(v));
+        let (data, metadata) = bundle_json(&MimeBundle::text("x\ny"));
+        let m = Marker::Display { id: fresh_display_id(), data, metadata };
+        assert_eq!(parse_marker(&m.to_line()), Some(m));
         assert_eq!(parse_marker("plain text"), None);
     }
 

@@ -227,7 +227,7 @@ fn fit_fast_path_matches_plain_lbfgs_on_autograd_objective() {
             (f, Tensor::cat(&[gw.reshape([-1]), gb], 0))
         };
         let theta0 = Tensor::zeros([wlen + k], (Kind::Double, Device::Cpu));
-        let (theta, info) = pivot::probe::lbfgs::minimize(plain, &theta0, opts);
+        let (theta, info) = pivot::probe::lbfgs::minimize(plain, &theta0, opts).unwrap();
         let (w, b) = (theta.narrow(0, 0, wlen).view([k, d]), theta.narrow(0, wlen, k));
         let ref_obj = autograd_objective(&x, &y, &w, &b, c).0;
         let fast_obj = fast.objective(&x, &y);

@@ -8,7 +8,7 @@
 //!
 //! A first line starting with `#!` (but not `#![`) is skipped, so scripts can be executable.
 
-use pivot_kernel::scan::{self, Completeness};
+use pivot_engine::scan::{self, Completeness};
 
 /// The separator `:save` writes and `split_cells` honours.
 pub const MARKER: &str = "// %%";

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
-use pivot_kernel::engine::{slots, CellResult, Frontend, Interrupter, Session, SessionOptions, Sink};
+use pivot_engine::{slots, CellResult, Frontend, Interrupter, Session, SessionOptions, Sink};
 
 pub enum State {
     Starting,
@@ -111,7 +111,7 @@ impl Engine {
 
 fn dead() -> CellResult {
     CellResult {
-        error: Some(pivot_kernel::engine::CellError::new("EngineGone", "the evaluation engine stopped; restart pivot-repl")),
+        error: Some(pivot_engine::CellError::new("EngineGone", "the evaluation engine stopped; restart pivot-repl")),
         ..Default::default()
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pivot_kernel::scan::{self, Completeness};
+use pivot_engine::scan::{self, Completeness};
 use rustyline::completion::{Completer, Pair};
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -61,7 +61,7 @@ impl rustyline::Helper for Helper {}
 pub fn history_path() -> PathBuf {
     std::env::var_os("PIVOT_REPL_HISTORY")
         .map(PathBuf::from)
-        .unwrap_or_else(|| pivot_kernel::engine::paths::data_dir().join("history.txt"))
+        .unwrap_or_else(|| pivot_engine::paths::data_dir().join("history.txt"))
 }
 
 pub fn run(repl: &mut Repl, vi: bool) -> anyhow::Result<ExitCode> {

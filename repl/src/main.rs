@@ -22,8 +22,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use pivot_kernel::engine::{paths, slots, Event, Sink};
-use pivot_kernel::scan::{self, Completeness};
+use pivot_engine::{paths, slots, Event, InterruptOutcome, Sink};
+use pivot_engine::scan::{self, Completeness};
 
 use engine::Engine;
 use render::Out;
@@ -55,8 +55,8 @@ Figures are shown inline on kitty/iTerm2, otherwise saved under $PIVOT_FIGURES_D
 fn main() -> ExitCode {
     // This executable is also evcxr's child process and its rustc wrapper: those roles must be
     // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
-    if pivot_kernel::child::is_runtime_child() {
-        pivot_kernel::child::child_main();
+    if pivot_engine::child::is_runtime_child() {
+        pivot_engine::child::child_main();
     }
     evcxr::runtime_hook();
     match real_main() {
@@ -120,7 +120,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
     // Still single-threaded: lock a build slot and export it to evcxr.
     let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
     let slot = slots::acquire(&paths::cache_dir(), want)?;
-    pivot_kernel::engine::prepare_process_env(&slot.dir);
+    pivot_engine::prepare_process_env(&slot.dir);
     let out = Arc::new(Out::new(args.no_color));
     if interactive {
         let o = out.clone();
@@ -145,8 +145,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
         sys::install_sigint(move || {
             if running.load(Ordering::SeqCst) {
                 if let Some(i) = engine.interrupter() {
-                    out.note("interrupting… (the cell stops at its next check_interrupt; one that never checks is killed after the grace period)");
-                    i.interrupt();
+                    match i.interrupt() {
+                        InterruptOutcome::Requested => out.note(
+                            "interrupting… (the cell stops at its next check_interrupt; one that never checks is warned about, then restarted after the grace period)",
+                        ),
+                        InterruptOutcome::CompileStopped => out.note("interrupting… (stopping the build)"),
+                        InterruptOutcome::Killed => out.note("restarting the Rust process now…"),
+                        InterruptOutcome::Idle => {}
+                    }
                 }
             } else if !interactive && engine.is_ready() {
                 std::process::exit(130);
@@ -235,7 +241,7 @@ impl Repl {
 
     fn save(&mut self, arg: &str) -> Flow {
         if arg.is_empty() {
-            self.out.error(&pivot_kernel::engine::CellError::new("UsageError", ":save FILE"));
+            self.out.error(&pivot_engine::CellError::new("UsageError", ":save FILE"));
             return Flow::Error;
         }
         match std::fs::write(arg, cells::to_script(&self.accepted)) {
@@ -244,7 +250,7 @@ impl Repl {
                 Flow::Ok
             }
             Err(e) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot write {arg}: {e}")));
+                self.out.error(&pivot_engine::CellError::new("IOError", format!("cannot write {arg}: {e}")));
                 Flow::Error
             }
         }
@@ -260,7 +266,7 @@ impl Repl {
                 }
             }
             Err(e) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("IOError", format!("cannot read {arg}: {e}")));
+                self.out.error(&pivot_engine::CellError::new("IOError", format!("cannot read {arg}: {e}")));
                 Flow::Error
             }
         }
@@ -275,7 +281,7 @@ impl Repl {
                 return Flow::Error;
             }
             Err(msg) => {
-                self.out.error(&pivot_kernel::engine::CellError::new("EngineStartFailed", msg));
+                self.out.error(&pivot_engine::CellError::new("EngineStartFailed", msg));
                 self.failed = true;
                 return Flow::Quit;
             }

@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pivot_kernel::engine::session::strip_ansi;
-use pivot_kernel::engine::{CellError, Event, StreamName};
+use pivot_engine::session::strip_ansi;
+use pivot_engine::{CellError, Event, StreamName};
+use pivot_markers::Progress;
 use serde_json::{Map, Value};
 
 const RED: &str = "\x1b[31m";
@@ -218,7 +219,7 @@ impl Out {
             }
             Event::Display { data, display_id, update, .. } => self.bundle(&data, display_id.as_deref(), update, false),
             Event::Clear { .. } => {}
-            Event::Progress(v) => self.progress(&v),
+            Event::Progress(p) => self.progress(&p),
         }
     }
 
@@ -325,15 +326,9 @@ impl Out {
         }
     }
 
-    fn progress(&self, v: &Value) {
+    fn progress(&self, p: &Progress) {
         self.forget_display();
-        let id = v.get("id").and_then(Value::as_str).unwrap_or("progress").to_string();
-        let label = v.get("label").and_then(Value::as_str).unwrap_or("").to_string();
-        let pos = v.get("pos").and_then(Value::as_u64).unwrap_or(0);
-        let total = v.get("total").and_then(Value::as_u64).unwrap_or(0);
-        let msg = v.get("msg").and_then(Value::as_str).unwrap_or("").to_string();
-        let elapsed = v.get("elapsed").and_then(Value::as_f64).unwrap_or(0.0);
-        let done = v.get("done").and_then(Value::as_bool).unwrap_or(false);
+        let Progress { id, label, pos, total, msg, elapsed, done } = p.clone();
         if !self.stderr_tty || self.printer_active() {
             // No terminal to animate: one line when the bar finishes.
             if done {

@@ -56,7 +56,7 @@ static SAVED_STDERR: Mutex<Option<i32>> = Mutex::new(None);
 /// Puts a pipe on fd 2 (cargo's "Compiling …" lines that evcxr copies there) and hands each line
 /// to `forward`, until `release_stderr`. Must run before other threads start.
 pub fn capture_stderr(forward: impl Fn(String) + Send + 'static) {
-    let orig = pivot_kernel::engine::buildlog::redirect_fd2(move |line, _| {
+    let orig = pivot_engine::buildlog::redirect_fd2(move |line, _| {
         forward(String::from_utf8_lossy(line).trim_end_matches(['\n', '\r']).to_string())
     });
     *SAVED_STDERR.lock().unwrap_or_else(|e| e.into_inner()) = orig;

@@ -353,10 +353,13 @@ def test_interrupt_escalates_when_cell_ignores_it(kernel):
     km, kc = kernel
     assert run(kc, "let before = 7;")[0]["status"] == "ok"
     code = 'println!("looping");\nloop { std::thread::sleep(std::time::Duration::from_millis(50)); }'
-    reply, _ = run_and_interrupt_when(km, kc, code, lambda m: m["msg_type"] == "stream")
+    reply, msgs = run_and_interrupt_when(km, kc, code, lambda m: m["msg_type"] == "stream")
     assert reply["status"] == "error"
     assert reply["ename"] == "Interrupted" and "restarted" in reply["evalue"]
     assert "before" in reply["evalue"]
+    # The user was warned before the kill, with what would be lost and how to restart at once.
+    warning = text_of(msgs, "stderr")
+    assert "still running" in warning and "before" in warning and "Interrupt again" in warning, warning
     # The kernel lives on with a fresh process; the prelude is still in scope.
     reply, msgs = run(kc, 'display(&MimeBundle::text("after restart"));')
     assert reply["status"] == "ok", reply

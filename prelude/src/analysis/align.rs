@@ -6,6 +6,7 @@
 //! similarities, and fp32 rounding (platonic-rep's default) flips some of them.
 
 use crate::error::{PivotError, Result};
+use crate::runtime::check_interrupt;
 use tch::{Kind, Tensor};
 
 /// Outlier clamp threshold of platonic-rep `remove_outliers(q)`.
@@ -204,6 +205,7 @@ impl AlignmentGrid {
         for i in 0..asz[1] {
             let xa = pa.select(1, i);
             for j in 0..bsz[1] {
+                check_interrupt(&format!("alignment grid, layer pair ({i}, {j}) of {} × {}", asz[1], bsz[1]))?;
                 let s = metric.score(&xa, &pb.select(1, j))?;
                 scores[i as usize][j as usize] = s;
                 if s > best {

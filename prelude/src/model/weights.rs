@@ -16,6 +16,7 @@
 //! file or the complete new one.
 
 use crate::error::{PivotError, Result};
+use crate::runtime::check_interrupt;
 use safetensors::Dtype;
 use safetensors::tensor::Metadata;
 use std::cell::Cell;
@@ -338,6 +339,10 @@ impl Checkpoint {
 /// Writes named tensors to one safetensors file with `{"format": "pt"}` metadata (which
 /// `transformers` requires), atomically and durably (see the module doc): a crash or power cut
 /// never leaves a truncated or zero-filled file under the real name.
+///
+/// Interruptible between tensors (each one's copy to the host is a chunk of work): an interrupt
+/// returns `PivotError::Interrupted` before anything is written, so the file already at `path`
+/// (an earlier checkpoint) stays as it was.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     struct Owned {
         dtype: Dtype,
@@ -359,7 +364,8 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
         }
     }
     let mut owned: Vec<(String, Owned)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
+    for (i, (name, t)) in tensors.iter().enumerate() {
+        check_interrupt(&format!("saving {} (tensor {} of {})", path.display(), i + 1, tensors.len()))?;
         let t = t.f_to_device(tch::Device::Cpu)?.f_contiguous()?;
         let dtype = dtype_of(t.kind())?;
         let numel = t.numel();

@@ -400,10 +400,11 @@ impl FeatureExtractor {
             }
         }
         let x = self.encode(encoder, data, what, &desc)?;
-        if let Some(p) = &path
-            && let Err(e) = write_cached(p, &x, &desc)
-        {
-            eprintln!("feature cache: could not write {}: {e}", p.display());
+        match path.as_ref().map(|p| (p, write_cached(p, &x, &desc))) {
+            // The user asked to stop: stop, even though only the cache write was left.
+            Some((_, Err(e @ PivotError::Interrupted { .. }))) => return Err(e),
+            Some((p, Err(e))) => eprintln!("feature cache: could not write {}: {e}", p.display()),
+            _ => {}
         }
         Ok(Features { x: x.to_device(out_dev), layer, pooling, from_cache: false, cache_path: path })
     }
@@ -416,7 +417,7 @@ impl FeatureExtractor {
         let mut parts = Vec::with_capacity(n.div_ceil(self.batch_size));
         let mut start = 0;
         while start < n {
-            check_interrupt("feature extraction")?;
+            check_interrupt(&format!("feature extraction of {desc}, image {} of {n}", start + 1))?;
             let end = (start + self.batch_size).min(n);
             let pixels = load_batch(data, start..end, &proc)?.to_device(dev);
             let f = match what {

@@ -14,9 +14,16 @@
 //! the descent test `∇f·d < −tolerance_change` is known, so when that test ends the run the
 //! objective has been called once more than [`LbfgsInfo::evaluations`] counts (that evaluation
 //! is discarded; the result is the same as without it).
+//!
+//! Interrupt: each iteration starts with [`check_interrupt`], so a fit stops within one
+//! iteration (its line search included) of a Jupyter interrupt or Ctrl-C and returns
+//! `PivotError::Interrupted`; the starting point `x0` is never written to.
 
 use std::cell::Cell;
 use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::runtime::check_interrupt;
 
 /// Stopping rules and memory of [`minimize`].
 #[derive(Debug, Clone, Copy)]
@@ -227,11 +234,12 @@ fn strong_wolfe(
     (bracket.swap_remove(lo), evals)
 }
 
-/// Minimises `obj` (returning f and ∇f at a point) from `x0`; returns the minimiser and a summary.
+/// Minimises `obj` (returning f and ∇f at a point) from `x0`; returns the minimiser and a summary,
+/// or `PivotError::Interrupted` when the user interrupts the run.
 ///
 /// Host-scalar form of [`minimize_device`]: `obj` hands f back as an `f64`, which costs it a
 /// device synchronisation per evaluation on a GPU; prefer [`minimize_device`] there.
-pub fn minimize<F: FnMut(&Tensor) -> (f64, Tensor)>(mut obj: F, x0: &Tensor, opt: LbfgsOptions) -> (Tensor, LbfgsInfo) {
+pub fn minimize<F: FnMut(&Tensor) -> (f64, Tensor)>(mut obj: F, x0: &Tensor, opt: LbfgsOptions) -> Result<(Tensor, LbfgsInfo)> {
     let dev = x0.device();
     minimize_device(
         move |x: &Tensor| {
@@ -244,7 +252,8 @@ pub fn minimize<F: FnMut(&Tensor) -> (f64, Tensor)>(mut obj: F, x0: &Tensor, opt
 }
 
 /// Minimises `obj` from `x0`, where `obj` returns f as a 0-d float64 tensor on the parameter's
-/// device (no host round-trip inside the objective) and ∇f; returns the minimiser and a summary.
+/// device (no host round-trip inside the objective) and ∇f; returns the minimiser and a summary,
+/// or `PivotError::Interrupted` when the user interrupts the run (checked once per iteration).
 ///
 /// Host transfers: one per function evaluation, the one at `x0` included, plus one when the run
 /// ends on the descent test after a speculative first trial (see the module docs);
@@ -253,7 +262,7 @@ pub fn minimize_device<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
     mut obj: F,
     x0: &Tensor,
     opt: LbfgsOptions,
-) -> (Tensor, LbfgsInfo) {
+) -> Result<(Tensor, LbfgsInfo)> {
     let mut x = x0.detach().copy();
     let (f0, mut g) = obj(&x);
     let f0 = f0.to_kind(Kind::Double).reshape(Vec::<i64>::new());
@@ -262,7 +271,7 @@ pub fn minimize_device<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
     let mut evals = 1;
     let info = |iterations, evaluations, loss, grad_max, converged| LbfgsInfo { iterations, evaluations, loss, grad_max, converged };
     if grad_max <= opt.tolerance_grad {
-        return (x, info(0, evals, loss, grad_max, true));
+        return Ok((x, info(0, evals, loss, grad_max, true)));
     }
     // Curvature pairs (y, s, 1/yᵀs), oldest first.
     let mut history: std::collections::VecDeque<(Tensor, Tensor, f64)> = std::collections::VecDeque::new();
@@ -273,6 +282,7 @@ pub fn minimize_device<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
     let mut n_iter = 0;
     let mut converged = false;
     while n_iter < opt.max_iter {
+        check_interrupt(&format!("L-BFGS iteration {} (loss {loss:.6e})", n_iter + 1))?;
         n_iter += 1;
         if n_iter > 1 {
             // Curvature pairs with ys ≤ 0 would make the implicit Hessian indefinite.
@@ -348,5 +358,5 @@ pub fn minimize_device<F: FnMut(&Tensor) -> (Tensor, Tensor)>(
             break;
         }
     }
-    (x, info(n_iter, evals, loss, grad_max, converged))
+    Ok((x, info(n_iter, evals, loss, grad_max, converged)))
 }

@@ -4,6 +4,7 @@
 use super::lbfgs::LbfgsOptions;
 use super::logreg::{LogisticRegression, check_xy, product_kind};
 use crate::error::{PivotError, Result};
+use crate::runtime::check_interrupt;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -406,9 +407,11 @@ impl SgdLinearProbe {
         let mut buf_w: Option<Tensor> = None;
         let mut buf_b: Option<Tensor> = None;
         let mut step = 0i64;
-        for _epoch in 0..self.epochs {
+        for epoch in 0..self.epochs {
             let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu)).to_device(dev);
             for s in 0..steps_per_epoch {
+                // Between mini-batches: the heads are locals, so stopping here loses nothing of the caller's.
+                check_interrupt(&format!("SGD linear probe epoch {} of {}, batch {} of {steps_per_epoch}", epoch + 1, self.epochs, s + 1))?;
                 let idx = perm.narrow(0, s * bs, bs);
                 let xb = xtr.index_select(0, &idx);
                 let yb = ytr.index_select(0, &idx);

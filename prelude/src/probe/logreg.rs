@@ -175,7 +175,8 @@ impl LogisticRegression {
             }
             _ => Tensor::zeros([wlen + k], (Kind::Double, dev)),
         };
-        let (theta, info) = tch::no_grad(|| lbfgs::minimize_device(|theta| problem.eval(theta), &theta0, options));
+        // An interrupt ends the fit here with `Interrupted`; `warm` and the data are untouched.
+        let (theta, info) = tch::no_grad(|| lbfgs::minimize_device(|theta| problem.eval(theta), &theta0, options))?;
         if !info.loss.is_finite() {
             return Err(PivotError::NonFinite { what: "logistic-regression loss".into(), step: info.iterations, last_good: 0 });
         }

@@ -481,10 +481,11 @@ impl PatchSegProbe {
             n_val: nv,
             fit_seconds: 0.0,
         };
-        for _ in 0..self.epochs {
+        for epoch in 0..self.epochs {
             let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
             let mut loss_sum = 0.0;
             for s in 0..steps_per_epoch {
+                crate::runtime::check_interrupt(&format!("patch-seg probe epoch {} of {}, batch {} of {steps_per_epoch}", epoch + 1, self.epochs, s + 1))?;
                 let idx = perm.narrow(0, s * bs, bs);
                 let x = train_tokens.index_select(0, &idx.to_device(train_tokens.device())).to_device(dev).to_kind(Kind::Float);
                 let m = train_masks.index_select(0, &idx.to_device(train_masks.device())).to_device(dev);
@@ -512,6 +513,7 @@ impl PatchSegProbe {
         let mut conf = BinaryConfusions::new(self.num_classes as usize, self.labels == PatchLabels::Union);
         let mut i = 0;
         while i < n {
+            crate::runtime::check_interrupt(&format!("patch-seg probe evaluation, image {} of {n}", i + 1))?;
             let len = self.batch_size.min(n - i);
             let x = tokens.narrow(0, i, len).to_device(dev).to_kind(Kind::Float);
             let y = self.targets(&masks.narrow(0, i, len).to_device(dev), patch)?;
@@ -665,10 +667,11 @@ impl DenseSegProbe {
         };
         let mut train_loss = vec![];
         let mut step = 0;
-        for _ in 0..self.epochs {
+        for epoch in 0..self.epochs {
             let perm = Tensor::randperm(n, (Kind::Int64, Device::Cpu));
             let mut acc = 0.0;
             for s in 0..steps_per_epoch {
+                crate::runtime::check_interrupt(&format!("dense seg probe epoch {} of {}, batch {} of {steps_per_epoch}", epoch + 1, self.epochs, s + 1))?;
                 let idx = perm.narrow(0, s * bs, bs);
                 let x = train_tokens.index_select(0, &idx.to_device(train_tokens.device()));
                 let y = train_masks.index_select(0, &idx.to_device(train_masks.device())).to_device(dev).to_kind(Kind::Int64);
@@ -690,6 +693,7 @@ impl DenseSegProbe {
         let mut conf = ConfusionMatrix::new(self.num_classes as usize);
         let mut i = 0;
         while i < nv {
+            crate::runtime::check_interrupt(&format!("dense seg probe evaluation, image {} of {nv}", i + 1))?;
             let len = bs.min(nv - i);
             let pred = head.predict(&val_tokens.narrow(0, i, len), (vsz[1], vsz[2]));
             conf.update(&pred, &val_masks.narrow(0, i, len).to_device(dev), Some(self.ignore_index));

@@ -14,20 +14,17 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
-use serde_json::json;
+use pivot_markers::{Marker, PARTIAL_PREFIX, STDERR_PREFIX};
 
-/// The process-global interrupt flag (see prelude `runtime::interrupt_flag`). Exported from the
-/// executable by the linker flag in build.rs.
+/// The process-global interrupt flag (see prelude `runtime::interrupt_flag`), named
+/// `pivot_markers::INTERRUPT_FLAG_SYMBOL`. Exported from the executable by the linker flag in the
+/// kernel's and REPL's build.rs.
 #[unsafe(no_mangle)]
 #[used]
 pub static PIVOT_INTERRUPT_FLAG: AtomicBool = AtomicBool::new(false);
 
 pub const PANIC_NOTIFICATION: &str = "EVCXR_PANIC_NOTIFICATION";
 pub const USER_ERROR_OCCURRED: &str = "EVCXR_ERROR_OCCURRED";
-pub const STDERR_PREFIX: &str = "\x1ePIVOT-ERR ";
-pub const PARTIAL_PREFIX: &str = "\x1ePIVOT-PART ";
-const MARKER_PREFIX: &str = "\x1ePIVOT ";
 
 /// True when this process is evcxr's runtime child (then `child_main` must run).
 pub fn is_runtime_child() -> bool {
@@ -224,11 +221,9 @@ impl Relay {
                 let rest = String::from_utf8_lossy(&std::mem::take(&mut self.err_buf)).into_owned();
                 self.held_err.push(rest);
             }
-            let t = if line == USER_ERROR_OCCURRED { "qerr" } else { "panic_notice" };
             let lines = std::mem::take(&mut self.held_err);
-            let event = json!({"t": t, "lines": lines});
-            outgoing.extend_from_slice(MARKER_PREFIX.as_bytes());
-            outgoing.extend_from_slice(base64::engine::general_purpose::STANDARD.encode(event.to_string()).as_bytes());
+            let marker = if line == USER_ERROR_OCCURRED { Marker::QuestionMarkError { lines } } else { Marker::PanicNotice { lines } };
+            outgoing.extend_from_slice(marker.to_line().as_bytes());
             outgoing.push(b'\n');
         } else {
             self.flush_err(outgoing);
@@ -256,5 +251,15 @@ fn read_into(fd: RawFd, buf: &mut Vec<u8>) -> bool {
             std::io::ErrorKind::WouldBlock => return true,
             _ => return false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exported_flag_has_the_protocol_name() {
+        // The static's name cannot be taken from the constant (`no_mangle` uses the item name),
+        // and the kernel's and REPL's build.rs export it by this name too.
+        assert_eq!(pivot_markers::INTERRUPT_FLAG_SYMBOL, "PIVOT_INTERRUPT_FLAG");
     }
 }

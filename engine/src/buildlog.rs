@@ -9,7 +9,7 @@ use std::io::{BufRead, Write};
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::Mutex;
 
-use super::output::{Event, Sink, StreamName};
+use crate::output::{Event, Sink, StreamName};
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
 

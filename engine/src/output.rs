@@ -9,13 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use crossbeam_channel::{select, Receiver, Sender};
+use pivot_markers::{split_line, Line, Marker};
 use serde_json::{Map, Value};
 
-use crate::child::{PARTIAL_PREFIX, STDERR_PREFIX};
-
-const MARKER_PREFIX: &str = "\x1ePIVOT ";
 const BATCH_DELAY: Duration = Duration::from_millis(30);
 const BATCH_MAX: usize = 64 * 1024;
 
@@ -41,15 +38,23 @@ pub enum Event {
     Display { data: Map<String, Value>, metadata: Value, display_id: Option<String>, update: bool },
     Clear { wait: bool },
     /// Progress marker for terminal front ends (the prelude renders HTML itself in Jupyter).
-    Progress(Value),
+    Progress(pivot_markers::Progress),
 }
 
 pub type Sink = Arc<dyn Fn(Event) + Send + Sync>;
 
+/// A panic as the prelude's hook reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PanicReport {
+    pub msg: String,
+    pub loc: String,
+    pub frames: Vec<String>,
+}
+
 /// What the pump learned about the cell that is running.
 #[derive(Debug, Default, Clone)]
 pub struct CellSignals {
-    pub panic: Option<Value>,
+    pub panic: Option<PanicReport>,
     pub panic_notice: Option<Vec<String>>,
     pub question_mark_error: Option<Vec<String>>,
 }
@@ -60,6 +65,9 @@ pub(crate) enum Control {
 
 pub(crate) struct Pump {
     pub control: Sender<Control>,
+    /// Events from the engine itself (the interrupt warning), delivered in order with the
+    /// child's output. Its own channel: holders of a clone do not keep the pump thread alive.
+    pub notices: Sender<Event>,
     pub signals: Arc<Mutex<CellSignals>>,
     /// While set, events are dropped instead of reaching the sink (signals are still recorded):
     /// used for evaluations the user did not ask to see, such as `user_expressions`.
@@ -69,15 +77,16 @@ pub(crate) struct Pump {
 impl Pump {
     pub fn start(stdout: Receiver<String>, stderr: Receiver<String>, sink: Sink) -> Pump {
         let (control, control_rx) = crossbeam_channel::unbounded();
+        let (notices, notices_rx) = crossbeam_channel::unbounded();
         let signals = Arc::new(Mutex::new(CellSignals::default()));
         let sig = signals.clone();
         let muted = Arc::new(AtomicBool::new(false));
         let mute = muted.clone();
         std::thread::Builder::new()
             .name("pivot-output".into())
-            .spawn(move || PumpState { sink, signals: sig, pending: None, muted: mute }.run(stdout, stderr, control_rx))
+            .spawn(move || PumpState { sink, signals: sig, pending: None, muted: mute }.run(stdout, stderr, notices_rx, control_rx))
             .expect("spawn output thread");
-        Pump { control, signals, muted }
+        Pump { control, notices, signals, muted }
     }
 
     /// Waits until every line the child has written so far has reached the sink.
@@ -107,15 +116,17 @@ struct PumpState {
 }
 
 impl PumpState {
-    fn run(mut self, stdout: Receiver<String>, stderr: Receiver<String>, control: Receiver<Control>) {
+    fn run(mut self, stdout: Receiver<String>, stderr: Receiver<String>, notices: Receiver<Event>, control: Receiver<Control>) {
         let mut stdout_open = true;
         let mut stderr_open = true;
+        let mut notices_open = true;
         loop {
             let timeout = match &self.pending {
                 Some((_, _, since)) => BATCH_DELAY.saturating_sub(since.elapsed()),
                 None => Duration::from_secs(3600),
             };
             let never = crossbeam_channel::never();
+            let never_event = crossbeam_channel::never();
             select! {
                 recv(if stdout_open { &stdout } else { &never }) -> line => match line {
                     Ok(line) => self.stdout_line(line),
@@ -125,10 +136,15 @@ impl PumpState {
                     Ok(line) => self.text(StreamName::Stderr, line + "\n"),
                     Err(_) => stderr_open = false,
                 },
+                recv(if notices_open { &notices } else { &never_event }) -> e => match e {
+                    Ok(e) => self.emit(e),
+                    Err(_) => notices_open = false,
+                },
                 recv(control) -> c => match c {
                     Ok(Control::Flush(ack)) => {
                         while let Ok(line) = stdout.try_recv() { self.stdout_line(line); }
                         while let Ok(line) = stderr.try_recv() { self.text(StreamName::Stderr, line + "\n"); }
+                        while let Ok(e) = notices.try_recv() { self.emit(e); }
                         self.flush_text();
                         let _ = ack.send(());
                     }
@@ -170,91 +186,69 @@ impl PumpState {
     }
 
     fn stdout_line(&mut self, line: String) {
-        let Some(pos) = line.find('\x1e') else {
-            self.text(StreamName::Stdout, line + "\n");
-            return;
-        };
-        let (before, marker) = line.split_at(pos);
-        if let Some(rest) = marker.strip_prefix(STDERR_PREFIX) {
-            if !before.is_empty() {
-                self.text(StreamName::Stdout, before.to_string());
+        match split_line(&line) {
+            Line::Text(_) => self.text(StreamName::Stdout, line + "\n"),
+            Line::Stderr { before, text } => {
+                if !before.is_empty() {
+                    self.text(StreamName::Stdout, before.to_string());
+                }
+                self.text(StreamName::Stderr, format!("{text}\n"));
             }
-            self.text(StreamName::Stderr, format!("{rest}\n"));
-        } else if let Some(rest) = marker.strip_prefix(PARTIAL_PREFIX) {
-            self.text(StreamName::Stdout, format!("{before}{rest}"));
-        } else if let Some(payload) = marker.strip_prefix(MARKER_PREFIX) {
-            if !before.is_empty() {
-                self.text(StreamName::Stdout, before.to_string());
+            Line::Partial { before, text } => self.text(StreamName::Stdout, format!("{before}{text}")),
+            Line::Marker { before, marker } => {
+                if !before.is_empty() {
+                    self.text(StreamName::Stdout, before.to_string());
+                }
+                match marker {
+                    Some(m) => self.marker(m),
+                    None => self.text(StreamName::Stdout, line.clone() + "\n"),
+                }
             }
-            match decode_marker(payload) {
-                Some(v) => self.marker(v),
-                None => self.text(StreamName::Stdout, line.clone() + "\n"),
-            }
-        } else {
-            self.text(StreamName::Stdout, line + "\n");
         }
     }
 
-    fn marker(&mut self, v: Value) {
-        let t = v.get("t").and_then(Value::as_str).unwrap_or("");
-        let lines = |v: &Value| -> Vec<String> {
-            v.get("lines")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(|l| l.as_str().map(str::to_string)).collect())
-                .unwrap_or_default()
-        };
-        match t {
-            "display" | "update" => {
-                let data = v.get("data").and_then(Value::as_object).cloned().unwrap_or_default();
-                let metadata = v.get("metadata").cloned().filter(Value::is_object).unwrap_or_else(|| Value::Object(Map::new()));
-                let display_id = v.get("id").and_then(Value::as_str).map(str::to_string);
-                self.emit(Event::Display { data, metadata, display_id, update: t == "update" });
-            }
-            "clear" => {
-                let wait = v.get("wait").and_then(Value::as_bool).unwrap_or(false);
-                self.emit(Event::Clear { wait });
-            }
-            "progress" => self.emit(Event::Progress(v)),
-            "panic" => {
+    fn marker(&mut self, m: Marker) {
+        match m {
+            Marker::Display { id, data, metadata } => self.emit(Event::Display { data, metadata: object(metadata), display_id: Some(id), update: false }),
+            Marker::Update { id, data, metadata } => self.emit(Event::Display { data, metadata: object(metadata), display_id: Some(id), update: true }),
+            Marker::Clear { wait } => self.emit(Event::Clear { wait }),
+            Marker::Progress(p) => self.emit(Event::Progress(p)),
+            Marker::Panic { msg, loc, frames, .. } => {
                 self.flush_text();
-                self.signals.lock().unwrap_or_else(|e| e.into_inner()).panic = Some(v);
+                self.signals.lock().unwrap_or_else(|e| e.into_inner()).panic = Some(PanicReport { msg, loc, frames });
             }
-            "panic_notice" => {
-                let l = lines(&v);
+            Marker::PanicNotice { lines } => {
                 let mut s = self.signals.lock().unwrap_or_else(|e| e.into_inner());
                 if s.panic.is_none() {
-                    s.panic_notice = Some(l);
-                } else if !l.is_empty() {
+                    s.panic_notice = Some(lines);
+                } else if !lines.is_empty() {
                     // The structured panic already carries the message; anything else the cell
                     // wrote to stderr just before still belongs to the output.
                     drop(s);
-                    for line in l {
+                    for line in lines {
                         self.text(StreamName::Stderr, line + "\n");
                     }
                 }
             }
-            "qerr" => {
+            Marker::QuestionMarkError { lines } => {
                 self.flush_text();
-                self.signals.lock().unwrap_or_else(|e| e.into_inner()).question_mark_error = Some(lines(&v));
+                self.signals.lock().unwrap_or_else(|e| e.into_inner()).question_mark_error = Some(lines);
             }
-            _ => {}
+            Marker::Unknown => {}
         }
     }
 }
 
-fn decode_marker(payload: &str) -> Option<Value> {
-    let bytes = base64::engine::general_purpose::STANDARD.decode(payload.trim_end()).ok()?;
-    serde_json::from_slice(&bytes).ok()
+/// Jupyter wants display metadata to be an object.
+fn object(v: Value) -> Value {
+    if v.is_object() { v } else { Value::Object(Map::new()) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pivot_markers::{PARTIAL_PREFIX, STDERR_PREFIX};
     use serde_json::json;
-
-    fn marker(v: Value) -> String {
-        format!("{MARKER_PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(v.to_string()))
-    }
 
     #[test]
     fn pump_orders_and_batches() {
@@ -266,15 +260,19 @@ mod tests {
         otx.send("a".into()).unwrap();
         otx.send("b".into()).unwrap();
         otx.send(format!("{STDERR_PREFIX}warn")).unwrap();
-        otx.send(format!("partial{}", marker(json!({"t": "display", "id": "x", "data": {"text/plain": "P"}})))).unwrap();
-        otx.send(marker(json!({"t": "qerr", "lines": ["bad thing"]}))).unwrap();
+        let mut data = Map::new();
+        data.insert("text/plain".into(), json!("P"));
+        otx.send(format!("partial{}", Marker::Display { id: "x".into(), data, metadata: json!({}) }.to_line())).unwrap();
+        otx.send(Marker::QuestionMarkError { lines: vec!["bad thing".into()] }.to_line()).unwrap();
+        otx.send(format!("{PARTIAL_PREFIX}50%")).unwrap();
         pump.flush();
         let ev = events.lock().unwrap().clone();
-        assert_eq!(ev.len(), 4, "{ev:?}");
+        assert_eq!(ev.len(), 5, "{ev:?}");
         assert_eq!(ev[0], Event::Stream { name: StreamName::Stdout, text: "a\nb\n".into() });
         assert_eq!(ev[1], Event::Stream { name: StreamName::Stderr, text: "warn\n".into() });
         assert_eq!(ev[2], Event::Stream { name: StreamName::Stdout, text: "partial".into() });
         assert!(matches!(&ev[3], Event::Display { display_id: Some(id), update: false, .. } if id == "x"));
+        assert_eq!(ev[4], Event::Stream { name: StreamName::Stdout, text: "50%".into() });
         assert_eq!(pump.take_signals().question_mark_error, Some(vec!["bad thing".to_string()]));
     }
 }

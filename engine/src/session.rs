@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use evcxr::{CommandContext, EvalCallbacks, EvalContext, Theme};
 use serde_json::{Map, Value};
 
-use super::output::{CellSignals, Pump, Sink};
-use super::paths;
+use crate::output::{CellSignals, Event, Pump, Sink, StreamName};
+use crate::paths;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frontend {
@@ -38,24 +38,43 @@ pub struct SessionOptions {
     pub prelude_dir: PathBuf,
     /// Load the prelude at start (tests of the engine itself may skip it).
     pub preload: bool,
-    /// Seconds between an interrupt and killing a cell that ignores it.
+    /// Time between an interrupt and killing a cell that ignores it (the user is warned first,
+    /// after `interrupt_warn`, and may then interrupt again to kill at once).
     pub interrupt_grace: Duration,
+    /// Time after an interrupt at which a cell that has not stopped gets the warning.
+    pub interrupt_warn: Duration,
     /// ariadne colours for compile errors: light backgrounds (Jupyter) or dark (terminals).
     pub dark_theme: bool,
 }
 
 impl SessionOptions {
     pub fn new(frontend: Frontend) -> anyhow::Result<Self> {
-        let grace = std::env::var("PIVOT_INTERRUPT_GRACE_SECS").ok().and_then(|s| s.parse::<f64>().ok()).unwrap_or(5.0);
+        let grace = std::env::var("PIVOT_INTERRUPT_GRACE_SECS")
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .filter(|g| g.is_finite() && *g > 0.0)
+            .unwrap_or(DEFAULT_INTERRUPT_GRACE_SECS);
+        let interrupt_grace = Duration::from_secs_f64(grace);
         Ok(SessionOptions {
             frontend,
             child_exe: std::env::current_exe()?,
             prelude_dir: paths::prelude_dir(),
             preload: std::env::var_os("PIVOT_NO_PRELUDE").is_none(),
-            interrupt_grace: Duration::from_secs_f64(grace),
+            interrupt_grace,
+            interrupt_warn: warn_after(interrupt_grace),
             dark_theme: frontend != Frontend::Jupyter,
         })
     }
+}
+
+/// Default time a cell gets to stop after an interrupt before its process is restarted: long,
+/// because the restart loses every variable, and every long prelude loop checks far more often.
+pub const DEFAULT_INTERRUPT_GRACE_SECS: f64 = 30.0;
+
+/// When the warning comes: 3 s after the interrupt (a cell that checks has stopped by then), or
+/// a third of a shorter grace period.
+pub fn warn_after(grace: Duration) -> Duration {
+    (grace / 3).min(Duration::from_secs(3))
 }
 
 /// Sets the process environment evcxr reads while creating a context. Call from `main` while
@@ -101,59 +120,74 @@ pub struct Interrupter {
     inner: Arc<InterruptState>,
 }
 
+/// What an interrupt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InterruptOutcome {
+    /// No cell was running.
+    Idle,
+    /// The cell's build was stopped.
+    CompileStopped,
+    /// The cell was asked to stop (it will at its next `check_interrupt`).
+    Requested,
+    /// The cell had been warned about and is killed now (this was the second interrupt).
+    Killed,
+}
+
 struct InterruptState {
     process: Arc<Mutex<std::process::Child>>,
     executing: AtomicBool,
     requested: AtomicBool,
     killed: AtomicBool,
+    /// A watcher thread (warning, then kill) runs for the current cell.
+    watching: AtomicBool,
+    /// The warning for the current request is out: another interrupt kills at once.
+    warned: AtomicBool,
     generation: AtomicU64,
     grace: Duration,
+    warn_after: Duration,
+    /// What the user does to interrupt again, for the warning.
+    again: &'static str,
+    /// Variables a restart would lose, named in the warning.
+    variables: Mutex<Vec<String>>,
+    /// The pump's notice channel: the warning reaches the front end in order with the output.
+    notices: crossbeam_channel::Sender<Event>,
 }
 
 impl Interrupter {
     /// Asks the running cell to stop: cargo is stopped if it is compiling; the child gets SIGINT
-    /// (the prelude's `check_interrupt` sees it); a cell still running after the grace period is
-    /// killed and the user is told what was lost. No-op when nothing runs.
-    pub fn interrupt(&self) {
+    /// (the prelude's `check_interrupt` sees it). A cell still running `warn_after` later gets a
+    /// warning on stderr: it will be killed when the grace period ends, losing every variable, or
+    /// at once if the user interrupts again. No-op when nothing runs.
+    pub fn interrupt(&self) -> InterruptOutcome {
         let s = &self.inner;
         if !s.executing.load(Ordering::SeqCst) {
-            return;
+            return InterruptOutcome::Idle;
+        }
+        if s.warned.load(Ordering::SeqCst) {
+            if let Some(pid) = child_pid(&s.process) {
+                s.killed.store(true, Ordering::SeqCst);
+                // SAFETY: kill with a pid we own.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+            return InterruptOutcome::Killed;
         }
         s.requested.store(true, Ordering::SeqCst);
         let generation = s.generation.load(Ordering::SeqCst);
         let compiling = kill_cargo_children();
-        let pid = child_pid(&s.process);
-        if let Some(pid) = pid {
+        if let Some(pid) = child_pid(&s.process) {
             // SAFETY: kill with a pid we own.
             unsafe { libc::kill(pid as i32, libc::SIGINT) };
         }
         if compiling {
-            return;
+            return InterruptOutcome::CompileStopped;
         }
-        let inner = self.inner.clone();
-        let _ = std::thread::Builder::new().name("pivot-interrupt".into()).spawn(move || {
-            let deadline = Instant::now() + inner.grace;
-            while Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-                if !inner.executing.load(Ordering::SeqCst) || inner.generation.load(Ordering::SeqCst) != generation {
-                    return;
-                }
-            }
-            let Some(pid) = child_pid(&inner.process) else { return };
-            // Only kill a child that is running user code; while evcxr is still analysing or
-            // compiling, the child is idle in its command read and the SIGINT flag will stop the
-            // cell as soon as it starts.
-            if child_is_idle(pid) {
-                return;
-            }
-            inner.killed.store(true, Ordering::SeqCst);
-            // SAFETY: kill with a pid we own.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        });
+        if !s.watching.swap(true, Ordering::SeqCst) {
+            let inner = self.inner.clone();
+            let _ = std::thread::Builder::new().name("pivot-interrupt".into()).spawn(move || watch(&inner, generation));
+        }
+        InterruptOutcome::Requested
     }
-}
 
-impl Interrupter {
     /// Ends the child process now (kernel shutdown).
     pub fn kill_child(&self) {
         if let Some(pid) = child_pid(&self.inner.process) {
@@ -161,6 +195,53 @@ impl Interrupter {
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
     }
+}
+
+/// After an interrupt: warns about a cell that has not stopped, then kills it. Only a child that
+/// runs user code counts: while evcxr still analyses or compiles, the child idles in its command
+/// read, and the interrupt flag stops the cell as soon as it starts. The kill comes no sooner than
+/// `grace` after the interrupt and `grace - warn_after` after the warning.
+fn watch(inner: &InterruptState, generation: u64) {
+    let started = Instant::now();
+    let mut kill_at: Option<Instant> = None;
+    loop {
+        std::thread::sleep(Duration::from_millis(50));
+        if !inner.executing.load(Ordering::SeqCst) || inner.generation.load(Ordering::SeqCst) != generation {
+            return;
+        }
+        let Some(pid) = child_pid(&inner.process) else { return };
+        if child_is_idle(pid) {
+            continue;
+        }
+        match kill_at {
+            None if started.elapsed() >= inner.warn_after => {
+                let wait = inner.grace.saturating_sub(started.elapsed()).max(inner.grace.saturating_sub(inner.warn_after));
+                kill_at = Some(Instant::now() + wait);
+                let vars = inner.variables.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let text = interrupt_warning(started.elapsed(), wait, &vars, inner.again);
+                let _ = inner.notices.send(Event::Stream { name: StreamName::Stderr, text });
+                inner.warned.store(true, Ordering::SeqCst);
+            }
+            Some(at) if Instant::now() >= at => {
+                inner.killed.store(true, Ordering::SeqCst);
+                // SAFETY: kill with a pid we own.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn interrupt_warning(since: Duration, wait: Duration, vars: &[String], again: &str) -> String {
+    let lost = if vars.is_empty() { "no variables are defined yet".to_string() } else { format!("these variables are lost: {}", vars.join(", ")) };
+    format!(
+        "\nThe cell is still running {:.0} s after the interrupt: its code does not check for interrupts \
+         (long loops should call `check_interrupt(..)?`). In {:.0} s the Rust process will be restarted to stop it, and {lost}. \
+         {again} to restart it now.\n",
+        since.as_secs_f64(),
+        wait.as_secs_f64()
+    )
 }
 
 fn child_pid(process: &Arc<Mutex<std::process::Child>>) -> Option<u32> {
@@ -253,8 +334,17 @@ impl Session {
                 executing: AtomicBool::new(false),
                 requested: AtomicBool::new(false),
                 killed: AtomicBool::new(false),
+                watching: AtomicBool::new(false),
+                warned: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 grace: opts.interrupt_grace,
+                warn_after: opts.interrupt_warn.min(opts.interrupt_grace),
+                again: match opts.frontend {
+                    Frontend::Jupyter => "Interrupt again",
+                    Frontend::Repl => "Press Ctrl-C again",
+                },
+                variables: Mutex::new(Vec::new()),
+                notices: pump.notices.clone(),
             }),
         };
         // Fixed settings: any change to these invalidates the slot's build cache.
@@ -304,6 +394,9 @@ impl Session {
         let st = &self.interrupter.inner;
         st.requested.store(false, Ordering::SeqCst);
         st.killed.store(false, Ordering::SeqCst);
+        st.watching.store(false, Ordering::SeqCst);
+        st.warned.store(false, Ordering::SeqCst);
+        *st.variables.lock().unwrap_or_else(|e| e.into_inner()) = vars_before.clone();
         st.generation.fetch_add(1, Ordering::SeqCst);
         if let Some(pid) = child_pid(&st.process) {
             // Clears a request left from an earlier cell that never polled the flag.
@@ -322,6 +415,7 @@ impl Session {
             })
         };
         st.executing.store(false, Ordering::SeqCst);
+        st.warned.store(false, Ordering::SeqCst);
         self.pump.flush();
         let signals = self.pump.take_signals();
         let interrupted = st.requested.swap(false, Ordering::SeqCst);
@@ -429,8 +523,7 @@ impl Session {
                     CellError::new(
                         "Interrupted",
                         format!(
-                            "the cell did not stop within {:.0} s of the interrupt, so the Rust process was restarted; {lost}. Long loops should call check_interrupt(..) to stop cleanly.",
-                            self.opts.interrupt_grace.as_secs_f64()
+                            "the cell did not stop at the interrupt (its code never checked for one), so the Rust process was restarted; {lost}. Long loops should call check_interrupt(..)? to stop cleanly."
                         ),
                     )
                 } else {
@@ -548,18 +641,14 @@ fn decode_user_expressions(value: &Map<String, Value>, nonce: &str, n: usize) ->
 /// The `?` and panic signals the child reported, as an error.
 fn signal_error(s: &CellSignals, interrupted: bool) -> Option<CellError> {
     if let Some(p) = &s.panic {
-        let msg = p.get("msg").and_then(Value::as_str).unwrap_or("panic").to_string();
-        let loc = p.get("loc").and_then(Value::as_str).unwrap_or("");
+        let msg = p.msg.clone();
         let mut tb = vec![format!("\x1b[31mpanic\x1b[0m: {msg}")];
-        if !loc.is_empty() && !loc.starts_with("src/lib.rs") {
-            tb.push(format!("  at {loc}"));
+        if !p.loc.is_empty() && !p.loc.starts_with("src/lib.rs") {
+            tb.push(format!("  at {}", p.loc));
         }
-        if let Some(frames) = p.get("frames").and_then(Value::as_array) {
-            let frames: Vec<&str> = frames.iter().filter_map(Value::as_str).collect();
-            if !frames.is_empty() {
-                tb.push("backtrace (innermost first):".into());
-                tb.extend(frames.iter().map(|f| format!("  {f}")));
-            }
+        if !p.frames.is_empty() {
+            tb.push("backtrace (innermost first):".into());
+            tb.extend(p.frames.iter().map(|f| format!("  {f}")));
         }
         tb.push("Variables this cell defined are dropped; earlier ones it did not move are kept.".into());
         return Some(CellError { ename: "Panic".into(), evalue: msg, traceback: tb });

@@ -1,0 +1,18 @@
+//! `pivot-engine`: the evaluation engine shared by every front end (Jupyter kernel, REPL,
+//! notebook runner): an evcxr session with the PIVOT prelude preloaded in a persistent build
+//! slot (`session`, `slots`), the evcxr child process (`child`), its output turned into ordered
+//! events (`output`), cooperative interrupt, and the input scanner (`scan`).
+//!
+//! Front ends only translate `Event`s and `CellResult`s into their own vocabulary; none of the
+//! Jupyter wire protocol (zeromq, tokio, hmac) is linked here, so the REPL does not carry it.
+
+pub mod buildlog;
+pub mod child;
+pub mod output;
+pub mod paths;
+pub mod scan;
+pub mod session;
+pub mod slots;
+
+pub use output::{Event, Sink, StreamName};
+pub use session::{prepare_process_env, CellError, CellResult, Frontend, InterruptOutcome, Interrupter, Session, SessionOptions};
