@@ -344,3 +344,15 @@ fn image_processor_reads_hf_and_timm_configs() {
     let img = image::RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 0, 0]));
     assert_eq!(p.resize(&img).dimensions(), (224, 224));
 }
+
+#[test]
+fn transplant_keeps_every_feature_choice_of_the_donor() {
+    // A DINOv2 donor read with PIVOT's `-interp16`: the fresh MLLM must read the same 16 tokens,
+    // normed, without class and registers, not CLIP's default penultimate layer.
+    let tower = VisionTower::new(VisionConfig::tiny_dinov2(), Device::Cpu);
+    let select = FeatureSelect::pivot(tower.config()).resampled(16);
+    let donor = Mllm::new(tower, LanguageModel::tiny(Device::Cpu), MllmConfig::default().with_select(select));
+    let fresh = transplant(donor.encoder(), LanguageModel::tiny(Device::Cpu), MllmConfig::default());
+    assert_eq!(fresh.config, MllmConfig::default().with_select(select));
+    assert_eq!(fresh.image_token_count(), 16);
+}

@@ -136,9 +136,9 @@ impl Rich for Stage1Log {
 pub fn transplant(encoder: VisionEncoder, lm: LanguageModel, config: MllmConfig) -> Mllm {
     let select = encoder.select();
     let source = encoder.provenance().clone();
-    let mut config = config;
-    config.select_layer = select.layer;
-    config.drop_class_token = select.drop_class_token;
+    // Every choice of tokens the donor MLLM read (layer, norm, class/register tokens, resampled
+    // count): the fresh projector must see the same features.
+    let config = config.with_select(select);
     let mut mllm = Mllm::new(encoder.into_tower().frozen(), lm, config);
     mllm.provenance.history = source.history.clone();
     mllm.provenance.history.push(format!("transplanted tower ({}) into {}", source.label(), mllm.provenance.lm));
