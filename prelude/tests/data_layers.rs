@@ -208,7 +208,8 @@ fn layer_check(src: &Path) -> (BTreeSet<(String, String)>, Vec<String>) {
     entries.sort();
     for entry in entries {
         let module = entry.file_stem().unwrap().to_string_lossy().to_string();
-        if module == "lib" || !(entry.is_dir() || entry.extension().is_some_and(|e| e == "rs")) {
+        // `src/bin/*` are crates of their own on the prelude's public API (`pivot::…`), not modules of it.
+        if module == "lib" || module == "bin" || !(entry.is_dir() || entry.extension().is_some_and(|e| e == "rs")) {
             continue;
         }
         let own_layer = layer_of(&module);
