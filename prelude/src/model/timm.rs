@@ -15,7 +15,7 @@
 use super::layers::ConfigReader;
 use super::preprocess::ImageProcessor;
 use super::vision::{VisionConfig, VisionFamily};
-use super::weights::Checkpoint;
+use super::weights::{Checkpoint, copy_into};
 use crate::error::{PivotError, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -230,11 +230,7 @@ pub fn load(ckpt: &Checkpoint, vs: &VarStore, prefix: &str) -> Result<()> {
             Some(i) => src.narrow(0, i * expected[0], expected[0]),
             None => src,
         };
-        tch::no_grad(|| -> Result<()> {
-            let mut dst = var.shallow_clone();
-            dst.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
-            Ok(())
-        })?;
+        copy_into(var, &src)?;
     }
     Ok(())
 }

@@ -311,12 +311,7 @@ impl Checkpoint {
                     found: info.shape.clone(),
                 });
             }
-            let src = self.tensor(&key)?;
-            tch::no_grad(|| -> Result<()> {
-                let mut dst = var.shallow_clone();
-                dst.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
-                Ok(())
-            })?;
+            copy_into(var, &self.tensor(&key)?)?;
         }
         Ok(())
     }
@@ -343,6 +338,16 @@ impl Checkpoint {
 /// Interruptible between tensors (each one's copy to the host is a chunk of work): an interrupt
 /// returns `PivotError::Interrupted` before anything is written, so the file already at `path`
 /// (an earlier checkpoint) stays as it was.
+/// Copies `src` into the variable `var` in place, converting to its kind and device (no
+/// gradient is recorded): how every loader fills a model's parameters.
+pub(crate) fn copy_into(var: &Tensor, src: &Tensor) -> Result<()> {
+    tch::no_grad(|| -> Result<()> {
+        let mut dst = var.shallow_clone();
+        dst.f_copy_(&src.f_to_kind(var.kind())?.f_to_device(var.device())?)?;
+        Ok(())
+    })
+}
+
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     struct Owned {
         dtype: Dtype,
