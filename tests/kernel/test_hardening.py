@@ -85,6 +85,29 @@ def test_replayed_signature_is_refused_on_every_socket(kernel):
     assert "replay" in kernel.stderr().lower()
 
 
+def test_unsolicited_input_replies_are_not_kept(kernel):
+    """Correctly signed input_reply messages on stdin while no cell waits for input. Each used to
+    stay queued for the life of the kernel (with the read buffer its frames pointed into): the
+    wire fuzzer's RSS grew 2 KB per such message. Now only the reply to a pending input_request
+    is taken; these are dropped."""
+    value = "v" * 8192
+    with Peer(kernel.ports["stdin"]) as peer:
+        for _ in range(50):
+            peer.send_multipart(request(kernel.signer, "input_reply", {"value": value})[1])
+        time.sleep(0.5)
+        before = kernel.rss_kib()
+        for _ in range(2000):  # 16 MB of values
+            peer.send_multipart(request(kernel.signer, "input_reply", {"value": value})[1])
+        assert kernel.heartbeat()
+        time.sleep(1)
+        grown_kib = kernel.rss_kib() - before
+    # Kept, 2,000 replies hold over 16 MB; dropped, what remains is the replay history's
+    # 2,000 signatures (about 100 bytes each) and allocator slack.
+    assert grown_kib < 4096, f"RSS grew {grown_kib} KiB over 2,000 unsolicited input_reply messages"
+    assert "no input_request is waiting" in kernel.stderr()
+    assert_serving(kernel)
+
+
 def warned(k: LiveKernel) -> bool:
     # The warning is printed before the sockets are served, so a ready kernel has printed it.
     text = k.stderr().lower()

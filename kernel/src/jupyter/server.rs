@@ -92,7 +92,12 @@ struct Shared {
     iopub: UnboundedSender<Message>,
     shell_out: UnboundedSender<Message>,
     stdin_out: UnboundedSender<Message>,
+    /// Holds at most one reply: only the input_reply to the pending input_request is let in.
     stdin_replies: crossbeam_channel::Receiver<Message>,
+    /// msg_id of the input_request a cell is waiting on. Replies that arrive while none is
+    /// pending are dropped: kept, every signed input_reply a peer sends would stay in memory
+    /// for the life of the kernel (2 KB each, measured with the wire fuzzer).
+    awaiting_input: Mutex<Option<String>>,
     /// Header of the request whose output is being produced (iopub parent for engine events).
     current_parent: Mutex<Value>,
     ready: AtomicBool,
@@ -122,6 +127,17 @@ impl Shared {
     }
     fn stream(&self, parent: &Value, name: &str, text: &str) {
         self.publish(parent, "stream", json!({"name": name, "text": text}));
+    }
+    /// Whether `reply` answers the input_request a cell is waiting on. jupyter_client sends
+    /// input_reply without a parent header, so a reply with none is taken as the answer (as in
+    /// ipykernel); one whose parent names another request is not.
+    fn expects_input_reply(&self, reply: &Message) -> bool {
+        let awaiting = lock(&self.awaiting_input);
+        let Some(request_id) = awaiting.as_deref() else { return false };
+        match reply.parent_header.get("msg_id").and_then(Value::as_str) {
+            None | Some("") => true,
+            Some(parent) => parent == request_id,
+        }
     }
 }
 
@@ -172,7 +188,7 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
     let (iopub_tx, iopub_rx) = unbounded_channel();
     let (shell_tx, shell_rx) = unbounded_channel();
     let (stdin_tx, stdin_rx) = unbounded_channel();
-    let (stdin_reply_tx, stdin_reply_rx) = crossbeam_channel::unbounded();
+    let (stdin_reply_tx, stdin_reply_rx) = crossbeam_channel::bounded(1);
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         hf: HeaderFactory::new(),
@@ -180,6 +196,7 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
         shell_out: shell_tx,
         stdin_out: stdin_tx,
         stdin_replies: stdin_reply_rx,
+        awaiting_input: Mutex::new(None),
         current_parent: Mutex::new(json!({})),
         ready: AtomicBool::new(false),
         announced: Mutex::new(HashSet::new()),
@@ -213,6 +230,7 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
 
     {
         let signer = signer.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             loop {
                 let Ok(m) = stdin_recv.recv().await else {
@@ -221,7 +239,12 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
                 };
                 match wire::decode(m.into_vec(), &signer) {
                     Ok(msg) if msg.msg_type() == "input_reply" => {
-                        let _ = stdin_reply_tx.send(msg);
+                        if shared.expects_input_reply(&msg) {
+                            // A second reply to the same request finds the slot full and is dropped.
+                            let _ = stdin_reply_tx.try_send(msg);
+                        } else {
+                            eprintln!("pivot-kernel: dropped input_reply: no input_request is waiting for it");
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => eprintln!("pivot-kernel: dropped stdin message: {e}"),
@@ -604,13 +627,16 @@ fn execute(shared: &Shared, session: Option<&mut Session>, start_error: Option<&
                     shared.stream(&parent, "stderr", "input requested, but this front end does not allow stdin; using \"\"\n");
                     return String::new();
                 }
-                while shared.stdin_replies.try_recv().is_ok() {}
                 let req = shared.hf.child_of(msg, "input_request", json!({"prompt": prompt, "password": password}));
+                *lock(&shared.awaiting_input) = Some(req.msg_id().to_string());
+                while shared.stdin_replies.try_recv().is_ok() {}
                 let _ = shared.stdin_out.send(req);
-                match shared.stdin_replies.recv() {
+                let value = match shared.stdin_replies.recv() {
                     Ok(r) => r.content.get("value").and_then(Value::as_str).unwrap_or("").to_string(),
                     Err(_) => String::new(),
-                }
+                };
+                *lock(&shared.awaiting_input) = None;
+                value
             };
             s.execute(&code, &input)
         }
