@@ -148,6 +148,56 @@ fn decode_check_catches_corruption_inside_a_complete_file() {
     assert_eq!((lax.len(), lax.skipped.count), (0, 1));
 }
 
+/// Overwrites the middle of a PNG's compressed pixel data; its header and IEND stay intact, so
+/// the default load-time check (`ImageCheck::Header`) passes it and only decoding fails.
+fn corrupt_inside(path: &Path) {
+    let mut bytes = fs::read(path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 64].fill(0xAB);
+    fs::write(path, &bytes).unwrap();
+}
+
+#[test]
+fn a_corrupt_image_met_in_training_is_skipped_and_named_or_stops_the_run_naming_it() {
+    let dir = scratch("on_use");
+    let world = ShapesWorld::new(ShapesConfig::default());
+    let samples: Vec<VqaSample> = world
+        .vqa(Split::Train, 8)
+        .samples
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let path = dir.join(format!("img-{i}.png"));
+            s.image.load().unwrap().save(&path).unwrap();
+            VqaSample { image: ImageSource::File(path), ..s }
+        })
+        .collect();
+    let bad = dir.join("img-3.png");
+    corrupt_inside(&bad);
+    let data = VqaDataset::new(samples);
+    tch::manual_seed(0);
+    let init = Mllm::tiny(Device::Cpu);
+    // One epoch of 4 steps uses every row once, the bad one included.
+    let cfg = TrainConfig::default().batch_size(2).max_steps(4).quiet();
+
+    // Strict (the default): the run stops at the bad image with an error naming it.
+    let err = SftTrainer::new(cfg.clone()).run(&mut init.clone(), &data).unwrap_err();
+    assert!(matches!(&err, PivotError::File { path, .. } if path == &bad), "{err:?}");
+    assert!(err.to_string().contains("img-3.png"), "{err}");
+
+    // Skip: the run completes without that sample, counts it and names its file in the log.
+    let mut m = init.clone();
+    let log = SftTrainer::new(cfg.clone().bad_images(SkipPolicy::Skip)).run(&mut m, &data).unwrap();
+    assert_eq!(log.len(), 4);
+    assert_eq!(log.skipped.count, 1, "{:?}", log.skipped);
+    assert_eq!((log.skipped.reasons[0].path.as_path(), log.skipped.reasons[0].field.as_str()), (bad.as_path(), "image"));
+    assert!(log.to_text(10).contains("img-3.png"), "{}", log.to_text(10));
+    assert!(log.rows.iter().all(|r| r.get("loss").is_some_and(f64::is_finite)));
+    // The policy reads from a config file like the other settings (`pivot-train` uses TOML).
+    let from_file: TrainConfig = serde_json::from_str(r#"{"bad_images": "skip"}"#).unwrap();
+    assert_eq!(from_file.bad_images, SkipPolicy::Skip);
+}
+
 // ---------------------------------------------------------------- segmentation mask ids
 
 /// Tokens [n, 4, 8] on a 2×2 grid and masks [n, 4, 4] (patch 2) with ids in 0..4 and some 255.

@@ -78,8 +78,11 @@ impl fmt::Display for Split {
     }
 }
 
-/// What a loader does with a bad record (malformed line, missing field, missing or unreadable image).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What a loader does with a bad record (malformed line, missing field, missing or unreadable image),
+/// and what a trainer does with an image that fails to decode when a micro-batch first uses it
+/// (`TrainConfig::bad_images`, see [`collate_on_use`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum SkipPolicy {
     /// Stop at the first bad record with an error naming file, line and field.
     #[default]
@@ -144,7 +147,7 @@ impl LoadOptions {
 }
 
 /// One record a loader dropped under [`SkipPolicy::Skip`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Skipped {
     pub path: PathBuf,
     /// 1-based line of the record; `None` for folder-based data sets.
@@ -163,6 +166,11 @@ impl fmt::Display for Skipped {
 }
 
 impl Skipped {
+    fn with_field(mut self, field: &str) -> Skipped {
+        self.field = field.into();
+        self
+    }
+
     fn from_error(err: PivotError) -> Skipped {
         match err {
             PivotError::Record { path, line, field, message } => Skipped { path, line: Some(line), field, message },
@@ -172,8 +180,8 @@ impl Skipped {
     }
 }
 
-/// What a loader skipped under [`SkipPolicy::Skip`]; empty otherwise.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a loader (or a training run) skipped under [`SkipPolicy::Skip`]; empty otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SkipReport {
     /// Number of records (or, for multi-turn conversations, whole records) dropped.
     pub count: usize,
@@ -189,7 +197,7 @@ impl SkipReport {
         self.count == 0
     }
 
-    fn push(&mut self, skipped: Skipped) {
+    pub fn push(&mut self, skipped: Skipped) {
         self.count += 1;
         if self.reasons.len() < Self::MAX_REASONS {
             self.reasons.push(skipped);
@@ -258,6 +266,52 @@ impl fmt::Debug for ImageSource {
 /// Any sample that carries an image, so feature extraction can run over every dataset type.
 pub trait ImageSample {
     fn image(&self) -> &ImageSource;
+}
+
+/// The outcome of [`collate_on_use`]: which of the samples made it into `batch`, and which were
+/// left out because their image failed to decode.
+#[derive(Debug)]
+pub struct Collated<T> {
+    /// Positions (in the slice given) of the samples in the batch, in order.
+    pub kept: Vec<usize>,
+    /// One entry per sample left out, naming its image file and the decoder's error.
+    pub skipped: Vec<Skipped>,
+    pub batch: Result<T>,
+}
+
+/// Collates `samples` with `collate`, which decodes their images on first use. Under
+/// [`SkipPolicy::Error`] the first failure is returned as it is (it names the file). Under
+/// [`SkipPolicy::Skip`] a sample whose image fails to decode is left out and recorded, and the
+/// rest are collated again: an image that passed the load-time check (or was loaded with
+/// [`ImageCheck::None`]) but is corrupt inside never stops a run. A failure that is not about one
+/// of the samples' image files (tokenisation, shapes) is returned under both policies, and so is
+/// a micro-batch with no image left. The retry re-decodes the images before the bad one: a cost
+/// paid only when an image is bad, instead of holding every decoded image through the call.
+pub fn collate_on_use<S: ImageSample, T>(samples: &[&S], policy: SkipPolicy, collate: impl Fn(&[&S]) -> Result<T>) -> Collated<T> {
+    let mut kept: Vec<usize> = (0..samples.len()).collect();
+    let mut skipped = Vec::new();
+    loop {
+        let subset: Vec<&S> = kept.iter().map(|&i| samples[i]).collect();
+        let batch = collate(&subset);
+        let bad = match (&batch, policy) {
+            (Err(PivotError::File { path, .. }), SkipPolicy::Skip) => {
+                kept.iter().position(|&i| samples[i].image().path() == Some(path.as_path()))
+            }
+            _ => None,
+        };
+        let Some(at) = bad else { return Collated { kept, skipped, batch } };
+        let Err(err) = batch else { unreachable!("only a failed collation has a bad image") };
+        kept.remove(at);
+        skipped.push(Skipped::from_error(err).with_field("image"));
+        if kept.is_empty() {
+            let files: Vec<String> = skipped.iter().map(|s| s.path.display().to_string()).collect();
+            let batch = Err(PivotError::invalid(format!(
+                "no image of this micro-batch could be decoded (skipped: {})",
+                files.join(", ")
+            )));
+            return Collated { kept, skipped, batch };
+        }
+    }
 }
 
 fn decode_rgb(path: &Path) -> Result<RgbImage> {

@@ -22,6 +22,7 @@ use super::log::{LiveView, StepMetrics, TrainLog};
 use super::optim::{AdamW, ParamGroup, cosine_schedule};
 use super::prefetch::prefetch;
 use super::profile::StepTimer;
+use crate::data::{collate_on_use, ImageSample, SkipPolicy, Skipped};
 use crate::error::{PivotError, Result};
 use crate::model::{Batch, Batcher, Checkpoint, Mllm};
 use crate::runtime::check_interrupt;
@@ -75,6 +76,11 @@ pub struct TrainConfig {
     /// pinned for CUDA) while the model computes; 0 prepares each on the main thread when it is
     /// needed. Results do not depend on it.
     pub prefetch: usize,
+    /// An image that fails to decode when its micro-batch is collated (corrupt inside a file the
+    /// load-time check passed): `Error` stops the run with an error naming the file; `Skip`
+    /// leaves that sample out of its micro-batch, prints its file and lists it in the run's
+    /// `TrainLog::skipped`. TOML: `bad_images = "skip"`.
+    pub bad_images: SkipPolicy,
 }
 
 impl Default for TrainConfig {
@@ -102,6 +108,7 @@ impl Default for TrainConfig {
             checkpoint_dir: None,
             resume_from: None,
             prefetch: 2,
+            bad_images: SkipPolicy::Error,
         }
     }
 }
@@ -146,6 +153,10 @@ impl TrainConfig {
     }
     pub fn prefetch(mut self, micro_batches: usize) -> Self {
         self.prefetch = micro_batches;
+        self
+    }
+    pub fn bad_images(mut self, policy: SkipPolicy) -> Self {
+        self.bad_images = policy;
         self
     }
 
@@ -225,6 +236,17 @@ pub(crate) fn collate<S, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usi
     (rows, batch)
 }
 
+/// A training micro-batch: the rows it holds, the rows left out for a bad image, the batch.
+type MicroBatch = (Vec<usize>, Vec<Skipped>, Result<Batch>);
+
+/// [`collate`] for the training loop: images that fail to decode are handled by `policy`
+/// ([`collate_on_use`]); the rows returned are those in the batch.
+fn collate_micro<S: ImageSample, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usize>, policy: SkipPolicy) -> MicroBatch {
+    let samples: Vec<&S> = rows.iter().map(|&i| &data[i]).collect();
+    let c = collate_on_use(&samples, policy, |s| O::collate(b, s));
+    (c.kept.iter().map(|&i| rows[i]).collect(), c.skipped, c.batch)
+}
+
 /// Which shard of the data this process trains on.
 #[derive(Clone, Copy)]
 struct Shard {
@@ -270,7 +292,7 @@ pub struct Hooks {
 
 /// Runs `obj` over `data`, on the process group's shard when one is set up. On error the
 /// partial log lands in `hooks.last_log`.
-pub(crate) fn run<S: Sync, O: Objective<S>>(
+pub(crate) fn run<S: Sync + ImageSample, O: Objective<S>>(
     label: &str,
     mllm: &mut Mllm,
     data: &[S],
@@ -296,7 +318,7 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
     let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?)));
     let result = faults.and_then(|(nan_at, interrupt_at)| {
         let opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
-        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at };
+        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at, skipped: Vec::new() };
         lp.run(mllm, data, &mut log)
     });
     for (t, f) in flags {
@@ -321,6 +343,8 @@ struct Loop<'a, O> {
     /// micro-batch this rank sees an interrupt request.
     nan_at: Option<usize>,
     interrupt_at: Option<usize>,
+    /// Samples left out of the current step for a bad image ([`TrainConfig::bad_images`]).
+    skipped: Vec<Skipped>,
 }
 
 /// Why a rank wants the run to stop in the middle of a step.
@@ -422,7 +446,7 @@ impl<O> Loop<'_, O> {
         Ok(s.step)
     }
 
-    fn run<S: Sync>(&mut self, mllm: &mut Mllm, data: &[S], log: &mut TrainLog) -> Result<()>
+    fn run<S: Sync + ImageSample>(&mut self, mllm: &mut Mllm, data: &[S], log: &mut TrainLog) -> Result<()>
     where
         O: Objective<S>,
     {
@@ -433,11 +457,17 @@ impl<O> Loop<'_, O> {
         let mllm: &Mllm = mllm;
         let batcher = mllm.batcher();
         let rows = schedule(self.cfg, data.len(), self.steps_per_epoch, start, self.total, self.shard);
-        let micro_batches = rows.map(|rows| collate::<S, O>(&batcher, data, rows));
+        let policy = self.cfg.bad_images;
+        let micro_batches = rows.map(|rows| collate_micro::<S, O>(&batcher, data, rows, policy));
         let mut live = LiveView::new(self.label, self.total, self.cfg.live && self.shard.rank == 0);
         let result = prefetch(self.cfg.prefetch, micro_batches, |batches| -> Result<()> {
             for step in start..self.total {
-                let row = self.step::<S>(mllm, step, batches)?;
+                let row = self.step::<S>(mllm, step, batches);
+                for skipped in self.skipped.drain(..) {
+                    eprintln!("{} step {}: skipped {skipped}", self.label, step + 1);
+                    log.skipped.push(skipped);
+                }
+                let row = row?;
                 log.rows.push(row.clone());
                 for f in &mut self.hooks.on_step {
                     f(&row);
@@ -457,7 +487,7 @@ impl<O> Loop<'_, O> {
     }
 
     /// One optimizer step: accumulate, guard, all-reduce, clip, update.
-    fn step<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = (Vec<usize>, Result<Batch>)>) -> Result<StepMetrics>
+    fn step<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = MicroBatch>) -> Result<StepMetrics>
     where
         O: Objective<S>,
     {
@@ -496,11 +526,12 @@ impl<O> Loop<'_, O> {
     }
 
     /// The next micro-batch's loss and metrics, with the loss guarded.
-    fn forward<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = (Vec<usize>, Result<Batch>)>, timer: &StepTimer) -> std::result::Result<(Micro, f64), Stop>
+    fn forward<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = MicroBatch>, timer: &StepTimer) -> std::result::Result<(Micro, f64), Stop>
     where
         O: Objective<S>,
     {
-        let (rows, batch) = batches.next().ok_or_else(|| Stop::Failed(PivotError::invalid("the batch preparation thread stopped")))?;
+        let (rows, skipped, batch) = batches.next().ok_or_else(|| Stop::Failed(PivotError::invalid("the batch preparation thread stopped")))?;
+        self.skipped.extend(skipped);
         let batch = batch.and_then(|b| b.to_device(mllm.device())).map_err(Stop::Failed)?;
         timer.mark("data");
         let mut m = self.obj.micro_step(mllm, &rows, batch).map_err(Stop::Failed)?;

@@ -1,5 +1,6 @@
 //! Per-step metrics (TRL's names), the `TrainLog` that collects them, and the live view.
 
+use crate::data::SkipReport;
 use crate::error::{PivotError, Result};
 use crate::plot::{Figure, Metrics, Series, curves};
 use crate::runtime::{DisplayHandle, Frontend, MimeBundle, Progress, Rich, display, frontend, html_escape};
@@ -51,11 +52,14 @@ pub struct TrainLog {
     /// Run name shown in legends ("SFT", "DPO", "stage1 projector", ...).
     pub name: String,
     pub rows: Vec<StepMetrics>,
+    /// Samples left out because their image failed to decode (`TrainConfig::bad_images = Skip`).
+    #[serde(default)]
+    pub skipped: SkipReport,
 }
 
 impl TrainLog {
     pub fn new(name: impl Into<String>) -> Self {
-        TrainLog { name: name.into(), rows: Vec::new() }
+        TrainLog { name: name.into(), rows: Vec::new(), skipped: SkipReport::default() }
     }
     pub fn len(&self) -> usize {
         self.rows.len()
@@ -136,6 +140,9 @@ impl TrainLog {
             h.push_str("</tr>");
         }
         h.push_str("</table>");
+        if !self.skipped.is_empty() {
+            h.push_str(&format!("<pre>{}</pre>", html_escape(&self.skipped.to_string())));
+        }
         h
     }
     pub fn to_text(&self, last_rows: usize) -> String {
@@ -145,6 +152,9 @@ impl TrainLog {
             let cells: Vec<String> = cols.iter().map(|c| r.get(c).map(fmt_value).unwrap_or_default()).collect();
             s.push_str(&cells.join("\t"));
             s.push('\n');
+        }
+        if !self.skipped.is_empty() {
+            s.push_str(&self.skipped.to_string());
         }
         s
     }
