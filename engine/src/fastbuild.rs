@@ -8,15 +8,18 @@
 //! evcxr offers no hook for its cargo command except one: with `:linker mold` it runs
 //! `mold -run <cargo> <args>`, finding `mold` on PATH. The engine puts a link named `mold` to its
 //! own executable first on PATH (`install`), so every cell build comes here (`shim_main`):
-//! - A real cargo build runs with `PIVOT_FASTBUILD_RECORD` set. evcxr's rustc wrapper is our
-//!   executable too (`wrapper_hook`): it notes every crate rustc compiles and, for `ctx`, its full
-//!   invocation (arguments and environment). When cargo compiled `ctx` and nothing else, the shim
-//!   stores that invocation with what it depended on: cargo's arguments and environment, the
-//!   bytes of Cargo.toml, Cargo.lock and .cargo/config.toml, the extern crates' files and their
-//!   mtimes, and the time the build started (the sources of path dependencies must be older).
-//! - The next build whose inputs are all unchanged replays the stored invocation through the same
-//!   wrapper (so evcxr's own wrapper logic and its report of the shared object run as before);
-//!   rustc's JSON diagnostics reach evcxr on stderr as they do through cargo. Anything else
+//! - A real cargo build runs with our executable as `RUSTC_WORKSPACE_WRAPPER` (the cell crate is
+//!   the only workspace member, so dependencies build and fingerprint as before) and
+//!   `PIVOT_FASTBUILD_RECORD` set: `wrapper_hook` records the cell crate's rustc invocation
+//!   (arguments and environment) and runs it. The shim reads cargo's JSON on its way to evcxr:
+//!   which crates were compiled, and the cell's shared object. When cargo compiled `ctx` and nothing
+//!   else, the shim stores that invocation with what it depended on: cargo's arguments and
+//!   environment, the bytes of Cargo.toml, Cargo.lock and .cargo/config.toml, the extern crates'
+//!   files and their mtimes, and the time the build started (the sources of path dependencies must
+//!   be older).
+//! - The next build whose inputs are all unchanged runs the stored rustc invocation itself:
+//!   rustc's JSON diagnostics reach evcxr on stderr as they do through cargo, and the shared
+//!   object's path goes where evcxr looks for it first (`EVCXR_EXECUTION_SO_PATH`). Anything else
 //!   (`check`, a new `:dep`, a changed lock or prelude, a missing record) runs real cargo.
 //!
 //! Cargo's fingerprint of `ctx` goes stale on a replay; that costs nothing, because the next real
@@ -78,29 +81,30 @@ pub fn shim_hook() {
     std::process::exit(code);
 }
 
-/// Call in `main` before `evcxr::runtime_hook`: records the rustc invocations of a real cargo run.
-/// Returns normally; evcxr's wrapper then runs rustc.
+/// Call in `main` right after `shim_hook`: as cargo's workspace wrapper during a recorded build,
+/// records the cell crate's rustc invocation, runs rustc, and exits.
 pub fn wrapper_hook() {
-    if std::env::var_os("EVCXR_RUSTC_WRAPPER").is_none() {
-        return;
-    }
     let Some(dir) = std::env::var_os(RECORD_ENV).map(PathBuf::from) else { return };
-    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
-    let crate_name = args.windows(2).find(|w| w[0] == "--crate-name").map(|w| w[1].clone()).unwrap_or_default();
-    // `rustc -vV` and cargo's target probe (`--crate-name ___ --print=...`) build nothing.
-    if crate_name.is_empty() || crate_name == "___" || args.iter().any(|a| a.starts_with("--print")) {
-        return;
-    }
-    let _ = std::fs::create_dir_all(&dir);
-    append_line(&dir.join("crates"), &crate_name);
-    if crate_name == "ctx" {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some((rustc, rest)) = args.split_first() else { return };
+    let text: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    if text.windows(2).any(|w| w[0] == "--crate-name" && w[1] == "ctx") {
         let env: BTreeMap<String, String> = std::env::vars_os()
             .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
             .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
             .collect();
         let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
-        let _ = std::fs::write(dir.join("ctx.json"), json!({ "args": args, "env": env, "cwd": cwd }).to_string());
+        let _ = std::fs::create_dir_all(&dir);
+        let _ = std::fs::write(dir.join("ctx.json"), json!({ "args": text, "env": env, "cwd": cwd }).to_string());
     }
+    let code = match Command::new(rustc).args(rest).env_remove(RECORD_ENV).status() {
+        Ok(s) => s.code().unwrap_or(101),
+        Err(e) => {
+            eprintln!("pivot: cannot run {}: {e}", Path::new(rustc).display());
+            101
+        }
+    };
+    std::process::exit(code);
 }
 
 fn append_line(path: &Path, line: &str) {
@@ -129,7 +133,7 @@ fn shim_main(cargo: &OsString, args: &[OsString]) -> i32 {
     let record_dir = crate_dir.join(RECORD_DIR);
     let _ = std::fs::remove_dir_all(&record_dir);
     let _ = std::fs::remove_file(crate_dir.join(STATE_FILE));
-    let started = now_secs();
+    let started = now_nanos();
     let code = run_cargo(cargo, args, Some(&record_dir));
     if code == 0 {
         match state_after_build(&crate_dir, cargo, args, &record_dir, started) {
@@ -151,18 +155,53 @@ fn note(crate_dir: &Path, line: &str) {
     append_line(&crate_dir.join("pivot-fastbuild.log"), line);
 }
 
+/// Runs cargo. When recording, our executable is the workspace wrapper, and cargo's stdout (JSON
+/// messages, passed on unchanged) tells which crates it compiled and where the cell's shared
+/// object is, written to `record/crates` and `record/so`.
 fn run_cargo(cargo: &OsString, args: &[OsString], record: Option<&Path>) -> i32 {
+    use std::io::{BufRead, Write};
     let mut cmd = Command::new(cargo);
     cmd.args(args);
-    if let Some(dir) = record {
-        cmd.env(RECORD_ENV, dir);
-    }
-    match cmd.status() {
-        Ok(s) => s.code().unwrap_or(101),
+    let exe = std::env::current_exe().ok();
+    let recording = match (record, &exe) {
+        (Some(dir), Some(exe)) if std::env::var_os("RUSTC_WORKSPACE_WRAPPER").is_none() => {
+            let _ = std::fs::create_dir_all(dir);
+            cmd.env(RECORD_ENV, dir).env("RUSTC_WORKSPACE_WRAPPER", exe).stdout(std::process::Stdio::piped());
+            Some(dir)
+        }
+        _ => None,
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("pivot: cannot run cargo ({}): {e}", Path::new(cargo).display());
-            101
+            return 101;
         }
+    };
+    if let (Some(dir), Some(out)) = (recording, child.stdout.take()) {
+        let mut crates = Vec::new();
+        let mut so = None;
+        let stdout = std::io::stdout();
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if let Ok(msg) = serde_json::from_str::<Value>(&line) {
+                if msg["reason"] == "compiler-artifact" && msg["fresh"] == false {
+                    crates.push(msg["target"]["name"].as_str().unwrap_or("?").to_string());
+                }
+                if msg["reason"] == "compiler-artifact" && msg["target"]["name"] == "ctx" {
+                    so = msg["filenames"].as_array().and_then(|f| f.iter().filter_map(Value::as_str).find(|f| f.ends_with(".so")).map(str::to_string));
+                }
+            }
+            let mut lock = stdout.lock();
+            let _ = writeln!(lock, "{line}");
+        }
+        let _ = std::fs::write(dir.join("crates"), crates.join("\n"));
+        if let Some(so) = so {
+            let _ = std::fs::write(dir.join("so"), so);
+        }
+    }
+    match child.wait() {
+        Ok(s) => s.code().unwrap_or(101),
+        Err(_) => 101,
     }
 }
 
@@ -183,13 +222,14 @@ fn inputs(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Value {
     })
 }
 
-fn state_after_build(crate_dir: &Path, cargo: &OsString, args: &[OsString], record_dir: &Path, started: f64) -> Option<Value> {
+fn state_after_build(crate_dir: &Path, cargo: &OsString, args: &[OsString], record_dir: &Path, started: u64) -> Option<Value> {
     let crates = std::fs::read_to_string(record_dir.join("crates")).ok()?;
     // Only a build that compiled the cell crate alone shows the dependencies settled.
     if crates.lines().any(|c| c != "ctx") || !crates.lines().any(|c| c == "ctx") {
         return None;
     }
     let ctx: Value = serde_json::from_str(&std::fs::read_to_string(record_dir.join("ctx.json")).ok()?).ok()?;
+    let so = std::fs::read_to_string(record_dir.join("so")).ok()?;
     let rustc_args: Vec<String> = serde_json::from_value(ctx["args"].clone()).ok()?;
     Some(json!({
         "inputs": inputs(crate_dir, cargo, args),
@@ -197,6 +237,7 @@ fn state_after_build(crate_dir: &Path, cargo: &OsString, args: &[OsString], reco
         "path_deps": path_deps(crate_dir),
         "started": started,
         "ctx": ctx,
+        "so": so,
     }))
 }
 
@@ -206,7 +247,7 @@ fn extern_stamps(rustc_args: &[String]) -> Option<Value> {
     let mut out = BTreeMap::new();
     for w in rustc_args.windows(2).filter(|w| w[0] == "--extern") {
         if let Some((_, file)) = w[1].split_once('=') {
-            out.insert(file.to_string(), mtime_secs(Path::new(file))?);
+            out.insert(file.to_string(), mtime_nanos(Path::new(file))?);
         }
     }
     Some(json!(out))
@@ -241,8 +282,8 @@ fn path_deps(crate_dir: &Path) -> Vec<String> {
 }
 
 /// The newest mtime of a path dependency's files (its `target` and hidden folders aside).
-fn newest_mtime(dir: &Path, depth: usize) -> f64 {
-    let mut newest = mtime_secs(dir).unwrap_or(0.0);
+fn newest_mtime(dir: &Path, depth: usize) -> u64 {
+    let mut newest = mtime_nanos(dir).unwrap_or(0);
     let Ok(entries) = std::fs::read_dir(dir) else { return newest };
     for e in entries.flatten() {
         let name = e.file_name();
@@ -251,7 +292,7 @@ fn newest_mtime(dir: &Path, depth: usize) -> f64 {
             continue;
         }
         let Ok(ft) = e.file_type() else { continue };
-        let t = if ft.is_dir() && depth < 16 { newest_mtime(&e.path(), depth + 1) } else { mtime_secs(&e.path()).unwrap_or(f64::INFINITY) };
+        let t = if ft.is_dir() && depth < 16 { newest_mtime(&e.path(), depth + 1) } else { mtime_nanos(&e.path()).unwrap_or(u64::MAX) };
         newest = newest.max(t);
     }
     newest
@@ -267,10 +308,10 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
         return Err("cargo's arguments, environment, Cargo.toml, Cargo.lock or config changed".into());
     }
     let externs = state["externs"].as_object().ok_or_else(bad)?;
-    if let Some((file, _)) = externs.iter().find(|(file, t)| mtime_secs(Path::new(file)) != t.as_f64()) {
+    if let Some((file, _)) = externs.iter().find(|(file, t)| mtime_nanos(Path::new(file)) != t.as_u64()) {
         return Err(format!("{file} changed"));
     }
-    let started = state["started"].as_f64().ok_or_else(bad)?;
+    let started = state["started"].as_u64().ok_or_else(bad)?;
     for dep in state["path_deps"].as_array().ok_or_else(bad)?.iter().filter_map(Value::as_str) {
         if newest_mtime(&crate_dir.join(dep), 0) >= started {
             return Err(format!("a file under {dep} changed"));
@@ -279,24 +320,32 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
     let ctx = &state["ctx"];
     let rustc_args: Vec<String> = serde_json::from_value(ctx["args"].clone()).map_err(|_| bad())?;
     let env: BTreeMap<String, String> = serde_json::from_value(ctx["env"].clone()).map_err(|_| bad())?;
-    let (wrapper, rest) = rustc_args.split_first().ok_or_else(bad)?;
-    let status = Command::new(wrapper)
+    let so = state["so"].as_str().ok_or_else(bad)?;
+    let (rustc, rest) = rustc_args.split_first().ok_or_else(bad)?;
+    let status = Command::new(rustc)
         .args(rest)
         .env_clear()
         .envs(&env)
         .current_dir(ctx["cwd"].as_str().filter(|c| !c.is_empty()).map(PathBuf::from).unwrap_or_else(|| crate_dir.to_path_buf()))
         .status()
-        .map_err(|e| format!("cannot run {wrapper}: {e}"))?;
+        .map_err(|e| format!("cannot run {rustc}: {e}"))?;
+    if status.success() {
+        // evcxr reads the shared object's path from this file first (cargo's JSON otherwise).
+        if let Some(file) = std::env::var_os("EVCXR_EXECUTION_SO_PATH") {
+            std::fs::write(file, so).map_err(|e| format!("cannot report the shared object: {e}"))?;
+        }
+    }
     Ok(status.code().unwrap_or(101))
 }
 
-fn mtime_secs(p: &Path) -> Option<f64> {
+/// Nanoseconds since the epoch, as integers: serde_json does not round-trip every f64 exactly.
+fn mtime_nanos(p: &Path) -> Option<u64> {
     let m = std::fs::metadata(p).ok()?.modified().ok()?;
-    Some(m.duration_since(UNIX_EPOCH).ok()?.as_secs_f64())
+    u64::try_from(m.duration_since(UNIX_EPOCH).ok()?.as_nanos()).ok()
 }
 
-fn now_secs() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+fn now_nanos() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).ok().and_then(|d| u64::try_from(d.as_nanos()).ok()).unwrap_or(0)
 }
 
 /// FNV-1a: a stable fingerprint of small files, not a defence against anyone.
@@ -326,7 +375,7 @@ mod tests {
         let exe = std::env::current_exe().unwrap().display().to_string();
         let args = vec!["rustc".to_string(), "--extern".into(), format!("me={exe}")];
         let stamps = extern_stamps(&args).unwrap();
-        assert!(stamps[&exe].as_f64().unwrap() > 0.0);
+        assert!(stamps[&exe].as_u64().unwrap() > 0);
         assert!(extern_stamps(&["--extern".to_string(), "gone=/nonexistent/libgone.rlib".into()]).is_none());
     }
 }
