@@ -320,7 +320,10 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
     let ctx = &state["ctx"];
     let rustc_args: Vec<String> = serde_json::from_value(ctx["args"].clone()).map_err(|_| bad())?;
     let env: BTreeMap<String, String> = serde_json::from_value(ctx["env"].clone()).map_err(|_| bad())?;
-    let so = state["so"].as_str().ok_or_else(bad)?;
+    // rustc writes the object into its --out-dir; cargo's path is the copy it makes outside `deps`.
+    let so_name = Path::new(state["so"].as_str().ok_or_else(bad)?).file_name().ok_or_else(bad)?.to_owned();
+    let out_dir = rustc_args.windows(2).find(|w| w[0] == "--out-dir").map(|w| PathBuf::from(&w[1])).ok_or_else(bad)?;
+    let so = out_dir.join(so_name);
     let (rustc, rest) = rustc_args.split_first().ok_or_else(bad)?;
     let status = Command::new(rustc)
         .args(rest)
@@ -332,7 +335,7 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
     if status.success() {
         // evcxr reads the shared object's path from this file first (cargo's JSON otherwise).
         if let Some(file) = std::env::var_os("EVCXR_EXECUTION_SO_PATH") {
-            std::fs::write(file, so).map_err(|e| format!("cannot report the shared object: {e}"))?;
+            std::fs::write(file, so.as_os_str().as_encoded_bytes()).map_err(|e| format!("cannot report the shared object: {e}"))?;
         }
     }
     Ok(status.code().unwrap_or(101))
