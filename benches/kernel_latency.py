@@ -5,9 +5,11 @@
 
 Measures, for the "pivot" kernel installed from the built binary into a private JUPYTER_PATH:
 - start -> kernel_info reply (the client can talk to the kernel),
-- start -> first result of `1 + 1` (a warm build slot: the prelude is compiled already),
-- trivial cells `let x = N; x + 1`: p50 / p95 / max over --cells cells, after one warm-up cell,
-- a tensor cell `Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)` likewise (10 cells),
+- warm start: start -> the first cell done, a parameters cell (`let lr = ...; let steps: usize = ...;
+  let run_name = String::from(..);`, no result), with a warm build slot (the prelude compiled already),
+- trivial cells `N * 2 + 1` (no `let`): p50 / p95 / max over --cells cells, after one warm-up cell,
+- cells with a new `let` each, `let xN = N; xN + 1`, likewise,
+- a tensor cell `Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)` likewise (--tensor-cells),
 - CPU seconds per cell (user + system of the kernel process and everything it started: cargo,
   rustc, the linker, the evcxr child), which unlike wall time hardly depends on what else the
   machine runs, with the load average before and after.
@@ -47,9 +49,10 @@ from pivot_testing import built_binary  # noqa: E402
 
 
 TENSOR_CELL = "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)"
+PARAMS_CELL = 'let lr = 3e-4;\nlet steps: usize = 20;\nlet run_name = String::from("warm-start");'
 
 
-def run_cell(kc, code: str, timeout: float = 600.0) -> float:
+def run_cell(kc, code: str, timeout: float = 600.0, want_result: bool = True) -> float:
     t0 = time.perf_counter()
     msg_id = kc.execute(code, store_history=True)
     ok = None
@@ -64,7 +67,7 @@ def run_cell(kc, code: str, timeout: float = 600.0) -> float:
         if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
             break
     dt = time.perf_counter() - t0
-    if not ok:
+    if want_result and not ok:
         raise RuntimeError(f"no result for {code!r}")
     return dt
 
@@ -120,22 +123,54 @@ def pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
+def repl_warm_start(binary: Path, out_dir: str) -> None:
+    """`pivot-repl SCRIPT` on a script whose first cell is the parameters cell: the REPL's own
+    timing line gives engine start and start -> that cell done (PIVOT_REPL_TIMINGS=1)."""
+    import re
+
+    with tempfile.TemporaryDirectory() as tmp:
+        script = Path(tmp) / "params.rs"
+        script.write_text(PARAMS_CELL + "\n// %%\nsteps * 2 + 1\n")
+        t0 = time.perf_counter()
+        r = subprocess.run([str(binary), str(script)], capture_output=True, text=True, cwd=tmp,
+                           env=dict(os.environ, PIVOT_REPL_TIMINGS="1", NO_COLOR="1"), timeout=3600)
+        wall = time.perf_counter() - t0
+    m = re.search(r"engine ready ([0-9.]+) s, first result ([0-9.]+) s", r.stderr)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"pivot-repl failed ({r.returncode}):\n{r.stderr}")
+    res = {"kernel": "pivot-repl", "engine_ready_s": float(m.group(1)), "start_to_params_cell_done_s": float(m.group(2)),
+           "process_wall_s": wall, "timing_lines": [l for l in r.stderr.splitlines() if "[timings]" in l],
+           "machine": {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()}}
+    print(f"pivot-repl: engine ready {res['engine_ready_s']:.2f} s, warm start to the parameters cell done "
+          f"{res['start_to_params_cell_done_s']:.2f} s (whole script {wall:.2f} s)")
+    os.makedirs(out_dir, exist_ok=True)
+    path = Path(out_dir) / f"repl-warm-start-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"results: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel-bin", default=None)
     ap.add_argument("--kernel-name", default="pivot")
-    ap.add_argument("--cells", type=int, default=50)
+    ap.add_argument("--cells", type=int, default=30, help="cells of each of the trivial and `let` kinds")
+    ap.add_argument("--tensor-cells", type=int, default=10)
+    ap.add_argument("--label", default=None, help="name for the result file (default: the kernel's)")
     ap.add_argument("--stock-evcxr", default=None, help="path of a stock evcxr_jupyter binary to measure instead of ours")
     ap.add_argument("--stock-tmpdir", default=None, help="EVCXR_TMPDIR for the stock kernel (a copy of a warm slot)")
     ap.add_argument("--with-prelude", action="store_true", help="stock kernel: first run our start-up settings and `:dep pivot`")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
+    ap.add_argument("--repl", default=None, help="measure the warm start of this pivot-repl binary instead")
     a = ap.parse_args()
+    if a.repl:
+        repl_warm_start(Path(a.repl), a.out)
+        return
 
     env_path = None
     setup = None
-    label = a.kernel_name
+    label = a.label or a.kernel_name
     if a.stock_evcxr:
-        label = "evcxr-stock" + ("-prelude" if a.with_prelude else "")
+        label = a.label or ("evcxr-stock" + ("-prelude" if a.with_prelude else ""))
         a.kernel_name = "evcxr-stock"
         env_path = Path(tempfile.mkdtemp(prefix="evcxr-latency-"))
         spec_dir = env_path / "kernels" / a.kernel_name
@@ -168,25 +203,24 @@ def main() -> None:
         t = time.perf_counter()
         run_cell(kc, setup, timeout=3600)
         t_setup = time.perf_counter() - t
-    run_cell(kc, "1 + 1")
+    run_cell(kc, PARAMS_CELL, timeout=3600, want_result=False)
     t_first = time.perf_counter() - t0
     with_tensor = a.kernel_name == "pivot" or a.with_prelude
 
     pid = getattr(getattr(km, "provisioner", None), "process", None)
     pid = getattr(pid, "pid", None)
-    run_cell(kc, "let x = 0; x + 1")
     load_before = os.getloadavg()
-    cpu0 = cpu_seconds(pid) if pid else None
-    trivial = [run_cell(kc, f"let x = {i}; x + 1") for i in range(a.cells)]
-    cpu1 = cpu_seconds(pid) if pid else None
-    tensor, cpu2, cpu3 = [], None, None
-    if with_tensor:
-        run_cell(kc, TENSOR_CELL)
-        cpu2 = cpu_seconds(pid) if pid else None
-        tensor = [run_cell(kc, TENSOR_CELL) for _ in range(10)]
-        cpu3 = cpu_seconds(pid) if pid else None
-    trivial_cpu = (cpu1 - cpu0) / len(trivial) if None not in (cpu0, cpu1) else None
-    tensor_cpu = (cpu3 - cpu2) / len(tensor) if None not in (cpu2, cpu3) else None
+
+    def timed(cells: list[str]) -> tuple[list[float], float | None]:
+        run_cell(kc, cells[0].replace("{i}", "0"))  # warm-up, not counted
+        c0 = cpu_seconds(pid) if pid else None
+        times = [run_cell(kc, c.replace("{i}", str(i + 1))) for i, c in enumerate(cells)]
+        c1 = cpu_seconds(pid) if pid else None
+        return times, ((c1 - c0) / len(times) if None not in (c0, c1) else None)
+
+    trivial, trivial_cpu = timed(["{i} * 2 + 1"] * a.cells)
+    lets, let_cpu = timed(["let x{i} = {i};\nx{i} + 1"] * a.cells)
+    tensor, tensor_cpu = timed([TENSOR_CELL] * a.tensor_cells) if with_tensor else ([], None)
     kc.stop_channels()
     km.shutdown_kernel(now=True)
 
@@ -197,11 +231,19 @@ def main() -> None:
         "setup_cell_s": t_setup,
         "start_to_kernel_info_s": t_info,
         "start_to_first_result_s": t_first,
+        "params_cell": PARAMS_CELL,
+        "trivial_cell": "N * 2 + 1",
+        "let_cell": "let xN = N; xN + 1",
         "trivial_cells": len(trivial),
         "trivial_p50_s": statistics.median(trivial),
         "trivial_p95_s": pct(trivial, 0.95),
         "trivial_max_s": max(trivial),
         "trivial_s": trivial,
+        "let_p50_s": statistics.median(lets),
+        "let_p95_s": pct(lets, 0.95),
+        "let_max_s": max(lets),
+        "let_s": lets,
+        "let_cpu_per_cell_s": let_cpu,
         "tensor_p50_s": statistics.median(tensor) if tensor else None,
         "tensor_p95_s": pct(tensor, 0.95) if tensor else None,
         "tensor_s": tensor,
@@ -217,10 +259,13 @@ def main() -> None:
         },
     }
     tensor_p50 = "-" if not tensor else f"{res['tensor_p50_s']:.3f} s"
-    print(f"{label}: kernel_info {t_info:.2f} s, first result {t_first:.2f} s, trivial cell p50 {res['trivial_p50_s']:.3f} s "
-          f"p95 {res['trivial_p95_s']:.3f} s (n={len(trivial)}), tensor cell p50 {tensor_p50}; "
-          f"CPU per trivial cell {'-' if trivial_cpu is None else f'{trivial_cpu:.3f} s'}, per tensor cell "
-          f"{'-' if tensor_cpu is None else f'{tensor_cpu:.3f} s'}; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
+    cpu = lambda c: "-" if c is None else f"{c:.3f} s"  # noqa: E731
+    tensor_p95 = "-" if not tensor else f"{res['tensor_p95_s']:.3f} s"
+    print(f"{label}: kernel_info {t_info:.2f} s, warm start to the parameters cell done {t_first:.2f} s; p50 / p95 (CPU per cell): "
+          f"trivial {res['trivial_p50_s']:.3f} / {res['trivial_p95_s']:.3f} s ({cpu(trivial_cpu)}), "
+          f"let {res['let_p50_s']:.3f} / {res['let_p95_s']:.3f} s ({cpu(let_cpu)}), "
+          f"tensor {tensor_p50} / {tensor_p95} ({cpu(tensor_cpu)}); n={len(trivial)}/{len(lets)}/{len(tensor)}; "
+          f"load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
     os.makedirs(a.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = Path(a.out) / f"kernel-latency-{label}-{stamp}.json"

@@ -8,6 +8,7 @@
 
 pub mod buildlog;
 pub mod child;
+pub mod fastbuild;
 pub mod output;
 pub mod paths;
 pub mod scan;
@@ -15,4 +16,4 @@ pub mod session;
 pub mod slots;
 
 pub use output::{Event, Sink, StreamName};
-pub use session::{prepare_process_env, CellError, CellResult, Frontend, InterruptOutcome, Interrupter, Session, SessionOptions};
+pub use session::{prepare_process_env, prepare_process_env_for, CellError, CellResult, Frontend, InterruptOutcome, Interrupter, Session, SessionOptions};

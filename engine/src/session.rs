@@ -77,15 +77,56 @@ pub fn warn_after(grace: Duration) -> Duration {
     (grace / 3).min(Duration::from_secs(3))
 }
 
+/// Set by `prepare_process_env` when the build shim is first on PATH.
+const SHIM_ON_ENV: &str = "PIVOT_FASTBUILD_SHIM";
+
 /// Sets the process environment evcxr reads while creating a context. Call from `main` while
 /// the process is still single-threaded (setting the environment later races with getenv).
+/// This executable must call `fastbuild::shim_hook` first thing in `main`.
 pub fn prepare_process_env(slot_dir: &Path) {
+    match std::env::current_exe() {
+        Ok(exe) => prepare_process_env_for(slot_dir, &exe),
+        Err(e) => {
+            eprintln!("pivot: cell builds go through cargo every time (cannot find this executable: {e})");
+            prepare_process_env_inner(slot_dir, None)
+        }
+    }
+}
+
+/// `prepare_process_env` where another executable (`shim_exe`, e.g. the kernel's, from a test)
+/// runs the build shim.
+pub fn prepare_process_env_for(slot_dir: &Path, shim_exe: &Path) {
+    prepare_process_env_inner(slot_dir, Some(shim_exe))
+}
+
+fn prepare_process_env_inner(slot_dir: &Path, shim_exe: Option<&Path>) {
     let config = paths::evcxr_config_dir();
     let _ = std::fs::create_dir_all(&config);
+    // The cargo stand-in (`fastbuild`) must come first on PATH: evcxr finds it there.
+    let shim = match shim_exe {
+        Some(exe) if std::env::var_os(crate::fastbuild::DISABLE_ENV).is_none() => Some(crate::fastbuild::install(&paths::cache_dir(), exe)),
+        _ => None,
+    };
+    let path = match shim {
+        None => None,
+        Some(Ok(dir)) => {
+            let mut dirs = vec![dir];
+            dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
+            std::env::join_paths(dirs).ok()
+        }
+        Some(Err(e)) => {
+            eprintln!("pivot: cell builds go through cargo every time (cannot install the build shim: {e})");
+            None
+        }
+    };
     // SAFETY: called before any thread is started (documented requirement of this function).
     unsafe {
         std::env::set_var("EVCXR_TMPDIR", slot_dir);
         std::env::set_var("EVCXR_CONFIG_DIR", &config);
+        if let Some(path) = &path {
+            std::env::set_var("PATH", path);
+            std::env::set_var(SHIM_ON_ENV, "1");
+        }
     }
 }
 
@@ -112,6 +153,11 @@ pub struct CellResult {
     /// The child process was restarted (all variables lost).
     pub restarted: bool,
     pub duration: Duration,
+    /// Builds of the cell crate this cell took (0 for commands only; evcxr rebuilds after fixing
+    /// what a failed build told it, e.g. the `Debug` fallback of a final expression).
+    pub builds: usize,
+    /// Time the cell's own code ran in the child (evcxr's "Execution" phase), when it ran.
+    pub run_time: Option<Duration>,
 }
 
 /// Sends interrupts to the running cell from any thread.
@@ -264,7 +310,8 @@ fn kill_cargo_children() -> bool {
     let mut found = false;
     for pid in children_of(me) {
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.trim() == "cargo" {
+        // `mold` is the build shim (`fastbuild`), which runs cargo or rustc.
+        if comm.trim() == "cargo" || comm.trim() == crate::fastbuild::SHIM_NAME {
             found = true;
             kill_tree(pid);
         }
@@ -303,6 +350,7 @@ pub struct Session {
     /// Time the start took (context creation + prelude build).
     pub startup: Duration,
 }
+
 
 const PANIC_HOOK_CODE: &str = "pivot::runtime::install_panic_hook();";
 
@@ -347,8 +395,11 @@ impl Session {
                 notices: pump.notices.clone(),
             }),
         };
-        // Fixed settings: any change to these invalidates the slot's build cache.
-        let mut setup = String::from(":offline 1\n:opt 2\n:linker system\n");
+        // Fixed settings: any change to these invalidates the slot's build cache. `:linker mold`
+        // links with the system linker as `:linker system` does, but makes evcxr run its builds
+        // as `mold -run cargo ...`, where `mold` is our build shim (see `fastbuild`).
+        let linker = if std::env::var_os(SHIM_ON_ENV).is_some() { "mold" } else { "system" };
+        let mut setup = format!(":offline 1\n:opt 2\n:linker {linker}\n");
         for (k, v) in &torch.build_env {
             setup.push_str(&format!(":build_env {k}={v}\n"));
         }
@@ -390,6 +441,7 @@ impl Session {
             };
         }
         let vars_before: Vec<String> = self.ctx.variables_and_types().map(|(n, _)| n.to_string()).collect();
+        let cpu_before = cpu_seconds();
         self.cell += 1;
         let st = &self.interrupter.inner;
         st.requested.store(false, Ordering::SeqCst);
@@ -429,6 +481,8 @@ impl Session {
                 out.restarted = restarted;
             }
             Ok(Ok(outputs)) => {
+                let phases: Vec<(&str, Duration)> = outputs.phases.iter().map(|p| (p.name.as_str(), p.duration)).collect();
+                (out.builds, out.run_time) = build_phases(&phases);
                 if let Some(err) = signal_error(&signals, interrupted) {
                     out.error = Some(err);
                 } else if !outputs.content_by_mime_type.is_empty() {
@@ -464,6 +518,9 @@ impl Session {
             self.pump.flush();
         }
         out.duration = started.elapsed();
+        if let Some(path) = std::env::var_os(CELL_STATS_ENV) {
+            write_cell_stats(Path::new(&path), self.cell, &out, cpu_seconds() - cpu_before);
+        }
         out
     }
 
@@ -638,6 +695,53 @@ fn decode_user_expressions(value: &Map<String, Value>, nonce: &str, n: usize) ->
     Some(out)
 }
 
+/// A file to which every cell appends one JSON line: wall time, the time its code ran, the rest
+/// (the engine's overhead: analysis, builds, loading), builds, and CPU seconds of this process and
+/// its finished children (rust-analyzer, cargo, rustc, the linker; not the child running the code).
+pub const CELL_STATS_ENV: &str = "PIVOT_CELL_STATS";
+
+fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
+    use std::io::Write;
+    let wall = r.duration.as_secs_f64();
+    let run = r.run_time.map(|d| d.as_secs_f64());
+    let line = serde_json::json!({
+        "pid": std::process::id(),
+        "cell": cell,
+        "wall_s": wall,
+        "run_s": run,
+        "overhead_s": run.map(|run| wall - run),
+        "builds": r.builds,
+        "engine_cpu_s": cpu,
+        "error": r.error.as_ref().map(|e| e.ename.clone()),
+    });
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{line}");
+    }
+}
+
+/// User + system CPU of this process and its reaped children, in seconds.
+fn cpu_seconds() -> f64 {
+    let secs = |who| {
+        // SAFETY: getrusage fills the struct we pass.
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        if unsafe { libc::getrusage(who, &mut u) } != 0 {
+            return 0.0;
+        }
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        tv(u.ru_utime) + tv(u.ru_stime)
+    };
+    secs(libc::RUSAGE_SELF) + secs(libc::RUSAGE_CHILDREN)
+}
+
+/// Counts the builds in evcxr's phases of a cell that ran, and finds the time its code ran. A
+/// successful cell ends with "Final compile" then "Execution"; every retry before it adds one
+/// phase named after what was fixed ("Fallback", "Captured value", ...).
+fn build_phases(phases: &[(&str, Duration)]) -> (usize, Option<Duration>) {
+    let Some(last_build) = phases.iter().rposition(|(name, _)| *name == "Final compile") else { return (0, None) };
+    let run_time = phases.get(last_build + 1).filter(|(name, _)| *name == "Execution").map(|(_, d)| *d);
+    (last_build + 1, run_time)
+}
+
 /// The `?` and panic signals the child reported, as an error.
 fn signal_error(s: &CellSignals, interrupted: bool) -> Option<CellError> {
     if let Some(p) = &s.panic {
@@ -735,6 +839,14 @@ mod tests {
         v.insert("text/plain".into(), Value::String(format!("\"{hex}\"")));
         assert_eq!(decode_user_expressions(&v, "abc", 2), Some(vec!["2".to_string(), "\"a:b\"".to_string()]));
         assert_eq!(decode_user_expressions(&v, "other", 2), None);
+    }
+
+    #[test]
+    fn builds_are_counted_from_phases() {
+        let ms = Duration::from_millis;
+        assert_eq!(build_phases(&[("Final compile", ms(900)), ("Execution", ms(5))]), (1, Some(ms(5))));
+        assert_eq!(build_phases(&[("Fallback", ms(800)), ("Final compile", ms(900)), ("Execution", ms(5))]), (2, Some(ms(5))));
+        assert_eq!(build_phases(&[("Execution", ms(1))]), (0, None));
     }
 
     #[test]

@@ -15,9 +15,11 @@ use pivot_kernel::jupyter::{install, nbrun, server};
 fn main() -> ExitCode {
     // This executable is also evcxr's child process and its rustc wrapper: those roles must be
     // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
+    pivot_engine::fastbuild::shim_hook();
     if pivot_engine::child::is_runtime_child() {
         pivot_engine::child::child_main();
     }
+    pivot_engine::fastbuild::wrapper_hook();
     evcxr::runtime_hook();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match real_main(args) {

@@ -27,7 +27,8 @@ fn stdout_of(events: &[Event]) -> String {
 fn engine_end_to_end() {
     // One test function: the environment is set before evcxr starts any thread of its own.
     let slot = slots::acquire(&paths::cache_dir(), None).expect("a build slot");
-    engine::prepare_process_env(&slot.dir);
+    // The kernel's executable (not this test's) runs the cell-build shim, as it runs the child.
+    engine::prepare_process_env_for(&slot.dir, std::path::Path::new(env!("CARGO_BIN_EXE_pivot-kernel")));
     slot.seed_if_cold();
     let events: Arc<Mutex<Vec<Event>>> = Arc::default();
     let ev = events.clone();

@@ -121,31 +121,113 @@ impl Rich for MimeBundle {
 
 /// The method evcxr calls on a cell's final expression (it compiles `(expr).evcxr_display()`).
 /// The blanket impl makes every `Rich` value display itself as the cell's `execute_result`.
+///
+/// evcxr builds a cell whose final expression has no `evcxr_display` method twice: the first
+/// build fails, and it retries with `format!("{:?}", &(expr))`. The impls for std types below
+/// (`debug_display!`) print exactly that text, so a cell ending in a number, a string, a vector or
+/// an option builds once. They cannot be one blanket impl over `Debug`: it would overlap the `Rich`
+/// one (a `Tensor` is both). Coherence accepts both kinds side by side because `Rich` is ours and
+/// none of these types can implement it outside this crate. A type of the user's own still takes
+/// evcxr's second build (its `Debug` output is the same either way).
+///
+/// Only evcxr's fallback honours `:fmt` and `:types`, so they now apply to the values the prelude
+/// does not display (types of the user's own). Shadowing this trait while they are changed does not
+/// work: rustc then suggests importing it, and evcxr follows that hint into the user's code
+/// instead of retrying with its fallback.
 pub trait EvcxrDisplay {
     fn evcxr_display(&self);
 }
 
 impl<T: Rich + ?Sized> EvcxrDisplay for T {
     fn evcxr_display(&self) {
-        let bundle = self.mime_bundle();
-        let mut out = String::new();
-        for (mime, value) in &bundle.data {
-            let content = match value {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            out.push_str("EVCXR_BEGIN_CONTENT ");
-            out.push_str(mime);
-            out.push('\n');
-            out.push_str(&content);
-            out.push_str("\nEVCXR_END_CONTENT\n");
-        }
-        // One locked write: evcxr reads the blocks line by line and must not see them interleaved
-        // with output from other threads.
-        let stdout = std::io::stdout();
-        let mut lock = stdout.lock();
-        let _ = lock.write_all(out.as_bytes());
-        let _ = lock.flush();
+        send_bundle(&self.mime_bundle());
+    }
+}
+
+/// Writes a bundle in evcxr's content protocol (the cell's `execute_result`).
+fn send_bundle(bundle: &MimeBundle) {
+    let mut out = String::new();
+    for (mime, value) in &bundle.data {
+        let content = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        out.push_str("EVCXR_BEGIN_CONTENT ");
+        out.push_str(mime);
+        out.push('\n');
+        out.push_str(&content);
+        out.push_str("\nEVCXR_END_CONTENT\n");
+    }
+    // One locked write: evcxr reads the blocks line by line and must not see them interleaved
+    // with output from other threads.
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    let _ = lock.write_all(out.as_bytes());
+    let _ = lock.flush();
+}
+
+/// The text evcxr's fallback shows for a final expression: `{:?}` (its default `:fmt`).
+fn send_debug<T: std::fmt::Debug + ?Sized>(value: &T) {
+    send_bundle(&MimeBundle::text(format!("{value:?}")));
+}
+
+macro_rules! debug_display {
+    ($(<$($p:ident $(: $bound:path)?),*> $t:ty;)*) => {
+        $(impl<$($p: std::fmt::Debug $(+ $bound)?),*> EvcxrDisplay for $t {
+            fn evcxr_display(&self) {
+                send_debug(self)
+            }
+        })*
+    };
+    ($($t:ty),* $(,)?) => {
+        $(impl EvcxrDisplay for $t {
+            fn evcxr_display(&self) {
+                send_debug(self)
+            }
+        })*
+    };
+}
+
+debug_display!(
+    i8, i16, i32, i64, i128, isize, u8, u16, u32, u64, u128, usize, f32, f64, bool, char, (), str, String,
+    std::time::Duration, std::path::Path, std::path::PathBuf, std::ffi::OsStr, std::ffi::OsString,
+    std::cmp::Ordering,
+);
+debug_display!(
+    <T> Vec<T>;
+    <T> [T];
+    <T> Option<T>;
+    <T, E> std::result::Result<T, E>;
+    <T> std::collections::VecDeque<T>;
+    <T> std::collections::BTreeSet<T>;
+    <K, V> std::collections::BTreeMap<K, V>;
+    <T> std::sync::Arc<T>;
+    <T> std::rc::Rc<T>;
+    <T> std::ops::Range<T>;
+    <T> std::ops::RangeInclusive<T>;
+    <A> (A,);
+    <A, B> (A, B);
+    <A, B, C> (A, B, C);
+    <A, B, C, D> (A, B, C, D);
+    <A, B, C, D, E> (A, B, C, D, E);
+    <A, B, C, D, E, F> (A, B, C, D, E, F);
+);
+
+impl<T: std::fmt::Debug, const N: usize> EvcxrDisplay for [T; N] {
+    fn evcxr_display(&self) {
+        send_debug(self)
+    }
+}
+
+impl<K: std::fmt::Debug, V: std::fmt::Debug, S> EvcxrDisplay for std::collections::HashMap<K, V, S> {
+    fn evcxr_display(&self) {
+        send_debug(self)
+    }
+}
+
+impl<T: std::fmt::Debug, S> EvcxrDisplay for std::collections::HashSet<T, S> {
+    fn evcxr_display(&self) {
+        send_debug(self)
     }
 }
 

@@ -55,9 +55,11 @@ Figures are shown inline on kitty/iTerm2, otherwise saved under $PIVOT_FIGURES_D
 fn main() -> ExitCode {
     // This executable is also evcxr's child process and its rustc wrapper: those roles must be
     // taken before anything else happens (threads, argument parsing), or evcxr re-spawns us.
+    pivot_engine::fastbuild::shim_hook();
     if pivot_engine::child::is_runtime_child() {
         pivot_engine::child::child_main();
     }
+    pivot_engine::fastbuild::wrapper_hook();
     evcxr::runtime_hook();
     match real_main() {
         Ok(code) => code,
@@ -65,6 +67,14 @@ fn main() -> ExitCode {
             eprintln!("pivot-repl: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// ", N builds, code ran T s" for the timing notes: where a cell's time went.
+fn build_note(r: &pivot_engine::CellResult) -> String {
+    match r.run_time {
+        Some(run) => format!(", {} build{}, code ran {:.3} s", r.builds, if r.builds == 1 { "" } else { "s" }, run.as_secs_f64()),
+        None => String::new(),
     }
 }
 
@@ -304,14 +314,15 @@ impl Repl {
             self.first_result = Some(t);
             if std::env::var_os("PIVOT_REPL_TIMINGS").is_some() {
                 self.out.note(&format!(
-                    "[timings] engine ready {:.2} s, first result {:.2} s, this input {:.3} s",
+                    "[timings] engine ready {:.2} s, first result {:.2} s, this input {:.3} s{}",
                     self.engine.ready_after.lock().map(|d| d.map(|d| d.as_secs_f64()).unwrap_or(0.0)).unwrap_or(0.0),
                     t,
-                    r.duration.as_secs_f64()
+                    r.duration.as_secs_f64(),
+                    build_note(&r)
                 ));
             }
         } else if std::env::var_os("PIVOT_REPL_TIMINGS").is_some() {
-            self.out.note(&format!("[timings] this input {:.3} s", r.duration.as_secs_f64()));
+            self.out.note(&format!("[timings] this input {:.3} s{}", r.duration.as_secs_f64(), build_note(&r)));
         }
         if self.timing {
             self.out.note(&format!("took {}", fmt_duration(r.duration)));

@@ -30,8 +30,8 @@ def repl_bin() -> Path:
 BIN = repl_bin()
 
 
-def run_repl(args, tmp_path: Path, stdin: str | None = None):
-    env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(tmp_path / "figs"))
+def run_repl(args, tmp_path: Path, stdin: str | None = None, **extra_env: str):
+    env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(tmp_path / "figs"), **extra_env)
     return subprocess.run(
         [str(BIN), *args],
         input=stdin if stdin is not None else "",
@@ -103,10 +103,19 @@ def test_script_panic(tmp_path: Path):
 
 def test_piped_stdin(tmp_path: Path):
     # Not a terminal: each statement runs once the scanner says it is complete.
-    r = run_repl([], tmp_path, stdin='println!("piped");\nformat!("{}",\n    2 * 21)\n')
+    # The final expressions are std types that evcxr shows with `Debug`: the prelude's displays
+    # for them let each cell build once (evcxr alone builds twice: its first try, calling
+    # `evcxr_display`, fails to compile).
+    r = run_repl(
+        [], tmp_path, stdin='println!("piped");\nformat!("{}",\n    2 * 21)\n6 * 7\n(1.5f64, "pair")\n', PIVOT_REPL_TIMINGS="1"
+    )
     assert r.returncode == 0, r.stderr
     assert "piped" in r.stdout
     assert '"42"' in r.stdout, r.stdout
+    assert re.search(r"^42$", r.stdout, re.M), r.stdout
+    assert '(1.5, "pair")' in r.stdout, r.stdout
+    builds = re.findall(r"\[timings\].*this input [0-9.]+ s, (\d+) builds?, code ran", r.stderr)
+    assert builds == ["1", "1", "1", "1"], r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
