@@ -306,8 +306,7 @@ let vqa_data = String::new();      // instruction step: LLaVA conversation JSON;
 let vqa_eval_data = String::new(); // held-out VQA: LLaVA conversation JSON; "" = ShapesWorld
 let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 """),
-        code("""
-let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + DATA_FN + """
 // The data first: a missing file or a bad record stops the notebook here, naming the file, line and field.
 let caps: CaptionDataset = if caption_data.is_empty() { world.captions(Split::Train, n_captions) } else { load_captions("caption_data", &caption_data, &image_root)?.take(n_captions) };
 let vqa: VqaDataset = if vqa_data.is_empty() { world.vqa(Split::Train, n_vqa) } else { load_vqa("vqa_data", &vqa_data, &image_root)?.take(n_vqa) };
@@ -1578,6 +1577,7 @@ let control_reproduced: usize = study_control.as_ref().map_or(0, |t| t.results.i
 if control_reproduced > 0 {
     println!("WARNING: {control_reproduced} control measure(s) show a 'reproduced' difference between two SFT runs: the seed-to-seed noise is larger than the intervals say");
 }
+println!("control: {control_reproduced} of {} measures 'reproduced' (a calibrated design: none, up to chance)", measures.len());
 """),
         md("""
 ## Saved: the table for the report and the README
