@@ -39,10 +39,11 @@ $(PYDEPS_STAMP): tests/requirements.txt $(TORCH_STAMP)
 	rm -f $(VENV)/.pydeps-*; touch $@
 
 fixtures: $(FIXTURES)
-$(FIXTURES): tests/python/make_parity_fixtures.py tests/python/make_encoder_fixtures.py tests/python/make_bert_fixtures.py tools/convert_moco_v3.py $(PYDEPS_STAMP)
+$(FIXTURES): tests/python/make_parity_fixtures.py tests/python/make_encoder_fixtures.py tests/python/make_bert_fixtures.py tests/python/make_study_fixtures.py tools/convert_moco_v3.py $(PYDEPS_STAMP)
 	$(PY) tests/python/make_parity_fixtures.py $(PIVOT_FIXTURES)
 	$(PY) tests/python/make_encoder_fixtures.py $(PIVOT_FIXTURES)
 	$(PY) tests/python/make_bert_fixtures.py $(PIVOT_FIXTURES)
+	$(PY) tests/python/make_study_fixtures.py $(PIVOT_FIXTURES)/study
 	touch $@
 
 # evcxr (kernel, REPL) runs rust-analyzer over std, which needs the std sources.

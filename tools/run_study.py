@@ -11,7 +11,9 @@ the output folder too. For each notebook the folder gets:
 
     NN_name.ipynb   the executed notebook (saved after every cell, so a long run can be watched)
     NN_name.html    `jupyter nbconvert --to html` of it, images embedded
-and at the end index.html, which links the notebooks in order with their status and run time.
+and at the end index.html, which links the notebooks in order with their status and run time and
+shows the study's table and forest plot (09 writes them: study_table.html). The last lines printed
+are that table as text (study_table.txt), so `make demo` ends with the verdicts.
 
 Resumable: a notebook whose executed copy is complete, error-free and made from the same source
 and parameters is skipped, until one notebook has to run: every notebook after it runs again
@@ -43,6 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NB_DIR = ROOT / "notebooks"
 KERNEL = "pivot"
 META = "pivot_study"  # notebook metadata key holding the run's provenance
+STUDY_TXT = "study_table.txt"  # 09's StudyTable as text: printed at the end of a run
+STUDY_HTML = "study_table.html"  # 09's StudyTable as HTML with the forest plot: shown in index.html
 
 
 def log(msg: str) -> None:
@@ -204,6 +208,9 @@ def write_index(out: Path, rows: list[dict], params: dict[str, str], total: floa
         label = f.name + ("/" if f.is_dir() else "")
         saved.append(f'<a href="{html.escape(f.name)}">{html.escape(label)}</a>')
     saved_html = f"<p>Files the notebooks saved here (checkpoints, CSVs, figures): {' · '.join(saved)}</p>" if saved else ""
+    # 09's statistics: the StudyTable as HTML with its forest plot (images embedded).
+    table = out / STUDY_HTML
+    study_html = f"<h2>DPO − SFT: the study's table</h2>\n{table.read_text(encoding='utf-8')}" if table.is_file() else ""
     param_list = "".join(f"<li><code>{html.escape(k)} = {html.escape(v)}</code></li>" for k, v in params.items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>PIVOT Lab study report</title>
@@ -219,6 +226,7 @@ ShapesWorld data. The notebooks ran in this order, in this folder, sharing their
 <tbody>
 {chr(10).join(items)}
 </tbody></table>
+{study_html}
 {saved_html}
 <p>Parameters given to every notebook:</p><ul>{param_list}</ul>
 <p>Generated {datetime.now().strftime("%Y-%m-%d %H:%M")} · total run time {total:.0f} s · <code>{html.escape(str(out))}</code></p>
@@ -324,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     print("  beside them: the checkpoints (sub-folders), CSVs and PNGs the notebooks saved")
     if index is not None:
         print(f"  the report: {index}  (open it in a browser)")
+    table = out / STUDY_TXT
+    if table.is_file():
+        print(f"\n{table.read_text(encoding='utf-8').rstrip()}")
     return 0
 
 

@@ -46,6 +46,12 @@ WRITE = [
     'let fig: Figure = curves("loss", "step", "loss", &[Series::from_values("train", &[2.0, 1.2, 0.9, 0.8])])?;\nfig',
 ]
 READ = 'let got = std::fs::read_to_string(format!("{out_dir}/from_01.txt"))?;\nprintln!("02 read: {got}");'
+# What 09 leaves for the report: its StudyTable as text and as HTML (a real one, on made-up numbers).
+TABLE = """
+let t = StudyTable::new(vec![PairedComparison::new("probe top-1", vec![0.31, 0.42, 0.50], vec![0.10, 0.21, 0.20])?], &StudyOptions::default())?;
+std::fs::write(format!("{out_dir}/study_table.txt"), t.to_string())?;
+std::fs::write(format!("{out_dir}/study_table.html"), t.to_html())?;
+"""
 
 
 def run(nb_dir: Path, out: Path, env: dict) -> subprocess.CompletedProcess:
@@ -77,7 +83,7 @@ def test_study_runs_in_order_reports_failures_and_resumes(tmp_path, env):
     assert "FAILED" in index
 
     # Fix 02: the re-run reuses 01 (same source, same parameters) and runs 02 only.
-    notebook(nb_dir / "02_read.ipynb", "Read", [READ, 'assert_eq!(got, "written by 01");'])
+    notebook(nb_dir / "02_read.ipynb", "Read", [READ, 'assert_eq!(got, "written by 01");', TABLE])
     r = run(nb_dir, out, env)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log
@@ -85,3 +91,8 @@ def test_study_runs_in_order_reports_failures_and_resumes(tmp_path, env):
     assert "02_read.ipynb: done" in log, log
     assert f"the report: {out / 'index.html'}" in log, log
     assert nbformat.read(out / "02_read.ipynb", as_version=4).metadata["pivot_study"]["status"] == "ok"
+    # The run ends with the study's table in the terminal, and the report shows it.
+    table = (out / "study_table.txt").read_text()
+    assert "probe top-1" in table and "verdict" in table, table
+    assert r.stdout.rstrip().endswith(table.rstrip()), r.stdout[-2000:]
+    assert "Study: treatment − control per measure" in (out / "index.html").read_text()

@@ -3,12 +3,23 @@
 //! an [`Mllm`](super::Mllm), so the trainers collate the next micro-batch on a worker thread
 //! (like a PyTorch DataLoader worker with `pin_memory`) while the model computes the current one.
 
-use super::mllm::{Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use super::preprocess::ImageProcessor;
 use super::tokenizer::{IM_END, IM_START, Tokenizer};
 use crate::error::Result;
 use image::RgbImage;
 use tch::{Device, Tensor};
+
+/// Label of positions that carry no loss.
+pub const IGNORE_INDEX: i64 = -100;
+/// Placeholder id of the image inside token ids (LLaVA's `IMAGE_TOKEN_INDEX`).
+pub const IMAGE_TOKEN_INDEX: i64 = -200;
+
+/// One tokenised conversation: ids with exactly one [`IMAGE_TOKEN_INDEX`], labels aligned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Encoded {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
 
 /// What `Mllm::encode_chat`, `Mllm::encode_caption` and `Mllm::preprocess` need; see
 /// [`Mllm::batcher`](super::Mllm::batcher). `Send + Sync`: it may cross threads.

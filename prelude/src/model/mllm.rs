@@ -8,7 +8,7 @@
 use super::encoder::{Provenance, Stage, VisionEncoder};
 use super::projector::{Projector, ProjectorConfig};
 use super::qwen2::{LanguageModel, Qwen2Config};
-use super::batch::Batcher;
+use super::batch::{Batcher, Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 use super::tokenizer::{DEFAULT_SYSTEM_PROMPT, Tokenizer};
 use super::vision::{FeatureSelect, VisionConfig, VisionFamily, VisionTower};
 use super::weights::{self, Checkpoint};
@@ -17,11 +17,6 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-
-/// Label of positions that carry no loss.
-pub const IGNORE_INDEX: i64 = -100;
-/// Placeholder id of the image inside token ids (LLaVA's `IMAGE_TOKEN_INDEX`).
-pub const IMAGE_TOKEN_INDEX: i64 = -200;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MllmConfig {
@@ -76,13 +71,6 @@ impl MllmConfig {
             ..self
         }
     }
-}
-
-/// One tokenised conversation: ids with exactly one [`IMAGE_TOKEN_INDEX`], labels aligned.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Encoded {
-    pub ids: Vec<i64>,
-    pub labels: Vec<i64>,
 }
 
 /// Result of a forward pass up to the final hidden states.

@@ -18,10 +18,10 @@ pub mod vision;
 pub mod vit;
 pub mod weights;
 
-pub use batch::{Batch, Batcher};
+pub use batch::{Batch, Batcher, Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX};
 pub use encoder::{Pooling, Provenance, Stage, VisionEncoder};
 pub use layers::Activation;
-pub use mllm::{Encoded, IGNORE_INDEX, IMAGE_TOKEN_INDEX, Mllm, MllmConfig, MllmOutput};
+pub use mllm::{Mllm, MllmConfig, MllmOutput};
 pub use preprocess::{ImageProcessor, ResizeMode, Resample};
 pub use timm::TimmConfig;
 pub use projector::{Projector, ProjectorConfig};

@@ -528,33 +528,6 @@ impl PatchSegProbe {
     }
 }
 
-impl super::encoder::SegProbeReport {
-    /// Class maps [N, S, S] (S = the tower's input size) that this report's dense probe predicts
-    /// for the images of `data`, read from `encoder` (the encoder the probe was fitted on) at the
-    /// probe's layer. Masks of `data` are not used. Patch-seg reports keep no head: an error.
-    pub fn predict(&self, encoder: &crate::model::VisionEncoder, data: &crate::data::SegDataset) -> Result<Tensor> {
-        let super::encoder::SegResult::Dense(r) = &self.result else {
-            return Err(PivotError::invalid("predict: only the dense probe (SegProbe::dense) keeps a head to predict with"));
-        };
-        if data.is_empty() {
-            return Err(PivotError::invalid("predict: no images"));
-        }
-        let s = encoder.tower().processor().size as i64;
-        let tokens = super::features::FeatureExtractor::default()
-            .quiet()
-            .extract(encoder, data, self.layer as i64, crate::model::Pooling::PatchTokens)?
-            .x;
-        if tokens.size()[1] != r.head.grid.0 * r.head.grid.1 {
-            return Err(PivotError::invalid(format!(
-                "predict: the encoder gives {} patch tokens, the probe was fitted on a {:?} grid",
-                tokens.size()[1],
-                r.head.grid
-            )));
-        }
-        Ok(r.head.predict(&tokens, (s, s)))
-    }
-}
-
 /// A trained per-patch linear layer of [`DenseSegProbe`].
 #[derive(Debug)]
 pub struct DenseSegHead {
@@ -710,40 +683,6 @@ impl DenseSegProbe {
             fit_seconds: start.elapsed().as_secs_f64(),
             head,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::{ShapesConfig, ShapesWorld, Split};
-    use crate::model::Mllm;
-    use crate::probe::{FeatureExtractor, SegProbe};
-
-    #[test]
-    fn seg_probe_report_predicts_class_maps_of_the_probe() {
-        tch::manual_seed(0);
-        let world = ShapesWorld::new(ShapesConfig::default());
-        let enc = Mllm::tiny(Device::Cpu).encoder();
-        let (train, val) = (world.segmentation(Split::Train, 16), world.segmentation(Split::Val, 6));
-        let ex = FeatureExtractor::default().no_cache().quiet();
-        let mut dense = DenseSegProbe::new(0);
-        dense.epochs = 2;
-        let rep = SegProbe::new(crate::probe::SegMethod::Dense(dense)).extractor(ex.clone()).show(0).fit(&enc, &train, &val).unwrap();
-        let pred = rep.predict(&enc, &val.take(4)).unwrap();
-        assert_eq!(pred.size(), vec![4, 64, 64]);
-        assert_eq!(pred.kind(), Kind::Int64);
-        let (lo, hi) = (pred.min().int64_value(&[]), pred.max().int64_value(&[]));
-        assert!(lo >= 0 && hi < world.seg_class_names().len() as i64);
-        // The same maps as the head on the probe's own tokens.
-        let super::super::encoder::SegResult::Dense(r) = &rep.result else { panic!("dense") };
-        let tok = ex.extract(&enc, &val.take(4), rep.layer as i64, crate::model::Pooling::PatchTokens).unwrap().x;
-        assert!(r.head.predict(&tok, (64, 64)).equal(&pred));
-        // Patch-seg keeps no head.
-        let mut ps = PatchSegProbe::new(0);
-        ps.epochs = 1;
-        let rep = SegProbe::new(crate::probe::SegMethod::PatchSeg(ps)).extractor(ex).fit(&enc, &train, &val).unwrap();
-        assert!(rep.predict(&enc, &val).is_err());
     }
 }
 

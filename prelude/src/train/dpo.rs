@@ -10,12 +10,16 @@ use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
 use super::log::TrainLog;
 use super::prefetch::prefetch;
 use super::profile;
-use super::trainer::Recipe;
+use super::trainer::{Recipe, Trainer};
 use crate::data::{PreferenceDataset, PreferenceSample};
 use crate::error::{PivotError, Result};
 use crate::model::{Batch, Batcher, Checkpoint, Encoded, Mllm, MllmOutput, Stage};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
+
+/// Stage-2 DPO (PIVOT: β 0.1, lr 1e-6 for every part, 3 epochs, 256 pairs per step) against a
+/// frozen copy of the model (or cached reference log-probs).
+pub type DpoTrainer = Trainer<DpoConfig>;
 
 /// `pivot-train` reads it from TOML (`[dpo]`, its optimisation settings under `[dpo.train]`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

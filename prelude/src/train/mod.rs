@@ -41,7 +41,7 @@ mod stage1;
 mod trainer;
 
 pub use checkpoint::{TrainerState, latest_checkpoint, verify as verify_checkpoint};
-pub use dpo::{DpoConfig, DpoTerms, dpo_loss, reference_logps};
+pub use dpo::{DpoConfig, DpoTerms, DpoTrainer, dpo_loss, reference_logps};
 #[doc(hidden)]
 pub use engine::Hooks;
 pub use engine::TrainConfig;
@@ -51,4 +51,4 @@ pub use optim::{ParamGroup, cosine_schedule};
 pub use profile::take_step_profile;
 pub use sft::SftConfig;
 pub use stage1::{Stage1, Stage1Log, transplant};
-pub use trainer::{DpoTrainer, Recipe, SftTrainer, Trainer};
+pub use trainer::{Recipe, SftTrainer, Trainer};

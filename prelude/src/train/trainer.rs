@@ -19,7 +19,7 @@ pub trait Recipe {
     fn fit(&self, mllm: &mut Mllm, data: &Self::Data, hooks: &mut Hooks) -> Result<TrainLog>;
 }
 
-/// Trains an MLLM with the recipe `R`; see [`SftTrainer`] and [`DpoTrainer`].
+/// Trains an MLLM with the recipe `R`; see [`SftTrainer`] and [`DpoTrainer`](super::DpoTrainer).
 pub struct Trainer<R: Recipe> {
     pub config: R,
     hooks: Hooks,
@@ -27,10 +27,6 @@ pub struct Trainer<R: Recipe> {
 
 /// Stage-2 SFT on (question, answer). PIVOT: lr 5e-6 for every part, 3 epochs, global batch 256.
 pub type SftTrainer = Trainer<TrainConfig>;
-
-/// Stage-2 DPO (PIVOT: β 0.1, lr 1e-6 for every part, 3 epochs, 256 pairs per step) against a
-/// frozen copy of the model (or cached reference log-probs).
-pub type DpoTrainer = Trainer<super::DpoConfig>;
 
 impl<R: Recipe> Trainer<R> {
     pub fn new(config: R) -> Self {
