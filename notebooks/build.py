@@ -1652,10 +1652,13 @@ for table in std::iter::once(&study).chain(study_control.iter()) {
         }
         assert!(r.holm_interval.lower <= r.t_interval.lower + 1e-12 && r.holm_interval.upper >= r.t_interval.upper - 1e-12, "{}: the Holm interval is narrower than the plain one", r.measure);
         assert!([r.p, r.wilcoxon.p, r.p_holm].iter().all(|p| (0.0..=1.0).contains(p)) && r.p_holm >= r.p - 1e-12);
-        // The verdict is one of three words, and the one the rule gives for this interval and δ.
+        // The verdict is one of three words, and the one the rule gives for this interval and δ
+        // (a Δ without spread: for its sign-flip p; see analysis::stats, "Degenerate data").
         let word = r.verdict.to_string();
         assert!(["reproduced", "contradicted", "inconclusive"].contains(&word.as_str()), "{word}");
-        let expected = if r.holm_interval.lower > 0.0 { "reproduced" }
+        let expected = if r.sd == 0.0 {
+            if r.wilcoxon_p_holm >= table.alpha || r.mean == 0.0 { "inconclusive" } else if r.mean > 0.0 { "reproduced" } else { "contradicted" }
+        } else if r.holm_interval.lower > 0.0 { "reproduced" }
             else if r.holm_interval.upper < 0.0 || (*delta > 0.0 && r.holm_interval.upper < *delta) { "contradicted" }
             else { "inconclusive" };
         assert_eq!(word, expected, "{}: {}", r.measure, r.holm_interval);

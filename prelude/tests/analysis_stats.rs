@@ -240,9 +240,22 @@ fn constant_and_zero_differences_give_clear_results() {
     assert_eq!((res.t_interval.lower, res.t_interval.upper), (0.125, 0.125));
     assert_eq!((res.bootstrap_interval.lower, res.bootstrap_interval.upper), (0.125, 0.125));
     assert_eq!((res.wilcoxon.p, res.wilcoxon.method), (0.25, WilcoxonMethod::ExactSignFlip));
-    assert_eq!(res.verdict, Verdict::Reproduced);
+    // No spread: the collapsed interval says nothing, the sign-flip p (0.25) decides.
+    assert_eq!(res.verdict, Verdict::Inconclusive);
     let down = PairedComparison::new("constant down", vec![0.5, 0.25, 0.75], vec![0.625, 0.375, 0.875]).unwrap();
-    assert_eq!(down.analyse(&options).unwrap().verdict, Verdict::Contradicted);
+    assert_eq!(down.analyse(&options).unwrap().verdict, Verdict::Inconclusive);
+    // Six seeds all on one side: p = 2/64 < 0.05.
+    let six_up = PairedComparison::new("constant, n = 6", vec![0.625; 6], vec![0.5; 6]).unwrap();
+    assert_eq!(six_up.analyse(&options).unwrap().verdict, Verdict::Reproduced);
+    let six_down = PairedComparison::new("constant down, n = 6", vec![0.5; 6], vec![0.625; 6]).unwrap();
+    assert_eq!(six_down.analyse(&options).unwrap().verdict, Verdict::Contradicted);
+    // A quantised measure (mutual k-NN in steps of 1/1280): the same +1 step on two seeds differs
+    // from itself by rounding only (SD 1e-17 before), which made t ≈ 1e14 and the verdict
+    // "reproduced" on n = 2. Now the spread counts as zero and the verdict is inconclusive.
+    let step = PairedComparison::new("mutual k-NN", vec![0.1 + 1.0 / 1280.0, 0.3 + 1.0 / 1280.0], vec![0.1, 0.3]).unwrap();
+    let res = step.analyse(&options).unwrap();
+    assert_eq!(res.sd, 0.0);
+    assert_eq!(res.verdict, Verdict::Inconclusive);
 
     // Δ = 0 on every seed: scipy gives NaN for both tests; here p = 1, the interval is [0, 0],
     // and the verdict is inconclusive — or contradicted once a smallest effect is given.
@@ -252,8 +265,9 @@ fn constant_and_zero_differences_give_clear_results() {
     assert_eq!((res.wilcoxon.statistic, res.wilcoxon.p), (0.0, 1.0));
     assert_eq!((res.holm_interval.lower, res.holm_interval.upper), (0.0, 0.0));
     assert_eq!(res.verdict, Verdict::Inconclusive);
+    // With a smallest effect of interest: still no spread to test equivalence against.
     let res = zero.clone().with_smallest_effect(0.01).unwrap().analyse(&options).unwrap();
-    assert_eq!(res.verdict, Verdict::Contradicted);
+    assert_eq!(res.verdict, Verdict::Inconclusive);
     let e = res.equivalence.unwrap();
     assert_eq!((e.p_upper, e.p_lower), (0.0, 0.0));
     // Many zero differences, n > 13: scipy's normal approximation divides 0 by 0; here p = 1.

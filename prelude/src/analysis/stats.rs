@@ -48,10 +48,19 @@
 //! than TOST at αᵢ, whose p is reported beside it.
 //!
 //! # Degenerate data
-//! n ≥ 2 pairs are required. When every Δ is identical (SD 0) the t intervals collapse to that
-//! value and the t-test p is 0 for Δ ≠ 0 (scipy's limit: `ttest_rel` returns t = ±inf, p = 0) and
-//! 1 when every Δ is 0 (scipy returns NaN there); the Wilcoxon p is 1 when no difference is
-//! non-zero (scipy: 1 for n ≤ 13, NaN above). No result is NaN.
+//! n ≥ 2 pairs are required. When every Δ is the same (SD 0, or within 1e-9 of the mean relative to
+//! it: two seeds of a quantised measure that differ by the same step give SD 1e-17 from rounding
+//! alone) the t intervals collapse to that value and the t-test p is 0 for Δ ≠ 0 (scipy's limit:
+//! `ttest_rel` returns t = ±inf, p = 0) and 1 when every Δ is 0 (scipy returns NaN there); the
+//! Wilcoxon p is 1 when no difference is non-zero (scipy: 1 for n ≤ 13, NaN above). No result is
+//! NaN.
+//!
+//! A zero spread is no evidence of a zero standard error: it is what a measure with a coarse
+//! resolution (a mutual k-NN score in steps of 1/(k·n), an accuracy in steps of 1/n) gives on a few
+//! seeds, and the t interval's width then says nothing. So for such a measure the verdict comes from
+//! the exact sign-flip (Wilcoxon) test instead, Holm-adjusted like the t-test: **reproduced** or
+//! **contradicted** by the sign of Δ when that p < α, **inconclusive** otherwise. All n seeds on
+//! one side give p = 2 / 2ⁿ, so this needs n ≥ 6 for one measure (n ≥ 8 for five).
 //!
 //! # Display
 //! A [`StudyTable`] prints as a text table; in a notebook it shows as an HTML table with a forest
@@ -440,6 +449,18 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// The rule for a Δ with no spread (see the module doc, "Degenerate data"): the sign of `mean`
+    /// when the Holm-adjusted sign-flip p is below `alpha`.
+    pub fn from_sign_test(mean: f64, wilcoxon_p_holm: f64, alpha: f64) -> Verdict {
+        if wilcoxon_p_holm >= alpha || mean == 0.0 {
+            Verdict::Inconclusive
+        } else if mean > 0.0 {
+            Verdict::Reproduced
+        } else {
+            Verdict::Contradicted
+        }
+    }
+
     /// The study's rule on a Holm-adjusted interval (see the module doc).
     pub fn from_interval(interval: &Interval, smallest_effect: Option<f64>) -> Verdict {
         if interval.above(0.0) {
@@ -613,7 +634,11 @@ impl StudyTable {
                     wilcoxon_p_holm: wilcoxon_p_holm[i],
                     holm_interval,
                     equivalence,
-                    verdict: Verdict::from_interval(&holm_interval, c.smallest_effect),
+                    verdict: if s.sd == 0.0 {
+                        Verdict::from_sign_test(s.mean, wilcoxon_p_holm[i], alpha)
+                    } else {
+                        Verdict::from_interval(&holm_interval, c.smallest_effect)
+                    },
                 }
             })
             .collect();
@@ -812,7 +837,7 @@ struct Summary {
 impl Summary {
     fn of(differences: &[f64]) -> Summary {
         let n = differences.len();
-        let constant = differences.iter().all(|&d| d == differences[0]);
+        let constant = differences.iter().all(|&d| (d - differences[0]).abs() <= 1e-9 * differences[0].abs());
         // A constant Δ is reported exactly: summing n copies and dividing can be off by an ulp,
         // which would turn SD 0 into SD 1e-17 and t into a meaningless 1e15.
         let (mean, sd) = if constant {
