@@ -28,6 +28,11 @@
 //! batch_size = 2
 //! ```
 //!
+//! Restarts: under `torchrun --max-restarts K`, a failed worker makes torchrun stop every rank and
+//! start them all again with `TORCHELASTIC_RESTART_COUNT` raised; such a restarted attempt
+//! resumes each stage from the newest complete checkpoint in its `checkpoint_dir` (when there is
+//! one and `resume_from` is not set), so the run continues from its last complete checkpoint.
+//!
 //! `pivot-train --check-dist` (under torchrun) only checks that the ranks' collectives give the
 //! right values, before a long run is trusted to them.
 //!
@@ -164,6 +169,29 @@ impl RunConfig {
     }
 }
 
+/// On a restarted attempt of a torchrun job, continue every stage from the newest complete
+/// checkpoint in its `checkpoint_dir` (see the module doc).
+fn resume_after_restart(cfg: &mut RunConfig, rank: usize) -> Result<()> {
+    let restart = match std::env::var("TORCHELASTIC_RESTART_COUNT") {
+        Ok(v) => v.trim().parse::<usize>().map_err(|_| PivotError::config("environment", "TORCHELASTIC_RESTART_COUNT", format!("`{v}` is not a number")))?,
+        Err(_) => 0,
+    };
+    if restart == 0 {
+        return Ok(());
+    }
+    for t in [&mut cfg.train, &mut cfg.dpo.train, &mut cfg.stage1.projector, &mut cfg.stage1.full] {
+        let Some(dir) = t.checkpoint_dir.as_ref().filter(|_| t.resume_from.is_none()) else { continue };
+        if let Some(latest) = pivot::train::latest_checkpoint(dir) {
+            if rank == 0 {
+                let line = format!("pivot-train: restart {restart}: resuming from {}\n", latest.display());
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            }
+            t.resume_from = Some(latest);
+        }
+    }
+    Ok(())
+}
+
 /// A digest of every weight's bytes (name order): equal digests mean bitwise-equal models.
 fn weights_digest(mllm: &Mllm) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -187,6 +215,8 @@ fn run(path: &Path) -> Result<()> {
     }
     pivot::runtime::install_sigint_handler();
     let group = dist::init_from_env()?;
+    let mut cfg = cfg;
+    resume_after_restart(&mut cfg, group.map_or(0, |g| g.rank()))?;
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
     let device = match cfg.device {
         DeviceName::Cpu => Device::Cpu,
@@ -243,12 +273,16 @@ fn run(path: &Path) -> Result<()> {
         log.save_csv(out.join("log.csv"))?;
     }
     let (reduced, broadcast) = group.map_or((0, 0), |g| (g.bytes_all_reduced(), g.bytes_broadcast()));
+    let (scattered, gathered) = group.map_or((0, 0), |g| (g.bytes_reduce_scattered(), g.bytes_all_gathered()));
+    let steps = log.len().max(1) as u64;
     let line = format!(
-        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast\n",
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {} bytes reduce-scattered and {} bytes all-gathered per step, {broadcast} bytes broadcast\n",
         log.len(),
         log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
         weights_digest(&mllm),
-        reduced / log.len().max(1) as u64
+        reduced / steps,
+        scattered / steps,
+        gathered / steps,
     );
     // One write, as for errors in `main`.
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
@@ -279,8 +313,17 @@ fn check_dist() -> Result<()> {
     let x = Tensor::full([5, 7], r, (Kind::Float, Device::Cpu));
     g.broadcast(&[&x], root)?;
     expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, Device::Cpu)))?;
+    // Reduce-scatter: chunk k of rank r's input is (r + 1)·(k·4 + 0..4); rank r gets chunk r summed.
+    let whole = Tensor::arange(4 * g.world() as i64, (Kind::Float, Device::Cpu)) * (r + 1.0);
+    let chunk = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+    g.reduce_scatter(&chunk, &whole)?;
+    expect("reduce_scatter", &chunk, &((Tensor::arange(4, (Kind::Float, Device::Cpu)) + 4.0 * r) * tri))?;
+    let gathered = Tensor::zeros([3 * g.world() as i64], (Kind::BFloat16, Device::Cpu));
+    g.all_gather(&gathered, &Tensor::full([3], r, (Kind::BFloat16, Device::Cpu)))?;
+    let ranks = Tensor::arange(g.world() as i64, (Kind::Float, Device::Cpu)).repeat_interleave_self_int(3, None, None);
+    expect("all_gather", &gathered, &ranks)?;
     g.barrier()?;
-    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, barrier)\n", g.rank(), g.world());
+    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, reduce_scatter, all_gather, barrier)\n", g.rank(), g.world());
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
     Ok(())
 }
@@ -326,12 +369,13 @@ mod tests {
              [dpo]\nbeta = 0.2\n[dpo.train]\nlr = 1e-5\ntower_lr = 2e-6\nprojector_lr = 1e-4\ntrain_tower = false\n\
              train_projector = true\ntrain_lm = true\nweight_decay = 0.1\nbetas = [0.8, 0.99]\neps = 1e-6\n\
              warmup_ratio = 0.1\nbatch_size = 2\ngrad_accum = 4\nepochs = 2\nmax_steps = 5\nmax_grad_norm = 0.5\n\
-             seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n",
+             seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n\
+             zero_stage = 1\n",
         )
         .unwrap();
         let t = &cfg.dpo.train;
         assert_eq!((cfg.stage, cfg.dpo.beta, t.lr, t.tower_lr, t.betas, t.grad_accum, t.max_steps), (StageName::Dpo, 0.2, 1e-5, Some(2e-6), (0.8, 0.99), 4, Some(5)));
-        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch), (false, false, Some(0.5), 2, 0));
+        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch, t.zero_stage), (false, false, Some(0.5), 2, 0, 1));
         assert!(t.checkpoint_dir.as_ref().unwrap().ends_with("ck") && t.checkpoint_dir.as_ref().unwrap().is_absolute() == cfg.model.output.as_ref().unwrap().is_absolute());
         assert_eq!(cfg.dpo.label_smoothing, 0.0, "absent fields keep their defaults");
     }

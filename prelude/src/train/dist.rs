@@ -34,6 +34,10 @@ pub struct ProcessGroup {
     /// Payload bytes this rank put into all-reduces and broadcasts (what the benchmark reports).
     reduced: AtomicU64,
     broadcast: AtomicU64,
+    /// Payload bytes of reduce-scatters (the whole input) and all-gathers (the whole output):
+    /// ZeRO-1's halves of an all-reduce.
+    scattered: AtomicU64,
+    gathered: AtomicU64,
 }
 
 // SAFETY: c10d process groups are thread-safe (their work runs on Gloo's own threads); the
@@ -117,7 +121,7 @@ pub fn init(r: &Rendezvous) -> Result<&'static ProcessGroup> {
     let is_server = !r.agent_store && r.rank == 0;
     let prefix = format!("pivot/{}/", r.restart);
     let raw = shim::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms)?;
-    let pg = ProcessGroup { rank: r.rank, world: r.world, local_rank: r.local_rank, raw, reduced: AtomicU64::new(0), broadcast: AtomicU64::new(0) };
+    let pg = ProcessGroup { rank: r.rank, world: r.world, local_rank: r.local_rank, raw, reduced: AtomicU64::new(0), broadcast: AtomicU64::new(0), scattered: AtomicU64::new(0), gathered: AtomicU64::new(0) };
     let _ = GROUP.set(pg);
     Ok(GROUP.get().expect("just set"))
 }
@@ -147,6 +151,15 @@ impl ProcessGroup {
         self.broadcast.load(Ordering::Relaxed)
     }
 
+    /// Payload bytes of the reduce-scatters so far (their inputs, `world` chunks each).
+    pub fn bytes_reduce_scattered(&self) -> u64 {
+        self.scattered.load(Ordering::Relaxed)
+    }
+    /// Payload bytes of the all-gathers so far (their outputs, `world` chunks each).
+    pub fn bytes_all_gathered(&self) -> u64 {
+        self.gathered.load(Ordering::Relaxed)
+    }
+
     fn count(counter: &AtomicU64, tensors: &[&Tensor]) {
         let n: usize = tensors.iter().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum();
         counter.fetch_add(n as u64, Ordering::Relaxed);
@@ -167,6 +180,39 @@ impl ProcessGroup {
 
     pub fn barrier(&self) -> Result<()> {
         shim::barrier(&self.raw)
+    }
+
+    /// Sums `input` (`world` equal chunks, contiguous) over the ranks and leaves chunk `rank` of
+    /// the sum in `output` (one chunk, same kind).
+    pub fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        self.check_chunks("reduce_scatter", output, input)?;
+        Self::count(&self.scattered, &[input]);
+        shim::reduce_scatter(&self.raw, output, input)
+    }
+
+    /// Fills `output` (`world` equal chunks) with every rank's `input` (one chunk), rank 0's
+    /// first.
+    pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+        self.check_chunks("all_gather", input, output)?;
+        Self::count(&self.gathered, &[output]);
+        shim::all_gather(&self.raw, output, input)
+    }
+
+    /// A clear error instead of Gloo's for the mistakes a caller can make.
+    fn check_chunks(&self, what: &str, chunk: &Tensor, whole: &Tensor) -> Result<()> {
+        let ok = chunk.numel() * self.world == whole.numel() && chunk.kind() == whole.kind() && chunk.is_contiguous() && whole.is_contiguous();
+        if ok {
+            Ok(())
+        } else {
+            Err(PivotError::invalid(format!(
+                "{what}: needs contiguous tensors of one kind, the whole {} times the chunk; got {:?} {:?} and {:?} {:?}",
+                self.world,
+                whole.size(),
+                whole.kind(),
+                chunk.size(),
+                chunk.kind()
+            )))
+        }
     }
 }
 
@@ -203,6 +249,8 @@ mod shim {
         fn pivot_gloo_allreduce(group: *mut c_void, tensors: *const *const C_tensor, n: i32, op: i32) -> *mut c_char;
         fn pivot_gloo_broadcast(group: *mut c_void, tensors: *const *const C_tensor, n: i32, root: i32) -> *mut c_char;
         fn pivot_gloo_barrier(group: *mut c_void) -> *mut c_char;
+        fn pivot_gloo_reduce_scatter(group: *mut c_void, output: *const C_tensor, input: *const C_tensor) -> *mut c_char;
+        fn pivot_gloo_all_gather(group: *mut c_void, output: *const C_tensor, input: *const C_tensor) -> *mut c_char;
     }
 
     fn check(err: *mut c_char) -> Result<()> {
@@ -254,6 +302,16 @@ mod shim {
         // SAFETY: the group is live.
         check(unsafe { pivot_gloo_barrier(raw.0) })
     }
+
+    pub(super) fn reduce_scatter(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
+        // SAFETY: as in all_reduce.
+        check(unsafe { pivot_gloo_reduce_scatter(raw.0, output.as_ptr(), input.as_ptr()) })
+    }
+
+    pub(super) fn all_gather(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
+        // SAFETY: as in all_reduce.
+        check(unsafe { pivot_gloo_all_gather(raw.0, output.as_ptr(), input.as_ptr()) })
+    }
 }
 
 #[cfg(not(pivot_c10d_gloo))]
@@ -281,6 +339,12 @@ mod shim {
         Err(unavailable())
     }
     pub(super) fn barrier(_: &Raw) -> Result<()> {
+        Err(unavailable())
+    }
+    pub(super) fn reduce_scatter(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
+        Err(unavailable())
+    }
+    pub(super) fn all_gather(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
         Err(unavailable())
     }
 }
