@@ -33,6 +33,9 @@
 //! resumes each stage from the newest complete checkpoint in its `checkpoint_dir` (when there is
 //! one and `resume_from` is not set), so the run continues from its last complete checkpoint.
 //!
+//! `pivot-train --memory siglip2-so400m-patch16-384 qwen2.5-7b` prints what a rank holds per
+//! component (`pivot::train::memory`, as in docs/memory.md).
+//!
 //! `pivot-train --check-dist` (under torchrun) only checks that the ranks' collectives give the
 //! right values, before a long run is trusted to them.
 //!
@@ -328,13 +331,27 @@ fn check_dist() -> Result<()> {
     Ok(())
 }
 
+/// `--memory TOWER LM`: the per-rank memory table of a preset pair (`pivot::train::memory`).
+fn memory(tower: &str, lm: &str) -> Result<()> {
+    let (tower, lm) = (pivot::model::VisionConfig::preset(tower)?, pivot::model::Qwen2Config::preset(lm)?);
+    if tower.family != pivot::model::VisionFamily::Siglip {
+        return Err(PivotError::config("--memory", "TOWER", format!("`{}` is not a SigLIP-family tower (the only family the estimate counts)", tower.name)));
+    }
+    let table = pivot::train::memory::estimate(&tower, &lm, &Default::default()).to_string();
+    std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, arg] = args.as_slice() else {
-        eprintln!("usage: pivot-train CONFIG.toml | --check-dist   (alone, or under torchrun --no-python)");
-        return ExitCode::from(2);
+    let result = match args.as_slice() {
+        [_, flag] if flag == "--check-dist" => check_dist(),
+        [_, flag, tower, lm] if flag == "--memory" => memory(tower, lm),
+        [_, config] if !config.starts_with("--") => run(Path::new(config)),
+        _ => {
+            eprintln!("usage: pivot-train CONFIG.toml | --check-dist | --memory TOWER LM   (alone, or under torchrun --no-python)");
+            return ExitCode::from(2);
+        }
     };
-    let result = if arg == "--check-dist" { check_dist() } else { run(Path::new(arg)) };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
