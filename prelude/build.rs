@@ -8,8 +8,10 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     println!("cargo:rerun-if-changed=csrc/fused_optim.cpp");
     println!("cargo:rerun-if-changed=csrc/c10d_gloo.cpp");
+    println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     println!("cargo::rustc-check-cfg=cfg(pivot_fused_optim)");
     println!("cargo::rustc-check-cfg=cfg(pivot_c10d_gloo)");
+    println!("cargo::rustc-check-cfg=cfg(pivot_recompute)");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else { return };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
     rust_std_rpath();
@@ -32,6 +34,18 @@ fn main() {
         .file("csrc/fused_optim.cpp")
         .compile("pivot_fused_optim");
     println!("cargo:rustc-cfg=pivot_fused_optim");
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .file("csrc/recompute.cpp")
+        .compile("pivot_recompute");
+    println!("cargo:rustc-cfg=pivot_recompute");
     if std::env::var_os("CARGO_FEATURE_C10D").is_some() {
         c10d_gloo(&include);
     }

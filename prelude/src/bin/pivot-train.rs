@@ -387,12 +387,12 @@ mod tests {
              train_projector = true\ntrain_lm = true\nweight_decay = 0.1\nbetas = [0.8, 0.99]\neps = 1e-6\n\
              warmup_ratio = 0.1\nbatch_size = 2\ngrad_accum = 4\nepochs = 2\nmax_steps = 5\nmax_grad_norm = 0.5\n\
              seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n\
-             zero_stage = 1\n",
+             zero_stage = 1\nrecompute_tower = true\nrecompute_lm = true\n",
         )
         .unwrap();
         let t = &cfg.dpo.train;
         assert_eq!((cfg.stage, cfg.dpo.beta, t.lr, t.tower_lr, t.betas, t.grad_accum, t.max_steps), (StageName::Dpo, 0.2, 1e-5, Some(2e-6), (0.8, 0.99), 4, Some(5)));
-        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch, t.zero_stage), (false, false, Some(0.5), 2, 0, 1));
+        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch, t.zero_stage, t.recompute_tower, t.recompute_lm), (false, false, Some(0.5), 2, 0, 1, true, true));
         assert!(t.checkpoint_dir.as_ref().unwrap().ends_with("ck") && t.checkpoint_dir.as_ref().unwrap().is_absolute() == cfg.model.output.as_ref().unwrap().is_absolute());
         assert_eq!(cfg.dpo.label_smoothing, 0.0, "absent fields keep their defaults");
     }

@@ -80,6 +80,11 @@ pub struct TrainConfig {
     /// 1/ranks of the parameters (gradients reduce-scattered, weights all-gathered). Results
     /// equal stage 0's up to float rounding; checkpoints resume at any number of ranks.
     pub zero_stage: u8,
+    /// Activation checkpointing of the tower's (CLIP/SigLIP) and of the LM's layers: each keeps
+    /// its input only and is recomputed in backward. Same gradients, less memory (see
+    /// docs/memory.md), about one more forward of those layers per step.
+    pub recompute_tower: bool,
+    pub recompute_lm: bool,
 }
 
 impl Default for TrainConfig {
@@ -108,6 +113,8 @@ impl Default for TrainConfig {
             resume_from: None,
             prefetch: 2,
             zero_stage: 0,
+            recompute_tower: false,
+            recompute_lm: false,
         }
     }
 }
@@ -301,9 +308,15 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
         })
         .collect();
     mllm.set_trainable(cfg.train_tower, cfg.train_projector, cfg.train_lm);
+    let recomputed = (mllm.tower.recomputes(), mllm.lm.recomputes());
+    mllm.lm.set_recompute(cfg.recompute_lm);
     let mut log = TrainLog::new(label);
     let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?, fault::kill_step(shard.rank)?)));
-    let result = faults.and_then(|(nan_at, interrupt_at, kill_at)| {
+    let result = faults.and_then(|f| {
+        mllm.tower.set_recompute(cfg.recompute_tower).map_err(|e| PivotError::config("trainer config", "recompute_tower", e.to_string()))?;
+        Ok(f)
+    });
+    let result = result.and_then(|(nan_at, interrupt_at, kill_at)| {
         let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
         if let (Some(g), 1) = (group, cfg.zero_stage) {
             opt.shard_over(g)?;
@@ -314,6 +327,8 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
     for (t, f) in flags {
         let _ = t.set_requires_grad(f);
     }
+    let _ = mllm.tower.set_recompute(recomputed.0);
+    mllm.lm.set_recompute(recomputed.1);
     hooks.last_log = Some(log.clone());
     result.map(|()| log)
 }
