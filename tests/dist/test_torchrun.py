@@ -167,8 +167,10 @@ def test_zero1_equals_plain_data_parallel(tmp_path):
     assert set(d) == {0, 1} and d[0] == d[1], f"the ranks' weights differ after 3 ZeRO-1 steps: {d}"
     np.testing.assert_allclose(losses(tmp_path / "zero"), losses(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
     # From the chunks' norms, over the averaged gradients (Adam's update barely notices a gradient
-    # summed instead of averaged; the norm does).
-    np.testing.assert_allclose(losses(tmp_path / "zero", "grad_norm"), losses(tmp_path / "plain", "grad_norm"), rtol=1e-5)
+    # summed instead of averaged; the norm doubles). fp32 norms of chunks against norms of whole
+    # buffers differ by rounding (4.5e-6 relative seen at step 1), later steps also by the weights'
+    # rounding differences that Adam amplifies (5e-5 seen).
+    np.testing.assert_allclose(losses(tmp_path / "zero", "grad_norm"), losses(tmp_path / "plain", "grad_norm"), rtol=1e-3)
     assert_same_model(tmp_path / "zero", tmp_path / "plain")
     # The gradients go out once per step as a reduce-scatter and the weights come back as an
     # all-gather, each about the size of the model (padded to 2 chunks), instead of an all-reduce.
