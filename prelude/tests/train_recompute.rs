@@ -1,6 +1,6 @@
 //! Activation checkpointing (recompute in backward) of the tower's and the LM's layers trains
 //! exactly as without it: SFT and DPO steps on the tiny MLLM end with bitwise-equal weights and
-//! losses, with recomputation of the tower, of the LM, or of both.
+//! losses, with recomputation of the tower alone (SFT) or of tower and LM (DPO).
 
 use pivot::prelude::*;
 
@@ -34,7 +34,8 @@ fn sft_and_dpo_steps_equal_with_and_without_recompute() {
 
     let mut plain = init.clone();
     let plain_log = SftTrainer::new(cfg.clone()).run(&mut plain, &vqa).unwrap();
-    for (tower, lm) in [(true, true), (true, false), (false, true)] {
+    // The tower alone here (a switch per module); both under DPO below. About 10 s of CPU.
+    for (tower, lm) in [(true, false)] {
         let mut m = init.clone();
         let log = SftTrainer::new(TrainConfig { recompute_tower: tower, recompute_lm: lm, ..cfg.clone() }).run(&mut m, &vqa).unwrap();
         assert_eq!(losses(&log), losses(&plain_log));
