@@ -16,6 +16,7 @@
 //! [model]
 //! pretrained = "base"        # a `save_pretrained` folder; absent: the tiny MLLM from `seed`
 //! seed = 0
+//! dtype = "bf16"             # or "fp32" (default): the weights' dtype for training
 //! output = "out/dpo"         # rank 0 writes the trained model and log.csv here
 //!
 //! [data]                     # files, or the built-in world
@@ -92,6 +93,17 @@ struct ModelSection {
     #[serde(default)]
     seed: i64,
     output: Option<PathBuf>,
+    /// The weights' dtype for training (bf16: AdamW keeps an fp32 master copy).
+    #[serde(default)]
+    dtype: DtypeName,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DtypeName {
+    #[default]
+    Fp32,
+    Bf16,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -230,6 +242,9 @@ fn run(path: &Path) -> Result<()> {
         Some(dir) => Mllm::from_pretrained(dir, device)?,
         None => Mllm::tiny(device),
     };
+    if cfg.model.dtype == DtypeName::Bf16 {
+        mllm = mllm.to_kind(Kind::BFloat16);
+    }
     let shapes = cfg.data.world.as_ref().map(|w| (ShapesWorld::new(ShapesConfig { seed: w.seed, ..ShapesConfig::default() }), w.samples));
     let root = cfg.image_root();
     let vqa = || -> Result<VqaDataset> {
