@@ -308,22 +308,20 @@ pub(crate) fn run<S: Sync, O: Objective<S>>(
         })
         .collect();
     mllm.set_trainable(cfg.train_tower, cfg.train_projector, cfg.train_lm);
+    // Likewise the activation checkpointing switches.
     let recomputed = (mllm.tower.recomputes(), mllm.lm.recomputes());
-    mllm.lm.set_recompute(cfg.recompute_lm);
     let mut log = TrainLog::new(label);
-    let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?, fault::kill_step(shard.rank)?)));
-    let result = faults.and_then(|f| {
+    let result = (|| {
+        mllm.lm.set_recompute(cfg.recompute_lm);
         mllm.tower.set_recompute(cfg.recompute_tower).map_err(|e| PivotError::config("trainer config", "recompute_tower", e.to_string()))?;
-        Ok(f)
-    });
-    let result = result.and_then(|(nan_at, interrupt_at, kill_at)| {
+        let (nan_at, interrupt_at, kill_at) = (fault::nan_step(shard.rank)?, fault::interrupt_step(shard.rank)?, fault::kill_step(shard.rank)?);
         let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
         if let (Some(g), 1) = (group, cfg.zero_stage) {
             opt.shard_over(g)?;
         }
         let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at, kill_at };
         lp.run(mllm, data, &mut log)
-    });
+    })();
     for (t, f) in flags {
         let _ = t.set_requires_grad(f);
     }
