@@ -12,6 +12,8 @@
 //! stage = "dpo"              # "stage1", "sft" or "dpo"
 //! threads = 1                # torch threads per rank (default: torch's choice)
 //! device = "cpu"             # or "cuda": each rank takes GPU LOCAL_RANK
+//! backend = "nccl"           # c10d backend; absent: NCCL for cuda, Gloo for cpu. Named, a
+//!                            # one-rank torchrun run also forms a (one-rank) group
 //!
 //! [model]
 //! pretrained = "base"        # a `save_pretrained` folder; absent: the tiny MLLM from `seed`
@@ -37,8 +39,9 @@
 //! `pivot-train --memory siglip2-so400m-patch16-384 qwen2.5-7b` prints what a rank holds per
 //! component (`pivot::train::memory`, as in docs/memory.md).
 //!
-//! `pivot-train --check-dist` (under torchrun) only checks that the ranks' collectives give the
-//! right values, before a long run is trusted to them.
+//! `pivot-train --check-dist [gloo|nccl]` (under torchrun) only checks that the ranks' collectives
+//! give the right values, before a long run is trusted to them (NCCL: on CUDA tensors and on CPU
+//! ones staged through the GPU; at one rank too).
 //!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
 //! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
@@ -59,6 +62,8 @@ struct RunConfig {
     threads: Option<i32>,
     #[serde(default)]
     device: DeviceName,
+    #[serde(default)]
+    backend: Option<dist::Backend>,
     #[serde(default)]
     model: ModelSection,
     data: DataSection,
@@ -229,7 +234,11 @@ fn run(path: &Path) -> Result<()> {
         tch::set_num_threads(n);
     }
     pivot::runtime::install_sigint_handler();
-    let group = dist::init_from_env()?;
+    let backend = cfg.backend.unwrap_or(match cfg.device {
+        DeviceName::Cpu => dist::Backend::Gloo,
+        DeviceName::Cuda => dist::Backend::Nccl,
+    });
+    let group = dist::init_from_env(backend, cfg.backend.is_some())?;
     let mut cfg = cfg;
     resume_after_restart(&mut cfg, group.map_or(0, |g| g.rank()))?;
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
@@ -309,39 +318,43 @@ fn run(path: &Path) -> Result<()> {
 
 /// All-reduce (sum, max; f32, f64, bf16; several tensors per call), broadcast and barrier on
 /// rank-dependent values, each compared with what it must give.
-fn check_dist() -> Result<()> {
-    let g = dist::init_from_env()?.ok_or_else(|| PivotError::invalid("--check-dist needs WORLD_SIZE > 1 (run it under torchrun)"))?;
+fn check_dist(backend: dist::Backend) -> Result<()> {
+    let single = backend == dist::Backend::Nccl;
+    let g = dist::init_from_env(backend, single)?.ok_or_else(|| PivotError::invalid("--check-dist needs WORLD_SIZE > 1 (run it under torchrun)"))?;
     let (r, w) = (g.rank() as f64, g.world() as f64);
+    // NCCL: the tensors live on the rank's GPU, but for the max all-reduce's, which stays on
+    // the CPU as the trainers' flags do.
+    let dev = if backend == dist::Backend::Nccl { Device::Cuda(g.local_rank()) } else { Device::Cpu };
     let expect = |what: &str, got: &Tensor, want: &Tensor| -> Result<()> {
         let err = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
         if err == 0.0 { Ok(()) } else { Err(PivotError::invalid(format!("{what}: off by up to {err} on rank {r}"))) }
     };
-    let ramp = Tensor::arange(4096, (Kind::Float, Device::Cpu));
-    let (a, b) = (&ramp * (r + 1.0), Tensor::full([3], r + 1.0, (Kind::Double, Device::Cpu)));
-    let c = Tensor::full([64], r + 1.0, (Kind::BFloat16, Device::Cpu));
+    let ramp = Tensor::arange(4096, (Kind::Float, dev));
+    let (a, b) = (&ramp * (r + 1.0), Tensor::full([3], r + 1.0, (Kind::Double, dev)));
+    let c = Tensor::full([64], r + 1.0, (Kind::BFloat16, dev));
     g.all_reduce(&[&a, &b, &c], dist::ReduceOp::Sum)?;
     let tri = w * (w + 1.0) / 2.0;
     expect("all_reduce sum f32", &a, &(&ramp * tri))?;
-    expect("all_reduce sum f64", &b, &Tensor::full([3], tri, (Kind::Double, Device::Cpu)))?;
-    expect("all_reduce sum bf16", &c, &Tensor::full([64], tri, (Kind::BFloat16, Device::Cpu)))?;
+    expect("all_reduce sum f64", &b, &Tensor::full([3], tri, (Kind::Double, dev)))?;
+    expect("all_reduce sum bf16", &c, &Tensor::full([64], tri, (Kind::BFloat16, dev)))?;
     let m = Tensor::from_slice(&[r as f32, -(r as f32)]);
     g.all_reduce(&[&m], dist::ReduceOp::Max)?;
     expect("all_reduce max", &m, &Tensor::from_slice(&[(w - 1.0) as f32, 0.0]))?;
     let root = g.world() - 1;
-    let x = Tensor::full([5, 7], r, (Kind::Float, Device::Cpu));
+    let x = Tensor::full([5, 7], r, (Kind::Float, dev));
     g.broadcast(&[&x], root)?;
-    expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, Device::Cpu)))?;
+    expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, dev)))?;
     // Reduce-scatter: chunk k of rank r's input is (r + 1)·(k·4 + 0..4); rank r gets chunk r summed.
-    let whole = Tensor::arange(4 * g.world() as i64, (Kind::Float, Device::Cpu)) * (r + 1.0);
-    let chunk = Tensor::zeros([4], (Kind::Float, Device::Cpu));
+    let whole = Tensor::arange(4 * g.world() as i64, (Kind::Float, dev)) * (r + 1.0);
+    let chunk = Tensor::zeros([4], (Kind::Float, dev));
     g.reduce_scatter(&chunk, &whole)?;
-    expect("reduce_scatter", &chunk, &((Tensor::arange(4, (Kind::Float, Device::Cpu)) + 4.0 * r) * tri))?;
-    let gathered = Tensor::zeros([3 * g.world() as i64], (Kind::BFloat16, Device::Cpu));
-    g.all_gather(&gathered, &Tensor::full([3], r, (Kind::BFloat16, Device::Cpu)))?;
-    let ranks = Tensor::arange(g.world() as i64, (Kind::Float, Device::Cpu)).repeat_interleave_self_int(3, None, None);
+    expect("reduce_scatter", &chunk, &((Tensor::arange(4, (Kind::Float, dev)) + 4.0 * r) * tri))?;
+    let gathered = Tensor::zeros([3 * g.world() as i64], (Kind::BFloat16, dev));
+    g.all_gather(&gathered, &Tensor::full([3], r, (Kind::BFloat16, dev)))?;
+    let ranks = Tensor::arange(g.world() as i64, (Kind::Float, dev)).repeat_interleave_self_int(3, None, None);
     expect("all_gather", &gathered, &ranks)?;
     g.barrier()?;
-    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, reduce_scatter, all_gather, barrier)\n", g.rank(), g.world());
+    let line = format!("pivot-train rank {}/{}: collectives ok over {} (all_reduce sum f32/f64/bf16, max, broadcast, reduce_scatter, all_gather, barrier)\n", g.rank(), g.world(), g.backend());
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
     Ok(())
 }
@@ -359,11 +372,16 @@ fn memory(tower: &str, lm: &str) -> Result<()> {
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let result = match args.as_slice() {
-        [_, flag] if flag == "--check-dist" => check_dist(),
+        [_, flag] if flag == "--check-dist" => check_dist(dist::Backend::Gloo),
+        [_, flag, backend] if flag == "--check-dist" => match backend.as_str() {
+            "gloo" => check_dist(dist::Backend::Gloo),
+            "nccl" => check_dist(dist::Backend::Nccl),
+            other => Err(PivotError::config("--check-dist", "BACKEND", format!("`{other}` is neither gloo nor nccl"))),
+        },
         [_, flag, tower, lm] if flag == "--memory" => memory(tower, lm),
         [_, config] if !config.starts_with("--") => run(Path::new(config)),
         _ => {
-            eprintln!("usage: pivot-train CONFIG.toml | --check-dist | --memory TOWER LM   (alone, or under torchrun --no-python)");
+            eprintln!("usage: pivot-train CONFIG.toml | --check-dist [gloo|nccl] | --memory TOWER LM   (alone, or under torchrun --no-python)");
             return ExitCode::from(2);
         }
     };
