@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,12 +53,13 @@ def alone(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(train_bin()), *args], capture_output=True, text=True, timeout=TIMEOUT, env=env())
 
 
-def write_config(tmp: Path, name: str, stage: str, batch_size: int, grad_accum: int, steps: int = 3, train: str = "", dtype: str = "fp32") -> Path:
-    """`train`: more lines of the stage's train table (TOML)."""
+def write_config(tmp: Path, name: str, stage: str, batch_size: int, grad_accum: int, steps: int = 3, train: str = "", dtype: str = "fp32", top: str = "") -> Path:
+    """`train`: more lines of the stage's train table (TOML); `top`: more top-level lines."""
     out = tmp / name
     section = "[dpo.train]" if stage == "dpo" else "[train]"
     text = f"""stage = "{stage}"
 threads = 1
+{top}
 [model]
 seed = 0
 dtype = "{dtype}"
@@ -251,3 +254,24 @@ def test_zero1_in_bf16_equals_plain_bit_for_bit_and_its_fp32_master_reshards(tmp
     name = "lm.model.embed_tokens.weight"
     assert model[name]["dtype"] == "BF16" and state[f"master.{name}"]["dtype"] == "F32", (model[name], state.get(f"master.{name}"))
     assert state[f"master.{name}"]["shape"] == state[f"m.{name}"]["shape"] == model[name]["shape"], "the saved state is whole, not a chunk"
+
+
+def test_nccl_names_a_missing_gpu_instead_of_crashing(tmp_path):
+    """`backend = "nccl"` in a one-rank launch (the variables torchrun sets, without torchrun: this
+    only checks set-up). Without a GPU: exit 1 (not a signal) naming the cause; with one (a GPU
+    machine): the DPO steps run over NCCL."""
+    cfg = write_config(tmp_path, "nccl", "dpo", 2, 1, steps=2, top='backend = "nccl"')
+    gpu = shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    p = subprocess.run([str(train_bin()), str(cfg)], capture_output=True, text=True, timeout=TIMEOUT, env=env() | launch)
+    if gpu:
+        assert re.search(r"rank 0/1: 2 steps, .* weights digest", ok(p).stdout), p.stdout
+    else:
+        assert p.returncode == 1, f"exit {p.returncode}\n{p.stderr}"
+        assert "c10d NCCL needs a CUDA device, and none is visible" in p.stderr, p.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
