@@ -43,6 +43,10 @@
 //! give the right values, before a long run is trusted to them (NCCL: on CUDA tensors and on CPU
 //! ones staged through the GPU; at one rank too).
 //!
+//! `PIVOT_METRICS_JSONL=PATH`: rank 0 appends each SFT/DPO step's metrics to PATH, one JSON object
+//! a line (`{"step":1,"epoch":0.25,"values":[["loss",0.69],...]}`, `StepMetrics`), written whole
+//! per step, so a launcher (`pivot::train::launch`) can follow the run.
+//!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
 //! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
 //! all-reduces per step.
@@ -212,6 +216,25 @@ fn resume_after_restart(cfg: &mut RunConfig, rank: usize) -> Result<()> {
     Ok(())
 }
 
+/// The `PIVOT_METRICS_JSONL` step hook (see the module doc): a no-op on other ranks or without the
+/// variable. A failed write is reported once and training goes on (the log is also saved at the end).
+fn metrics_sink(rank: usize) -> Result<impl FnMut(&StepMetrics) + 'static> {
+    let path = std::env::var_os("PIVOT_METRICS_JSONL").filter(|_| rank == 0).map(PathBuf::from);
+    let mut file = match &path {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| PivotError::invalid(format!("PIVOT_METRICS_JSONL {}: {e}", p.display())))?),
+        None => None,
+    };
+    Ok(move |row: &StepMetrics| {
+        let Some(f) = file.as_mut() else { return };
+        let mut line = serde_json::to_string(row).unwrap_or_default();
+        line.push('\n');
+        if let Err(e) = std::io::Write::write_all(f, line.as_bytes()) {
+            eprintln!("pivot-train: PIVOT_METRICS_JSONL: {e} (no more metrics lines)");
+            file = None;
+        }
+    })
+}
+
 /// A digest of every weight's bytes (name order): equal digests mean bitwise-equal models.
 fn weights_digest(mllm: &Mllm) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -267,8 +290,9 @@ fn run(path: &Path) -> Result<()> {
         t.live &= rank == 0;
         t
     };
+    let sink = metrics_sink(rank)?;
     let log = match cfg.stage {
-        StageName::Sft => SftTrainer::new(quiet(cfg.train.clone())).run(&mut mllm, &vqa()?)?,
+        StageName::Sft => SftTrainer::new(quiet(cfg.train.clone())).on_step(sink).run(&mut mllm, &vqa()?)?,
         StageName::Dpo => {
             let data = match (&shapes, &cfg.data.preferences) {
                 (_, Some(p)) => PreferenceDataset::from_jsonl(p, &root)?,
@@ -277,7 +301,7 @@ fn run(path: &Path) -> Result<()> {
             };
             let mut dpo = cfg.dpo.clone();
             dpo.train = quiet(dpo.train);
-            DpoTrainer::new(dpo).run(&mut mllm, &data)?
+            DpoTrainer::new(dpo).on_step(sink).run(&mut mllm, &data)?
         }
         StageName::Stage1 => {
             let captions = match (&shapes, &cfg.data.captions) {

@@ -34,6 +34,7 @@ mod engine;
 mod eval;
 #[doc(hidden)]
 pub mod fault;
+pub mod launch;
 mod log;
 pub mod memory;
 mod optim;
