@@ -2,9 +2,9 @@
 # The device check of issue 15 (NCCL and the paper pair's memory), prepared so that a session with a
 # lent GPU runs it in one call. Two halves:
 #
-#   tools/gpu_check.sh prepare    here, on the CPU machine: builds pivot-train and bench_train (std
-#                                 linked statically, so they start without the Rust toolchain) with
-#                                 the NCCL shim embedded, into benches/bin/ (ignored by git)
+#   tools/gpu_check.sh prepare    here, on the CPU machine: builds pivot-train and bench_train with
+#                                 the NCCL shim embedded, into benches/bin/ (ignored by git), with
+#                                 Rust's libstd beside them (the GPU machine has no Rust toolchain)
 #   tools/gpu_check.sh run OUT    on the GPU machine (carry benches/bin): writes OUT/gpu_check.log and
 #                                 OUT/gpu_check.json
 #
@@ -29,10 +29,18 @@ prepare() {
   cd "$ROOT"
   export LIBTORCH_USE_PYTORCH=1 PATH="$ROOT/.venv/bin:$PATH" PIVOT_PYTHON="$ROOT/.venv/bin/python"
   make -s cuda-headers gloo
-  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/pivot-lab/target}"
-  cargo build -p pivot --features cli --bin pivot-train --example bench_train 2>&1 | grep -E "warning: built without|^error" || true
+  # The prelude tests' build (Makefile PRELUDE_TEST: warm slot 0, -Cprefer-dynamic) builds
+  # pivot-train; bench_train comes from the same build. Rust's std is then a shared library,
+  # which travels beside them.
+  local host target
+  host="$(rustc -vV | sed -n 's/^host: //p')"
+  target="${PIVOT_SLOT_TARGET:-${PIVOT_CACHE_DIR:-$HOME/.cache/pivot-lab}/slots/0/target}"
+  touch prelude/src/lib.rs
+  RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR="$target" cargo test -p pivot --target "$host" --test train_launch --no-run
+  RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR="$target" cargo build -p pivot --target "$host" --example bench_train
   mkdir -p "$BIN"
-  cp "$CARGO_TARGET_DIR/debug/pivot-train" "$CARGO_TARGET_DIR/debug/examples/bench_train" "$BIN/"
+  cp "$target/$host/debug/pivot-train" "$target/$host/debug/examples/bench_train" "$BIN/"
+  cp "$(rustc --print sysroot)/lib/rustlib/$host/lib"/libstd-*.so "$BIN/"
   ls -la "$BIN"
 }
 
@@ -62,7 +70,8 @@ run() {
   local out="$1"
   mkdir -p "$out"
   exec > >(tee "$out/gpu_check.log") 2>&1
-  export LD_LIBRARY_PATH="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib:${LD_LIBRARY_PATH:-}"
+  # The box's torch (the binaries' rpath names this machine's venv) and the carried libstd.
+  export LD_LIBRARY_PATH="$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')/lib:$BIN:${LD_LIBRARY_PATH:-}"
   export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "nccl", torch.cuda.nccl.version())'
