@@ -50,7 +50,7 @@ $(FIXTURES): tests/python/make_parity_fixtures.py tests/python/make_encoder_fixt
 rust-src:
 	@rustup component list --installed 2>/dev/null | grep -q '^rust-src' || rustup component add rust-src
 
-build: venv rust-src
+build: venv rust-src cuda-headers
 	cargo build -p pivot --all-targets
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel -p pivot-repl
 
@@ -75,7 +75,7 @@ HOST         := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 SLOT0_TARGET := $(PIVOT_CACHE_DIR)/slots/0/target
 PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) cargo test -p pivot --target $(HOST)
 
-test: pydeps fixtures rust-src kernel gloo
+test: pydeps fixtures rust-src kernel gloo cuda-headers
 	$(PRELUDE_TEST) --no-fail-fast
 	PIVOT_TRAIN_BIN=$(SLOT0_TARGET)/$(HOST)/debug/pivot-train $(PY) -m pytest -q tests/dist
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-markers -p pivot-engine -p pivot-kernel -p pivot-repl --no-fail-fast
@@ -90,6 +90,16 @@ GLOO_HEADER := /usr/include/gloo/algorithm.h
 gloo: $(GLOO_HEADER)
 $(GLOO_HEADER):
 	apt-get update -qq && apt-get install -y -qq libgloo-dev
+
+# CUDA headers for the c10d NCCL shim (prelude/csrc/c10d_nccl.cpp), so the pivot-train built here
+# (a CPU machine) can run NCCL on a GPU machine. Without them the prelude builds without NCCL (a
+# cargo warning says so; a run that asks for NCCL says why it cannot).
+CUDAHDR_STAMP := $(VENV)/.cuda-headers-$(shell sha1sum prelude/requirements-cuda-headers.txt | cut -c1-12)
+.PHONY: cuda-headers
+cuda-headers: $(CUDAHDR_STAMP)
+$(CUDAHDR_STAMP): prelude/requirements-cuda-headers.txt $(TORCH_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r prelude/requirements-cuda-headers.txt
+	rm -f $(VENV)/.cuda-headers-*; touch $@
 
 clean-fixtures:
 	rm -rf $(PIVOT_FIXTURES)

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Data-parallel step time: `pivot-train` DPO on the tiny MLLM at 1 rank (alone) and 2 ranks
-(torchrun --standalone, c10d Gloo), 1 thread per rank, on the CPU; the same per-rank micro-batch,
-so 2 ranks do twice the work per step. Reports the median step time of the steps after the first
-(from each run's log.csv) and the payload bytes each rank all-reduces per step.
+(torchrun --standalone, c10d Gloo), plain data parallel and ZeRO-1 (`zero_stage = 1`), 1 thread
+per rank, on the CPU; the same per-rank micro-batch, so 2 ranks do twice the work per step.
+Reports the median step time of the steps after the first (from each run's log.csv) and the
+payload bytes each rank all-reduces, reduce-scatters and all-gathers per step.
 
     benches/dist_train.py [--bin PATH] [--steps 12] [--batch 2] [--samples 64]
 
@@ -30,7 +31,7 @@ def default_bin() -> Path:
     return cache / "slots/0/target" / host / "debug/pivot-train"
 
 
-def config(tmp: Path, name: str, args) -> Path:
+def config(tmp: Path, name: str, args, zero: int) -> Path:
     out = tmp / name
     path = tmp / f"{name}.toml"
     path.write_text(f"""stage = "dpo"
@@ -47,6 +48,7 @@ batch_size = {args.batch}
 grad_accum = {args.accum}
 max_steps = {args.steps}
 live = false
+zero_stage = {zero}
 """)
     return path
 
@@ -71,26 +73,33 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for ranks in (1, 2):
-            cfg = config(tmp, f"r{ranks}", args)
+        for ranks, zero in ((1, 0), (2, 0), (2, 1)):
+            name = f"r{ranks}z{zero}"
+            cfg = config(tmp, name, args, zero)
             cmd = [str(binary), str(cfg)] if ranks == 1 else [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python", str(binary), str(cfg)]
             t0 = time.time()
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if p.returncode != 0:
                 sys.exit(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
-            steps = step_seconds(tmp / f"r{ranks}")[1:]
-            sent = [int(b) for b in re.findall(r"(\d+) bytes all-reduced per step", p.stdout)]
+            steps = step_seconds(tmp / name)[1:]
+            sent = lambda what: max([int(b) for b in re.findall(rf"(\d+) bytes {what}", p.stdout)] or [0])
             rows.append({
                 "ranks": ranks,
+                "zero_stage": zero,
                 "pairs_per_step": args.batch * args.accum * ranks,
                 "median_step_s": statistics.median(steps),
                 "step_s": steps,
-                "bytes_sent_per_step_per_rank": max(sent) if sent else 0,
+                "bytes_all_reduced_per_step_per_rank": sent("all-reduced"),
+                "bytes_reduce_scattered_per_step_per_rank": sent("reduce-scattered"),
+                "bytes_all_gathered_per_step_per_rank": sent("all-gathered"),
                 "wall_s": time.time() - t0,
             })
-    print(f"{'ranks':>5} {'pairs/step':>10} {'median step s':>13} {'pairs/s':>8} {'bytes/step/rank':>16}")
+    print(f"{'ranks':>5} {'zero':>4} {'pairs/step':>10} {'median step s':>13} {'pairs/s':>8} {'all-reduced B':>14} {'reduce-scat. B':>14} {'all-gath. B':>12}  (per step per rank)")
     for r in rows:
-        print(f"{r['ranks']:>5} {r['pairs_per_step']:>10} {r['median_step_s']:>13.4f} {r['pairs_per_step'] / r['median_step_s']:>8.1f} {r['bytes_sent_per_step_per_rank']:>16,}")
+        print(
+            f"{r['ranks']:>5} {r['zero_stage']:>4} {r['pairs_per_step']:>10} {r['median_step_s']:>13.4f} {r['pairs_per_step'] / r['median_step_s']:>8.1f} "
+            f"{r['bytes_all_reduced_per_step_per_rank']:>14,} {r['bytes_reduce_scattered_per_step_per_rank']:>14,} {r['bytes_all_gathered_per_step_per_rank']:>12,}"
+        )
     res = ROOT / "benches/results" / f"dist-train-{time.strftime('%Y%m%d-%H%M%S')}.json"
     machine = {"cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg()}
     res.write_text(json.dumps({"args": vars(args) | {"bin": str(binary)}, "machine": machine, "runs": rows}, indent=1, default=str))

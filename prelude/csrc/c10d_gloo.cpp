@@ -94,6 +94,23 @@ char *pivot_gloo_broadcast(void *group, at::Tensor **tensors, int n, int root) {
   });
 }
 
+// ZeRO-1's two halves of an all-reduce. `input` holds `world` equal chunks; rank r receives the
+// sum over the ranks of chunk r in `output` (one chunk long). In place of nothing: two buffers.
+char *pivot_gloo_reduce_scatter(void *group, at::Tensor *output, at::Tensor *input) {
+  return guarded("reduce_scatter", [&] {
+    c10d::ReduceScatterOptions o;
+    o.reduceOp = c10d::ReduceOp(c10d::ReduceOp::SUM);
+    static_cast<Group *>(group)->pg->_reduce_scatter_base(*output, *input, o)->wait();
+  });
+}
+
+// `output` (world chunks) receives every rank's `input` (one chunk), in rank order.
+char *pivot_gloo_all_gather(void *group, at::Tensor *output, at::Tensor *input) {
+  return guarded("all_gather", [&] {
+    static_cast<Group *>(group)->pg->_allgather_base(*output, *input)->wait();
+  });
+}
+
 char *pivot_gloo_barrier(void *group) {
   return guarded("barrier", [&] { static_cast<Group *>(group)->pg->barrier()->wait(); });
 }

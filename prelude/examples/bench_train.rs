@@ -277,7 +277,8 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
     let t_build = Instant::now();
     let mut m = build_model(s, dev)?;
     let params = param_count(&m);
-    let batch = if dpo { s.dpo_pairs } else { s.sft_batch };
+    // --batch: pairs (DPO) or sequences (SFT) per step instead of the size's.
+    let batch = a.num("batch", if dpo { s.dpo_pairs } else { s.sft_batch });
     let prefs = build_data(&m, s, batch * total)?;
     let build_s = t_build.elapsed().as_secs_f64();
 
@@ -293,7 +294,16 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
     };
     // --prefetch 0 prepares each batch inside the step (as before the prefetch thread existed).
     let prefetch = a.num("prefetch", TrainConfig::default().prefetch);
-    let train = TrainConfig { shuffle: false, ..TrainConfig::default() }.lr(1e-6).batch_size(batch).max_steps(total).prefetch(prefetch).quiet();
+    // --recompute none|tower|lm|both: activation checkpointing (docs/memory.md's "ckpt." columns).
+    let recompute = a.get("recompute", "none");
+    let (recompute_tower, recompute_lm) = match recompute.as_str() {
+        "none" => (false, false),
+        "tower" => (true, false),
+        "lm" => (false, true),
+        "both" => (true, true),
+        other => return Err(PivotError::invalid(format!("--recompute `{other}`: none, tower, lm or both"))),
+    };
+    let train = TrainConfig { shuffle: false, recompute_tower, recompute_lm, ..TrainConfig::default() }.lr(1e-6).batch_size(batch).max_steps(total).prefetch(prefetch).quiet();
     let t0 = Instant::now();
     let log = if dpo {
         let cfg = DpoConfig { double_encoding: double, cached_reference: cached, train, ..Default::default() };
@@ -326,6 +336,7 @@ fn train(a: &Args, s: &Size, dpo: bool) -> Result<()> {
             "task": if dpo { "dpo" } else { "sft" },
             "variant": variant,
             "prefetch": prefetch,
+            "recompute": recompute,
             "size": s.name,
             "device": format!("{dev:?}"),
             "dtype": format!("{:?}", s.kind),
@@ -421,7 +432,7 @@ fn main() -> Result<()> {
         "sft" => train(&a, &s, false),
         "probe" => probe(&a),
         _ => {
-            eprintln!("usage: bench_train export|dpo|sft|probe [--size cpu|gpu] [--variant pivot|single|cached|single_cached] [--steps N] [--warmup W] [--threads T] [--device cpu|cuda] [--json PATH]");
+            eprintln!("usage: bench_train export|dpo|sft|probe [--size cpu|gpu] [--variant pivot|single|cached|single_cached] [--steps N] [--warmup W] [--threads T] [--device cpu|cuda] [--batch N] [--recompute none|tower|lm|both] [--json PATH]");
             Ok(())
         }
     }

@@ -7,7 +7,8 @@
 use std::sync::OnceLock;
 use tch::Device;
 
-fn load_cuda_runtime() -> bool {
+/// Loads libtorch_cuda.so (RTLD_GLOBAL) once; whether it is loaded.
+pub(crate) fn load_cuda_runtime() -> bool {
     static LOADED: OnceLock<bool> = OnceLock::new();
     *LOADED.get_or_init(|| {
         let mut candidates: Vec<String> = Vec::new();

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,14 +38,14 @@ def train_bin() -> Path:
 
 
 def env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIVOT_INJECT_NAN", "PIVOT_INJECT_INTERRUPT")}
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PIVOT_INJECT_NAN", "PIVOT_INJECT_INTERRUPT", "PIVOT_INJECT_KILL", "TORCHELASTIC_RESTART_COUNT")}
     e["OMP_NUM_THREADS"] = "1"
     return e
 
 
-def torchrun(nproc: int, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, extra: dict[str, str] | None = None, restarts: int = 0) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "--no-python", str(train_bin()), *args]
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", str(nproc), "--max-restarts", str(restarts), "--no-python", str(train_bin()), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env() | (extra or {}))
 
 
@@ -51,13 +53,16 @@ def alone(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(train_bin()), *args], capture_output=True, text=True, timeout=TIMEOUT, env=env())
 
 
-def write_config(tmp: Path, name: str, stage: str, batch_size: int, grad_accum: int, steps: int = 3) -> Path:
+def write_config(tmp: Path, name: str, stage: str, batch_size: int, grad_accum: int, steps: int = 3, train: str = "", dtype: str = "fp32", top: str = "") -> Path:
+    """`train`: more lines of the stage's train table (TOML); `top`: more top-level lines."""
     out = tmp / name
     section = "[dpo.train]" if stage == "dpo" else "[train]"
     text = f"""stage = "{stage}"
 threads = 1
+{top}
 [model]
 seed = 0
+dtype = "{dtype}"
 output = "{out}"
 [data]
 world = {{ seed = 0, samples = 16 }}
@@ -68,7 +73,7 @@ batch_size = {batch_size}
 grad_accum = {grad_accum}
 max_steps = {steps}
 live = false
-"""
+{train}"""
     path = tmp / f"{name}.toml"
     path.write_text(text)
     return path
@@ -96,9 +101,9 @@ def assert_same_model(a: Path, b: Path) -> None:
     assert np.quantile(diff, 0.999) <= 1e-6, f"0.1 % of the weights differ by more than {np.quantile(diff, 0.999):.2e}"
 
 
-def losses(out: Path) -> np.ndarray:
+def losses(out: Path, column: str = "loss") -> np.ndarray:
     lines = (out / "log.csv").read_text().splitlines()
-    col = lines[0].split(",").index("loss")
+    col = lines[0].split(",").index(column)
     return np.array([float(l.split(",")[col]) for l in lines[1:]])
 
 
@@ -152,3 +157,121 @@ def test_an_interrupt_on_rank_1_stops_both_ranks_mid_step(tmp_path):
         assert line is not None, f"rank {rank} did not report its exit:\n{p.stderr}"
         assert "interrupted" in line and "step 2 of 4, micro-batch 2 of 2" in line, line
     assert "interrupt on another rank" in next(l for l in p.stderr.splitlines() if "pivot-train rank 0:" in l)
+
+
+def sent_per_step(p: subprocess.CompletedProcess, what: str) -> list[int]:
+    return [int(b) for b in re.findall(rf"rank \d/2: .* (\d+) bytes {what}", p.stdout)]
+
+
+def test_zero1_equals_plain_data_parallel(tmp_path):
+    """ZeRO-1 (optimizer state sharded over the 2 ranks) against the whole state on each rank."""
+    plain = ok(torchrun(2, str(write_config(tmp_path, "plain", "dpo", batch_size=2, grad_accum=2))))
+    zero = ok(torchrun(2, str(write_config(tmp_path, "zero", "dpo", batch_size=2, grad_accum=2, train="zero_stage = 1\n"))))
+    d = digests(zero)
+    assert set(d) == {0, 1} and d[0] == d[1], f"the ranks' weights differ after 3 ZeRO-1 steps: {d}"
+    np.testing.assert_allclose(losses(tmp_path / "zero"), losses(tmp_path / "plain"), rtol=1e-5, atol=1e-6)
+    # From the chunks' norms, over the averaged gradients (Adam's update barely notices a gradient
+    # summed instead of averaged; the norm doubles). fp32 norms of chunks against norms of whole
+    # buffers differ by rounding (4.5e-6 relative seen at step 1), later steps also by the weights'
+    # rounding differences that Adam amplifies (5e-5 seen).
+    np.testing.assert_allclose(losses(tmp_path / "zero", "grad_norm"), losses(tmp_path / "plain", "grad_norm"), rtol=1e-3)
+    assert_same_model(tmp_path / "zero", tmp_path / "plain")
+    # The gradients go out once per step as a reduce-scatter and the weights come back as an
+    # all-gather, each about the size of the model (padded to 2 chunks), instead of an all-reduce.
+    model_bytes = 4 * sum(w.size for w in load_file(str(tmp_path / "zero" / "model.safetensors")).values())
+    for what in ("reduce-scattered", "all-gathered"):
+        b = sent_per_step(zero, what)
+        assert len(b) == 2 and all(0.99 * model_bytes <= x <= 1.01 * model_bytes for x in b), (what, b, model_bytes)
+    assert all(x < 0.001 * model_bytes for x in sent_per_step(zero, "all-reduced")), zero.stdout
+    assert all(x == 0 for x in sent_per_step(plain, "reduce-scattered")), plain.stdout
+
+
+def test_zero1_checkpoints_reshard_between_two_ranks_and_one(tmp_path):
+    """Saved at 2 ranks (ZeRO-1) and resumed alone, or saved alone and resumed at 2 ranks
+    (ZeRO-1): both equal the uninterrupted run alone. Same samples per step throughout (4 pairs:
+    2 per rank, or 4 alone)."""
+    ck = "checkpoint_every = 2\ncheckpoint_dir = \"{}\"\n"
+    whole = ok(alone(str(write_config(tmp_path, "whole", "dpo", batch_size=4, grad_accum=1, steps=4, train=ck.format(tmp_path / "ck1")))))
+    ok(torchrun(2, str(write_config(tmp_path, "two", "dpo", batch_size=2, grad_accum=1, steps=4, train="zero_stage = 1\n" + ck.format(tmp_path / "ck2")))))
+    resume = "resume_from = \"{}\"\n"
+    ok(alone(str(write_config(tmp_path, "2to1", "dpo", batch_size=4, grad_accum=1, steps=4, train=resume.format(tmp_path / "ck2/step-000002")))))
+    one_to_two = ok(torchrun(2, str(write_config(tmp_path, "1to2", "dpo", batch_size=2, grad_accum=1, steps=4, train="zero_stage = 1\n" + resume.format(tmp_path / "ck1/step-000002")))))
+    d = digests(one_to_two)
+    assert set(d) == {0, 1} and d[0] == d[1], d
+    for resumed in ("2to1", "1to2"):
+        np.testing.assert_allclose(losses(tmp_path / resumed), losses(tmp_path / "whole"), rtol=1e-5, atol=1e-6)
+        assert_same_model(tmp_path / resumed, tmp_path / "whole")
+    # The saved optimizer state is whole (not a rank's chunk), whichever run wrote it.
+    o1, o2 = (load_file(str(tmp_path / f"ck{w}/step-000002/optimizer.safetensors")) for w in (1, 2))
+    assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
+
+
+def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
+    """Rank 1 SIGKILLs itself in step 3 of 4 (after the checkpoint of step 2); torchrun
+    (--max-restarts 1) stops rank 0 and starts both again, which resume from step 2 and finish
+    with the weights of a run that was never killed."""
+    def cfg(name: str) -> Path:
+        ck = f"zero_stage = 1\ncheckpoint_every = 2\ncheckpoint_dir = \"{tmp_path / (name + '-ck')}\"\n"
+        return write_config(tmp_path, name, "dpo", batch_size=2, grad_accum=2, steps=4, train=ck)
+
+    whole = ok(torchrun(2, str(cfg("whole"))))
+    killed = ok(torchrun(2, str(cfg("killed")), extra={"PIVOT_INJECT_KILL": "3@1"}, restarts=1))
+    assert "restart 1: resuming from" in killed.stderr and "killed-ck/step-000002" in killed.stderr, killed.stderr
+    assert re.search(r"Signals\.SIGKILL|exitcode\s*:\s*-9", killed.stderr), f"rank 1 was not killed:\n{killed.stderr}"
+    d, w = digests(killed), digests(whole)
+    assert set(d) == {0, 1} and d[0] == d[1] == w[0], f"killed and restarted {d}, never killed {w}"
+    assert_same_model(tmp_path / "killed", tmp_path / "whole")
+    assert len(losses(tmp_path / "killed")) == 4, "the resumed log keeps the steps before the kill"
+
+
+def safetensors_header(path: Path) -> dict:
+    """The header (name → dtype, shape) without reading tensors (numpy has no bf16)."""
+    import json
+    import struct
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return {k: v for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+
+
+def test_zero1_in_bf16_equals_plain_bit_for_bit_and_its_fp32_master_reshards(tmp_path):
+    """bf16 weights, so AdamW keeps an fp32 master copy, sharded by ZeRO-1. Without clipping (the
+    only place where chunked and whole gradient norms round differently) ZeRO-1 and plain data
+    parallel do the same arithmetic per element: bitwise-equal weights. A ZeRO-1 checkpoint (whole
+    fp32 master and moments, gathered from the chunks) resumes under plain data parallel, again
+    bit for bit."""
+    def cfg(name: str, zero: int, extra: str = "") -> Path:
+        train = f"zero_stage = {zero}\nmax_grad_norm = 1e9\n" + extra
+        return write_config(tmp_path, name, "dpo", batch_size=2, grad_accum=1, steps=3, train=train, dtype="bf16")
+
+    zero = ok(torchrun(2, str(cfg("zero", 1, f"checkpoint_every = 2\ncheckpoint_dir = \"{tmp_path / 'ck'}\"\n"))))
+    plain = ok(torchrun(2, str(cfg("plain", 0))))
+    resumed = ok(torchrun(2, str(cfg("resumed", 0, f"resume_from = \"{tmp_path / 'ck/step-000002'}\"\n"))))
+    z, p, r = digests(zero), digests(plain), digests(resumed)
+    assert set(z) == {0, 1} and len({*z.values(), *p.values(), *r.values()}) == 1, f"ZeRO-1 {z}, plain {p}, resumed {r}"
+    assert all(b > 0 for b in sent_per_step(zero, "reduce-scattered")) and all(b == 0 for b in sent_per_step(plain, "reduce-scattered"))
+    model = safetensors_header(tmp_path / "ck/step-000002/model.safetensors")
+    state = safetensors_header(tmp_path / "ck/step-000002/optimizer.safetensors")
+    name = "lm.model.embed_tokens.weight"
+    assert model[name]["dtype"] == "BF16" and state[f"master.{name}"]["dtype"] == "F32", (model[name], state.get(f"master.{name}"))
+    assert state[f"master.{name}"]["shape"] == state[f"m.{name}"]["shape"] == model[name]["shape"], "the saved state is whole, not a chunk"
+
+
+def test_nccl_names_a_missing_gpu_instead_of_crashing(tmp_path):
+    """`backend = "nccl"` in a one-rank launch (the variables torchrun sets, without torchrun: this
+    only checks set-up). Without a GPU: exit 1 (not a signal) naming the cause; with one (a GPU
+    machine): the DPO steps run over NCCL."""
+    cfg = write_config(tmp_path, "nccl", "dpo", 2, 1, steps=2, top='backend = "nccl"')
+    gpu = shutil.which("nvidia-smi") is not None and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+    launch = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    p = subprocess.run([str(train_bin()), str(cfg)], capture_output=True, text=True, timeout=TIMEOUT, env=env() | launch)
+    if gpu:
+        assert re.search(r"rank 0/1: 2 steps, .* weights digest", ok(p).stdout), p.stdout
+    else:
+        assert p.returncode == 1, f"exit {p.returncode}\n{p.stderr}"
+        assert "c10d NCCL needs a CUDA device, and none is visible" in p.stderr, p.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,10 +12,13 @@
 //! stage = "dpo"              # "stage1", "sft" or "dpo"
 //! threads = 1                # torch threads per rank (default: torch's choice)
 //! device = "cpu"             # or "cuda": each rank takes GPU LOCAL_RANK
+//! backend = "nccl"           # c10d backend; absent: NCCL for cuda, Gloo for cpu. Named, a
+//!                            # one-rank torchrun run also forms a (one-rank) group
 //!
 //! [model]
 //! pretrained = "base"        # a `save_pretrained` folder; absent: the tiny MLLM from `seed`
 //! seed = 0
+//! dtype = "bf16"             # or "fp32" (default): the weights' dtype for training
 //! output = "out/dpo"         # rank 0 writes the trained model and log.csv here
 //!
 //! [data]                     # files, or the built-in world
@@ -28,8 +31,21 @@
 //! batch_size = 2
 //! ```
 //!
-//! `pivot-train --check-dist` (under torchrun) only checks that the ranks' collectives give the
-//! right values, before a long run is trusted to them.
+//! Restarts: under `torchrun --max-restarts K`, a failed worker makes torchrun stop every rank and
+//! start them all again with `TORCHELASTIC_RESTART_COUNT` raised; such a restarted attempt
+//! resumes each stage from the newest complete checkpoint in its `checkpoint_dir` (when there is
+//! one and `resume_from` is not set), so the run continues from its last complete checkpoint.
+//!
+//! `pivot-train --memory siglip2-so400m-patch16-384 qwen2.5-7b` prints what a rank holds per
+//! component (`pivot::train::memory`, as in docs/memory.md).
+//!
+//! `pivot-train --check-dist [gloo|nccl]` (under torchrun) only checks that the ranks' collectives
+//! give the right values, before a long run is trusted to them (NCCL: on CUDA tensors and on CPU
+//! ones staged through the GPU; at one rank too).
+//!
+//! `PIVOT_METRICS_JSONL=PATH`: rank 0 appends each SFT/DPO step's metrics to PATH, one JSON object
+//! a line (`{"step":1,"epoch":0.25,"values":[["loss",0.69],...]}`, `StepMetrics`), written whole
+//! per step, so a launcher (`pivot::train::launch`) can follow the run.
 //!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
 //! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
@@ -50,6 +66,8 @@ struct RunConfig {
     threads: Option<i32>,
     #[serde(default)]
     device: DeviceName,
+    #[serde(default)]
+    backend: Option<dist::Backend>,
     #[serde(default)]
     model: ModelSection,
     data: DataSection,
@@ -84,6 +102,17 @@ struct ModelSection {
     #[serde(default)]
     seed: i64,
     output: Option<PathBuf>,
+    /// The weights' dtype for training (bf16: AdamW keeps an fp32 master copy).
+    #[serde(default)]
+    dtype: DtypeName,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum DtypeName {
+    #[default]
+    Fp32,
+    Bf16,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +193,48 @@ impl RunConfig {
     }
 }
 
+/// On a restarted attempt of a torchrun job, continue every stage from the newest complete
+/// checkpoint in its `checkpoint_dir` (see the module doc).
+fn resume_after_restart(cfg: &mut RunConfig, rank: usize) -> Result<()> {
+    let restart = match std::env::var("TORCHELASTIC_RESTART_COUNT") {
+        Ok(v) => v.trim().parse::<usize>().map_err(|_| PivotError::config("environment", "TORCHELASTIC_RESTART_COUNT", format!("`{v}` is not a number")))?,
+        Err(_) => 0,
+    };
+    if restart == 0 {
+        return Ok(());
+    }
+    for t in [&mut cfg.train, &mut cfg.dpo.train, &mut cfg.stage1.projector, &mut cfg.stage1.full] {
+        let Some(dir) = t.checkpoint_dir.as_ref().filter(|_| t.resume_from.is_none()) else { continue };
+        if let Some(latest) = pivot::train::latest_checkpoint(dir) {
+            if rank == 0 {
+                let line = format!("pivot-train: restart {restart}: resuming from {}\n", latest.display());
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            }
+            t.resume_from = Some(latest);
+        }
+    }
+    Ok(())
+}
+
+/// The `PIVOT_METRICS_JSONL` step hook (see the module doc): a no-op on other ranks or without the
+/// variable. A failed write is reported once and training goes on (the log is also saved at the end).
+fn metrics_sink(rank: usize) -> Result<impl FnMut(&StepMetrics) + 'static> {
+    let path = std::env::var_os("PIVOT_METRICS_JSONL").filter(|_| rank == 0).map(PathBuf::from);
+    let mut file = match &path {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).map_err(|e| PivotError::invalid(format!("PIVOT_METRICS_JSONL {}: {e}", p.display())))?),
+        None => None,
+    };
+    Ok(move |row: &StepMetrics| {
+        let Some(f) = file.as_mut() else { return };
+        let mut line = serde_json::to_string(row).unwrap_or_default();
+        line.push('\n');
+        if let Err(e) = std::io::Write::write_all(f, line.as_bytes()) {
+            eprintln!("pivot-train: PIVOT_METRICS_JSONL: {e} (no more metrics lines)");
+            file = None;
+        }
+    })
+}
+
 /// A digest of every weight's bytes (name order): equal digests mean bitwise-equal models.
 fn weights_digest(mllm: &Mllm) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
@@ -186,7 +257,13 @@ fn run(path: &Path) -> Result<()> {
         tch::set_num_threads(n);
     }
     pivot::runtime::install_sigint_handler();
-    let group = dist::init_from_env()?;
+    let backend = cfg.backend.unwrap_or(match cfg.device {
+        DeviceName::Cpu => dist::Backend::Gloo,
+        DeviceName::Cuda => dist::Backend::Nccl,
+    });
+    let group = dist::init_from_env(backend, cfg.backend.is_some())?;
+    let mut cfg = cfg;
+    resume_after_restart(&mut cfg, group.map_or(0, |g| g.rank()))?;
     let (rank, world) = group.map_or((0, 1), |g| (g.rank(), g.world()));
     let device = match cfg.device {
         DeviceName::Cpu => Device::Cpu,
@@ -197,6 +274,9 @@ fn run(path: &Path) -> Result<()> {
         Some(dir) => Mllm::from_pretrained(dir, device)?,
         None => Mllm::tiny(device),
     };
+    if cfg.model.dtype == DtypeName::Bf16 {
+        mllm = mllm.to_kind(Kind::BFloat16);
+    }
     let shapes = cfg.data.world.as_ref().map(|w| (ShapesWorld::new(ShapesConfig { seed: w.seed, ..ShapesConfig::default() }), w.samples));
     let root = cfg.image_root();
     let vqa = || -> Result<VqaDataset> {
@@ -210,8 +290,9 @@ fn run(path: &Path) -> Result<()> {
         t.live &= rank == 0;
         t
     };
+    let sink = metrics_sink(rank)?;
     let log = match cfg.stage {
-        StageName::Sft => SftTrainer::new(quiet(cfg.train.clone())).run(&mut mllm, &vqa()?)?,
+        StageName::Sft => SftTrainer::new(quiet(cfg.train.clone())).on_step(sink).run(&mut mllm, &vqa()?)?,
         StageName::Dpo => {
             let data = match (&shapes, &cfg.data.preferences) {
                 (_, Some(p)) => PreferenceDataset::from_jsonl(p, &root)?,
@@ -220,7 +301,7 @@ fn run(path: &Path) -> Result<()> {
             };
             let mut dpo = cfg.dpo.clone();
             dpo.train = quiet(dpo.train);
-            DpoTrainer::new(dpo).run(&mut mllm, &data)?
+            DpoTrainer::new(dpo).on_step(sink).run(&mut mllm, &data)?
         }
         StageName::Stage1 => {
             let captions = match (&shapes, &cfg.data.captions) {
@@ -243,12 +324,16 @@ fn run(path: &Path) -> Result<()> {
         log.save_csv(out.join("log.csv"))?;
     }
     let (reduced, broadcast) = group.map_or((0, 0), |g| (g.bytes_all_reduced(), g.bytes_broadcast()));
+    let (scattered, gathered) = group.map_or((0, 0), |g| (g.bytes_reduce_scattered(), g.bytes_all_gathered()));
+    let steps = log.len().max(1) as u64;
     let line = format!(
-        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {broadcast} bytes broadcast\n",
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {} bytes reduce-scattered and {} bytes all-gathered per step, {broadcast} bytes broadcast\n",
         log.len(),
         log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
         weights_digest(&mllm),
-        reduced / log.len().max(1) as u64
+        reduced / steps,
+        scattered / steps,
+        gathered / steps,
     );
     // One write, as for errors in `main`.
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
@@ -257,41 +342,73 @@ fn run(path: &Path) -> Result<()> {
 
 /// All-reduce (sum, max; f32, f64, bf16; several tensors per call), broadcast and barrier on
 /// rank-dependent values, each compared with what it must give.
-fn check_dist() -> Result<()> {
-    let g = dist::init_from_env()?.ok_or_else(|| PivotError::invalid("--check-dist needs WORLD_SIZE > 1 (run it under torchrun)"))?;
+fn check_dist(backend: dist::Backend) -> Result<()> {
+    let single = backend == dist::Backend::Nccl;
+    let g = dist::init_from_env(backend, single)?.ok_or_else(|| PivotError::invalid("--check-dist needs WORLD_SIZE > 1 (run it under torchrun)"))?;
     let (r, w) = (g.rank() as f64, g.world() as f64);
+    // NCCL: the tensors live on the rank's GPU, but for the max all-reduce's, which stays on
+    // the CPU as the trainers' flags do.
+    let dev = if backend == dist::Backend::Nccl { Device::Cuda(g.local_rank()) } else { Device::Cpu };
     let expect = |what: &str, got: &Tensor, want: &Tensor| -> Result<()> {
         let err = (got.to_kind(Kind::Double) - want.to_kind(Kind::Double)).abs().max().double_value(&[]);
         if err == 0.0 { Ok(()) } else { Err(PivotError::invalid(format!("{what}: off by up to {err} on rank {r}"))) }
     };
-    let ramp = Tensor::arange(4096, (Kind::Float, Device::Cpu));
-    let (a, b) = (&ramp * (r + 1.0), Tensor::full([3], r + 1.0, (Kind::Double, Device::Cpu)));
-    let c = Tensor::full([64], r + 1.0, (Kind::BFloat16, Device::Cpu));
+    let ramp = Tensor::arange(4096, (Kind::Float, dev));
+    let (a, b) = (&ramp * (r + 1.0), Tensor::full([3], r + 1.0, (Kind::Double, dev)));
+    let c = Tensor::full([64], r + 1.0, (Kind::BFloat16, dev));
     g.all_reduce(&[&a, &b, &c], dist::ReduceOp::Sum)?;
     let tri = w * (w + 1.0) / 2.0;
     expect("all_reduce sum f32", &a, &(&ramp * tri))?;
-    expect("all_reduce sum f64", &b, &Tensor::full([3], tri, (Kind::Double, Device::Cpu)))?;
-    expect("all_reduce sum bf16", &c, &Tensor::full([64], tri, (Kind::BFloat16, Device::Cpu)))?;
+    expect("all_reduce sum f64", &b, &Tensor::full([3], tri, (Kind::Double, dev)))?;
+    expect("all_reduce sum bf16", &c, &Tensor::full([64], tri, (Kind::BFloat16, dev)))?;
     let m = Tensor::from_slice(&[r as f32, -(r as f32)]);
     g.all_reduce(&[&m], dist::ReduceOp::Max)?;
     expect("all_reduce max", &m, &Tensor::from_slice(&[(w - 1.0) as f32, 0.0]))?;
     let root = g.world() - 1;
-    let x = Tensor::full([5, 7], r, (Kind::Float, Device::Cpu));
+    let x = Tensor::full([5, 7], r, (Kind::Float, dev));
     g.broadcast(&[&x], root)?;
-    expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, Device::Cpu)))?;
+    expect("broadcast", &x, &Tensor::full([5, 7], root as f64, (Kind::Float, dev)))?;
+    // Reduce-scatter: chunk k of rank r's input is (r + 1)·(k·4 + 0..4); rank r gets chunk r summed.
+    let whole = Tensor::arange(4 * g.world() as i64, (Kind::Float, dev)) * (r + 1.0);
+    let chunk = Tensor::zeros([4], (Kind::Float, dev));
+    g.reduce_scatter(&chunk, &whole)?;
+    expect("reduce_scatter", &chunk, &((Tensor::arange(4, (Kind::Float, dev)) + 4.0 * r) * tri))?;
+    let gathered = Tensor::zeros([3 * g.world() as i64], (Kind::BFloat16, dev));
+    g.all_gather(&gathered, &Tensor::full([3], r, (Kind::BFloat16, dev)))?;
+    let ranks = Tensor::arange(g.world() as i64, (Kind::Float, dev)).repeat_interleave_self_int(3, None, None);
+    expect("all_gather", &gathered, &ranks)?;
     g.barrier()?;
-    let line = format!("pivot-train rank {}/{}: collectives ok (all_reduce sum f32/f64/bf16, max, broadcast, barrier)\n", g.rank(), g.world());
+    let line = format!("pivot-train rank {}/{}: collectives ok over {} (all_reduce sum f32/f64/bf16, max, broadcast, reduce_scatter, all_gather, barrier)\n", g.rank(), g.world(), g.backend());
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;
     Ok(())
 }
 
+/// `--memory TOWER LM`: the per-rank memory table of a preset pair (`pivot::train::memory`).
+fn memory(tower: &str, lm: &str) -> Result<()> {
+    let (tower, lm) = (pivot::model::VisionConfig::preset(tower)?, pivot::model::Qwen2Config::preset(lm)?);
+    if tower.family != pivot::model::VisionFamily::Siglip {
+        return Err(PivotError::config("--memory", "TOWER", format!("`{}` is not a SigLIP-family tower (the only family the estimate counts)", tower.name)));
+    }
+    let table = pivot::train::memory::estimate(&tower, &lm, &Default::default()).to_string();
+    std::io::Write::write_all(&mut std::io::stdout(), table.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
-    let [_, arg] = args.as_slice() else {
-        eprintln!("usage: pivot-train CONFIG.toml | --check-dist   (alone, or under torchrun --no-python)");
-        return ExitCode::from(2);
+    let result = match args.as_slice() {
+        [_, flag] if flag == "--check-dist" => check_dist(dist::Backend::Gloo),
+        [_, flag, backend] if flag == "--check-dist" => match backend.as_str() {
+            "gloo" => check_dist(dist::Backend::Gloo),
+            "nccl" => check_dist(dist::Backend::Nccl),
+            other => Err(PivotError::config("--check-dist", "BACKEND", format!("`{other}` is neither gloo nor nccl"))),
+        },
+        [_, flag, tower, lm] if flag == "--memory" => memory(tower, lm),
+        [_, config] if !config.starts_with("--") => run(Path::new(config)),
+        _ => {
+            eprintln!("usage: pivot-train CONFIG.toml | --check-dist [gloo|nccl] | --memory TOWER LM   (alone, or under torchrun --no-python)");
+            return ExitCode::from(2);
+        }
     };
-    let result = if arg == "--check-dist" { check_dist() } else { run(Path::new(arg)) };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -326,12 +443,13 @@ mod tests {
              [dpo]\nbeta = 0.2\n[dpo.train]\nlr = 1e-5\ntower_lr = 2e-6\nprojector_lr = 1e-4\ntrain_tower = false\n\
              train_projector = true\ntrain_lm = true\nweight_decay = 0.1\nbetas = [0.8, 0.99]\neps = 1e-6\n\
              warmup_ratio = 0.1\nbatch_size = 2\ngrad_accum = 4\nepochs = 2\nmax_steps = 5\nmax_grad_norm = 0.5\n\
-             seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n",
+             seed = 7\nshuffle = false\nlive = false\ncheckpoint_every = 2\ncheckpoint_dir = \"ck\"\nprefetch = 0\n\
+             zero_stage = 1\nrecompute_tower = true\nrecompute_lm = true\n",
         )
         .unwrap();
         let t = &cfg.dpo.train;
         assert_eq!((cfg.stage, cfg.dpo.beta, t.lr, t.tower_lr, t.betas, t.grad_accum, t.max_steps), (StageName::Dpo, 0.2, 1e-5, Some(2e-6), (0.8, 0.99), 4, Some(5)));
-        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch), (false, false, Some(0.5), 2, 0));
+        assert_eq!((t.train_tower, t.shuffle, t.max_grad_norm, t.checkpoint_every, t.prefetch, t.zero_stage, t.recompute_tower, t.recompute_lm), (false, false, Some(0.5), 2, 0, 1, true, true));
         assert!(t.checkpoint_dir.as_ref().unwrap().ends_with("ck") && t.checkpoint_dir.as_ref().unwrap().is_absolute() == cfg.model.output.as_ref().unwrap().is_absolute());
         assert_eq!(cfg.dpo.label_smoothing, 0.0, "absent fields keep their defaults");
     }

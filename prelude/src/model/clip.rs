@@ -22,6 +22,8 @@ pub(crate) struct ClipSiglip {
     family: VisionFamily,
     patch_size: i64,
     hidden_size: i64,
+    /// Activation checkpointing of the encoder layers (`VisionTower::set_recompute`).
+    pub(crate) recompute: std::sync::atomic::AtomicBool,
 }
 
 impl ClipSiglip {
@@ -54,6 +56,7 @@ impl ClipSiglip {
             family: cfg.family,
             patch_size: cfg.patch_size,
             hidden_size: d,
+            recompute: Default::default(),
         }
     }
 
@@ -77,6 +80,10 @@ impl ClipSiglip {
         self.layers.len()
     }
     pub(crate) fn layer(&self, i: usize, x: &Tensor) -> Tensor {
+        if self.recompute.load(std::sync::atomic::Ordering::Relaxed) {
+            let layer = self.layers[i].clone();
+            return super::recompute::recompute(x, move |x| layer.forward(x));
+        }
         self.layers[i].forward(x)
     }
     pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {
@@ -99,6 +106,7 @@ impl ClipSiglip {
     }
 }
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -132,6 +140,8 @@ impl Attention {
     }
 }
 
+/// Clones share the weights.
+#[derive(Clone)]
 struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,

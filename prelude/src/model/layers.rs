@@ -19,6 +19,13 @@ pub struct Linear {
     pub bias: Option<Tensor>,
 }
 
+/// Clones share the weights (a clone is what a recomputed layer keeps; see `model::recompute`).
+impl Clone for Linear {
+    fn clone(&self) -> Self {
+        Linear { weight: self.weight.shallow_clone(), bias: self.bias.as_ref().map(Tensor::shallow_clone) }
+    }
+}
+
 impl Linear {
     pub fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool) -> Self {
         let weight = p.var("weight", &[out_dim, in_dim], normal_init());
@@ -36,6 +43,13 @@ pub struct LayerNorm {
     pub weight: Tensor,
     pub bias: Tensor,
     pub eps: f64,
+}
+
+/// Clones share the weights.
+impl Clone for LayerNorm {
+    fn clone(&self) -> Self {
+        LayerNorm { weight: self.weight.shallow_clone(), bias: self.bias.shallow_clone(), eps: self.eps }
+    }
 }
 
 impl LayerNorm {
@@ -61,6 +75,13 @@ impl LayerNorm {
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f64,
+}
+
+/// Clones share the weights.
+impl Clone for RmsNorm {
+    fn clone(&self) -> Self {
+        RmsNorm { weight: self.weight.shallow_clone(), eps: self.eps }
+    }
 }
 
 impl RmsNorm {

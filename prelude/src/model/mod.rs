@@ -12,6 +12,7 @@ pub mod mllm;
 pub mod preprocess;
 pub mod projector;
 pub mod qwen2;
+pub mod recompute;
 pub mod timm;
 pub mod tokenizer;
 pub mod vision;

@@ -6,6 +6,7 @@
 //! position it would have alone.
 
 use super::layers::{Activation, ConfigReader, Linear, RmsNorm, normal_init};
+use super::recompute::recompute;
 use super::tokenizer::Tokenizer;
 use super::weights::{self, Checkpoint};
 use crate::error::{PivotError, Result};
@@ -147,6 +148,8 @@ impl Qwen2Config {
     }
 }
 
+/// Clones share the weights.
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
     q_proj: Linear,
@@ -267,6 +270,8 @@ pub struct LanguageModel {
     norm: RmsNorm,
     lm_head: Option<Tensor>,
     inv_freq: Tensor,
+    /// Activation checkpointing of the decoder layers (see [`LanguageModel::set_recompute`]).
+    recompute: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for LanguageModel {
@@ -307,7 +312,7 @@ impl LanguageModel {
         let hd = cfg.head_dim;
         let exponents = Tensor::arange_start_step(0, hd, 2, (Kind::Float, vs.device())) / hd as f64;
         let inv_freq = Tensor::from(cfg.rope_theta as f32).to_device(vs.device()).pow(&exponents).reciprocal();
-        LanguageModel { vs, cfg, tokenizer, embed_tokens, layers, norm, lm_head, inv_freq }
+        LanguageModel { vs, cfg, tokenizer, embed_tokens, layers, norm, lm_head, inv_freq, recompute: Default::default() }
     }
 
     /// Loads a HF Qwen2 directory: `config.json`, `tokenizer.json` and safetensors.
@@ -364,6 +369,16 @@ impl LanguageModel {
     pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
         &mut self.vs
     }
+    /// Activation checkpointing: with `on`, a training forward keeps each decoder layer's input
+    /// only and recomputes the layer in backward (same gradients, less memory, one more forward
+    /// of the layers). Decoding with a KV cache never recomputes.
+    pub fn set_recompute(&self, on: bool) {
+        self.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub fn recomputes(&self) -> bool {
+        self.recompute.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.layers.len()
     }
@@ -442,8 +457,14 @@ impl LanguageModel {
             if output_hidden_states {
                 hidden_states.push(x.shallow_clone());
             }
-            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, mask.as_ref(), slot);
+            x = match cache.as_mut() {
+                Some(c) => layer.forward(&x, &cos, &sin, mask.as_ref(), Some(&mut c.layers[i])),
+                None if self.recompute.load(std::sync::atomic::Ordering::Relaxed) => {
+                    let (layer, cos, sin, mask) = (layer.clone(), cos.shallow_clone(), sin.shallow_clone(), mask.as_ref().map(Tensor::shallow_clone));
+                    recompute(&x, move |x| layer.forward(x, &cos, &sin, mask.as_ref(), None))
+                }
+                None => layer.forward(&x, &cos, &sin, mask.as_ref(), None),
+            };
         }
         let last_hidden = self.norm.forward(&x);
         if output_hidden_states {

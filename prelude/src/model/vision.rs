@@ -761,6 +761,26 @@ impl VisionTower {
     pub fn var_store_mut(&mut self) -> &mut nn::VarStore {
         &mut self.vs
     }
+    /// Activation checkpointing: with `on`, a training forward keeps each encoder layer's input
+    /// only and recomputes the layer in backward (same gradients, less memory). CLIP and SigLIP
+    /// towers; others say so.
+    pub fn set_recompute(&self, on: bool) -> Result<()> {
+        match &self.body {
+            Body::ClipSiglip(m) => {
+                m.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
+            }
+            _ if !on => Ok(()),
+            _ => Err(PivotError::invalid(format!(
+                "activation recompute is implemented for CLIP and SigLIP towers, not for the {:?} tower `{}`",
+                self.cfg.family, self.cfg.name
+            ))),
+        }
+    }
+    pub fn recomputes(&self) -> bool {
+        matches!(&self.body, Body::ClipSiglip(m) if m.recompute.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     pub fn num_layers(&self) -> usize {
         match &self.body {
             Body::ClipSiglip(m) => m.num_layers(),

@@ -20,7 +20,7 @@
 //! (the models have no dropout).
 
 use super::log::TrainLog;
-use super::optim::{AdamW, ParamGroup};
+use super::optim::ParamGroup;
 use crate::error::{PivotError, Result};
 use crate::model::{Checkpoint, Mllm, weights};
 use crate::runtime::check_interrupt;
@@ -42,12 +42,28 @@ pub struct TrainerState {
     pub total_steps: usize,
     pub steps_per_epoch: usize,
     pub data_len: usize,
+    /// Per rank.
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Ranks of the run that wrote it (absent in checkpoints of single-process runs: 1). A run
+    /// resumes at another number of ranks when its samples per optimizer step are the same.
+    #[serde(default = "one")]
+    pub world: usize,
     pub seed: u64,
     /// AdamW's bias-correction step count.
     pub adam_t: usize,
     pub log: TrainLog,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl TrainerState {
+    /// Samples (pairs) per optimizer step over all ranks.
+    pub fn samples_per_step(&self) -> usize {
+        self.batch_size * self.grad_accum * self.world
+    }
 }
 
 /// `<dir>/step-000123` for step 123.
@@ -110,10 +126,12 @@ fn hash_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
+/// `optimizer`: [`AdamW::state_tensors`](super::optim::AdamW::state_tensors), whole (under
+/// ZeRO-1 gathered from every rank first), so that any number of ranks can resume from it.
 pub(crate) fn save(
     path: &Path,
     mllm: &Mllm,
-    opt: &AdamW,
+    optimizer: &[(String, Tensor)],
     objective: &[(String, Tensor)],
     state: &TrainerState,
 ) -> Result<()> {
@@ -122,7 +140,7 @@ pub(crate) fn save(
         std::fs::remove_dir_all(&tmp).map_err(|e| PivotError::file(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| PivotError::file(&tmp, e))?;
-    let written = write_files(&tmp, mllm, opt, objective, state);
+    let written = write_files(&tmp, mllm, optimizer, objective, state);
     if let Err(e) = written {
         // An interrupt or a write error abandons the save: no partial directory stays behind.
         let _ = std::fs::remove_dir_all(&tmp);
@@ -133,14 +151,14 @@ pub(crate) fn save(
 
 /// Writes the checkpoint's files and, last, its manifest into `tmp`, checking for an interrupt
 /// between files (a save of a large model takes seconds).
-fn write_files(tmp: &Path, mllm: &Mllm, opt: &AdamW, objective: &[(String, Tensor)], state: &TrainerState) -> Result<()> {
+fn write_files(tmp: &Path, mllm: &Mllm, optimizer: &[(String, Tensor)], objective: &[(String, Tensor)], state: &TrainerState) -> Result<()> {
     let at = format!("checkpoint save of step {}", state.step);
     check_interrupt(&at)?;
     let model: Vec<(String, Tensor)> =
         ParamGroup::ALL.iter().flat_map(|m| m.vars(mllm)).map(|(n, t)| (n, t.detach())).collect();
     weights::write_safetensors(&model, &tmp.join("model.safetensors"))?;
     check_interrupt(&at)?;
-    weights::write_safetensors(&opt.state_tensors(), &tmp.join("optimizer.safetensors"))?;
+    weights::write_safetensors(optimizer, &tmp.join("optimizer.safetensors"))?;
     check_interrupt(&at)?;
     if !objective.is_empty() {
         weights::write_safetensors(objective, &tmp.join("objective.safetensors"))?;

@@ -81,6 +81,16 @@ pub struct TrainConfig {
     /// leaves that sample out of its micro-batch, prints its file and lists it in the run's
     /// `TrainLog::skipped`. TOML: `bad_images = "skip"`.
     pub bad_images: SkipPolicy,
+    /// Under a process group: 0 keeps the whole optimizer state on every rank (plain data
+    /// parallel); 1 is ZeRO-1: each rank keeps the fp32 master weights and AdamW moments of
+    /// 1/ranks of the parameters (gradients reduce-scattered, weights all-gathered). Results
+    /// equal stage 0's up to float rounding; checkpoints resume at any number of ranks.
+    pub zero_stage: u8,
+    /// Activation checkpointing of the tower's (CLIP/SigLIP) and of the LM's layers: each keeps
+    /// its input only and is recomputed in backward. Same gradients, less memory (see
+    /// docs/memory.md), about one more forward of those layers per step.
+    pub recompute_tower: bool,
+    pub recompute_lm: bool,
 }
 
 impl Default for TrainConfig {
@@ -109,6 +119,9 @@ impl Default for TrainConfig {
             resume_from: None,
             prefetch: 2,
             bad_images: SkipPolicy::Error,
+            zero_stage: 0,
+            recompute_tower: false,
+            recompute_lm: false,
         }
     }
 }
@@ -178,6 +191,9 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad("warmup_ratio", format!("{} is outside [0, 1)", self.warmup_ratio));
+        }
+        if self.zero_stage > 1 {
+            return bad("zero_stage", format!("{} is not supported: 0 (plain data parallel) or 1 (ZeRO-1: sharded optimizer state)", self.zero_stage));
         }
         if !(self.train_tower || self.train_projector || self.train_lm) {
             return bad("train_*", "nothing is trainable".into());
@@ -314,16 +330,25 @@ pub(crate) fn run<S: Sync + ImageSample, O: Objective<S>>(
         })
         .collect();
     mllm.set_trainable(cfg.train_tower, cfg.train_projector, cfg.train_lm);
+    // Likewise the activation checkpointing switches.
+    let recomputed = (mllm.tower.recomputes(), mllm.lm.recomputes());
     let mut log = TrainLog::new(label);
-    let faults = fault::nan_step(shard.rank).and_then(|nan| Ok((nan, fault::interrupt_step(shard.rank)?)));
-    let result = faults.and_then(|(nan_at, interrupt_at)| {
-        let opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
-        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at, skipped: Vec::new() };
+    let result = (|| {
+        mllm.lm.set_recompute(cfg.recompute_lm);
+        mllm.tower.set_recompute(cfg.recompute_tower).map_err(|e| PivotError::config("trainer config", "recompute_tower", e.to_string()))?;
+        let (nan_at, interrupt_at, kill_at) = (fault::nan_step(shard.rank)?, fault::interrupt_step(shard.rank)?, fault::kill_step(shard.rank)?);
+        let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
+        if let (Some(g), 1) = (group, cfg.zero_stage) {
+            opt.shard_over(g)?;
+        }
+        let mut lp = Loop { label, cfg, obj, hooks: &mut *hooks, opt, group, shard, steps_per_epoch, total, nan_at, interrupt_at, kill_at, skipped: Vec::new() };
         lp.run(mllm, data, &mut log)
-    });
+    })();
     for (t, f) in flags {
         let _ = t.set_requires_grad(f);
     }
+    let _ = mllm.tower.set_recompute(recomputed.0);
+    mllm.lm.set_recompute(recomputed.1);
     hooks.last_log = Some(log.clone());
     result.map(|()| log)
 }
@@ -345,6 +370,8 @@ struct Loop<'a, O> {
     interrupt_at: Option<usize>,
     /// Samples left out of the current step for a bad image ([`TrainConfig::bad_images`]).
     skipped: Vec<Skipped>,
+    /// ... and the step in whose last micro-batch this rank SIGKILLs itself.
+    kill_at: Option<usize>,
 }
 
 /// Why a rank wants the run to stop in the middle of a step.
@@ -430,11 +457,14 @@ impl<O> Loop<'_, O> {
         let ck = checkpoint::open(dir)?;
         let s = &ck.state;
         let c = self.cfg;
-        let expect = (self.obj.name(), data.len(), c.batch_size, c.grad_accum, c.seed, self.total);
-        let found = (s.objective.as_str(), s.data_len, s.batch_size, s.grad_accum, s.seed, s.total_steps);
+        // The data order depends on the samples per step, not on how ranks and accumulation
+        // split them: a run saved at one number of ranks continues at another.
+        let expect = (self.obj.name(), data.len(), c.batch_size * c.grad_accum * self.shard.world, c.seed, self.total);
+        let found = (s.objective.as_str(), s.data_len, s.samples_per_step(), s.seed, s.total_steps);
         if expect != found {
             return Err(PivotError::invalid(format!(
-                "checkpoint {} was written by a different run: (objective, samples, batch, accum, seed, steps) = {found:?}, this run has {expect:?}",
+                "checkpoint {} was written by a different run: (objective, samples, samples per step, seed, steps) = {found:?}, this run has {expect:?} \
+                 (samples per step: batch_size × grad_accum × ranks)",
                 dir.display()
             )));
         }
@@ -498,6 +528,9 @@ impl<O> Loop<'_, O> {
             if self.interrupt_at == Some(step + 1) && micro + 1 == self.cfg.grad_accum {
                 crate::runtime::interrupt_flag().store(true, std::sync::atomic::Ordering::SeqCst);
             }
+            if self.kill_at == Some(step + 1) && micro + 1 == self.cfg.grad_accum {
+                fault::kill_self();
+            }
             self.agree(step, micro, check_interrupt(&self.at(step, micro)).map_err(Stop::Interrupt))?;
             let forward = self.forward::<S>(mllm, step, batches, &timer);
             let (m, loss) = self.agree(step, micro, forward)?;
@@ -545,9 +578,12 @@ impl<O> Loop<'_, O> {
         Ok((m, loss))
     }
 
-    /// Averages the flat gradient buffers over the ranks.
+    /// Averages the flat gradient buffers over the ranks (ZeRO-1: each rank's chunk of them).
     fn all_reduce_gradients(&mut self) -> Result<()> {
         let Some(g) = self.group else { return Ok(()) };
+        if self.opt.is_sharded() {
+            return self.opt.reduce_scatter_grads();
+        }
         let grads = self.opt.flat_grads()?;
         g.all_reduce(&grads.iter().collect::<Vec<_>>(), ReduceOp::Sum)?;
         for t in &grads {
@@ -582,7 +618,8 @@ impl<O> Loop<'_, O> {
         Ok(row)
     }
 
-    /// Saves after every `checkpoint_every` steps (rank 0 writes; all ranks learn if it failed).
+    /// Saves after every `checkpoint_every` steps (rank 0 writes the whole optimizer state,
+    /// which ZeRO-1's ranks gather first; all ranks learn if it failed).
     fn checkpoint<S>(&self, mllm: &Mllm, data_len: usize, step: usize, log: &TrainLog) -> Result<()>
     where
         O: Objective<S>,
@@ -592,7 +629,8 @@ impl<O> Loop<'_, O> {
             return Ok(());
         }
         let dir = c.checkpoint_dir.as_ref().ok_or_else(|| PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not"))?;
-        let saved = if self.shard.rank == 0 {
+        let optimizer = self.opt.state_tensors();
+        let saved = optimizer.and_then(|optimizer| if self.shard.rank == 0 {
             let state = TrainerState {
                 format: 1,
                 objective: self.obj.name().to_string(),
@@ -602,14 +640,15 @@ impl<O> Loop<'_, O> {
                 data_len,
                 batch_size: c.batch_size,
                 grad_accum: c.grad_accum,
+                world: self.shard.world,
                 seed: c.seed,
                 adam_t: self.opt.t,
                 log: log.clone(),
             };
-            checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &self.opt, &self.obj.state(), &state)
+            checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &optimizer, &self.obj.state(), &state)
         } else {
             Ok(())
-        };
+        });
         self.agree(step, c.grad_accum - 1, saved.map_err(Stop::Failed))
     }
 }

@@ -5,7 +5,10 @@
 //! * `PIVOT_INJECT_NAN=STEP` (every rank) or `STEP@RANK` (one rank of a distributed run): what
 //!   the torchrun suites set, since torchrun gives every worker the same environment; likewise
 //!   `PIVOT_INJECT_INTERRUPT`, which raises the interrupt flag before the last micro-batch of
-//!   that step (as a Ctrl-C on that rank alone would).
+//!   that step (as a Ctrl-C on that rank alone would), and `PIVOT_INJECT_KILL`, which makes that
+//!   rank SIGKILL itself there (a crashed worker: no handler, no cleanup) in the first attempt of
+//!   a torchrun job only (`TORCHELASTIC_RESTART_COUNT` unset or 0), so that the attempt torchrun
+//!   restarts can finish.
 //! * [`inject_nan_at`] (feature `test-hooks`, which the prelude's own tests enable): per thread,
 //!   so tests that run side by side in one process do not see each other's fault.
 
@@ -40,6 +43,24 @@ pub(crate) fn interrupt_step(rank: usize) -> Result<Option<usize>> {
         Ok(spec) if !spec.trim().is_empty() => parse_var("PIVOT_INJECT_INTERRUPT", &spec, rank),
         _ => Ok(None),
     }
+}
+
+/// The step in whose last micro-batch rank `rank` kills itself, if any (first attempt only).
+pub(crate) fn kill_step(rank: usize) -> Result<Option<usize>> {
+    let restarted = std::env::var("TORCHELASTIC_RESTART_COUNT").is_ok_and(|c| c.trim() != "0");
+    match std::env::var("PIVOT_INJECT_KILL") {
+        Ok(spec) if !spec.trim().is_empty() && !restarted => parse_var("PIVOT_INJECT_KILL", &spec, rank),
+        _ => Ok(None),
+    }
+}
+
+/// SIGKILL to this process: the way a worker dies of the OOM killer or a hardware fault.
+pub(crate) fn kill_self() -> ! {
+    // SAFETY: raise() with a valid signal number; SIGKILL cannot be caught, so it never returns.
+    unsafe {
+        libc::raise(libc::SIGKILL);
+    }
+    unreachable!("SIGKILL returned")
 }
 
 fn parse(spec: &str, rank: usize) -> Result<Option<usize>> {

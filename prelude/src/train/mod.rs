@@ -23,7 +23,9 @@
 //! `trainer.last_log()` the steps so far.
 //!
 //! Data parallel: under `torchrun` (or any launcher that sets its variables) call
-//! [`dist::init_from_env`] once; every trainer then trains its rank's shard (see [`dist`]).
+//! [`dist::init_from_env`] once; every trainer then trains its rank's shard (see [`dist`]);
+//! `TrainConfig::zero_stage = 1` shards the optimizer state over the ranks (ZeRO-1). What a
+//! model pair needs per rank: [`memory::estimate`].
 
 pub mod checkpoint;
 pub mod dist;
@@ -32,7 +34,9 @@ mod engine;
 mod eval;
 #[doc(hidden)]
 pub mod fault;
+pub mod launch;
 mod log;
+pub mod memory;
 mod optim;
 mod prefetch;
 mod profile;

@@ -1,7 +1,17 @@
 //! AdamW and the cosine schedule, written out rather than taken from `tch::nn::Optimizer`
 //! because a checkpoint must carry the moment estimates (tch keeps them inside libtorch, out of
 //! reach), and because PIVOT gives the vision tower its own learning rate.
+//!
+//! ZeRO-1 ([`AdamW::shard_over`]): under a process group of W ranks each flat segment is padded
+//! to a multiple of W and cut into W equal chunks; rank r keeps the fp32 master and both moments
+//! of chunk r only (12 bytes per parameter become 12/W). A step reduce-scatters the gradients
+//! (rank r receives the sum of chunk r), updates its chunk, and all-gathers the weights. The
+//! arithmetic per element is plain AdamW's, so the weights equal plain data parallel's up to the
+//! rounding of the global gradient norm (summed from per-chunk norms). Checkpoints hold the whole
+//! state under the unsharded names (gathered at save), so a run saved at any W resumes at any
+//! other: each rank takes its chunk on load.
 
+use super::dist::{ProcessGroup, ReduceOp};
 use crate::error::{PivotError, Result};
 use crate::model::Mllm;
 use tch::{Kind, Tensor};
@@ -59,11 +69,21 @@ struct Segment {
     module: ParamGroup,
     params: Vec<(String, Tensor)>,
     numels: Vec<i64>,
+    /// Weights and gradients of every parameter, then zeros up to a multiple of the ranks that
+    /// share the optimizer state (ZeRO-1; one rank: no padding).
     flat: Tensor,
     grad: Tensor,
-    /// fp32 master copy of bf16/f16 weights: an lr-1e-6 update is below bf16's resolution
-    /// (8 bits of mantissa), so applied to the bf16 weights directly it would round to nothing.
+    /// This rank's chunk `lo..lo + len` of `flat`: the part whose optimizer state it holds (the
+    /// whole of `flat` unless sharded).
+    lo: i64,
+    len: i64,
+    /// ZeRO-1: the reduce-scattered (summed, then averaged) gradient of this rank's chunk.
+    grad_chunk: Option<Tensor>,
+    /// fp32 master copy of bf16/f16 weights (of the chunk): an lr-1e-6 update is below bf16's
+    /// resolution (8 bits of mantissa), so applied to the bf16 weights directly it would round
+    /// to nothing.
     master: Option<Tensor>,
+    /// The moments of the chunk.
     m: Tensor,
     v: Tensor,
     /// 0-d f32 on the segment's device: the fused kernel's step count and gradient divisor.
@@ -72,18 +92,32 @@ struct Segment {
 }
 
 impl Segment {
-    fn new(module: ParamGroup, params: Vec<(String, Tensor)>) -> Segment {
+    /// `rank` of `world` ranks sharing the optimizer state (0 of 1: unsharded).
+    fn new(module: ParamGroup, params: Vec<(String, Tensor)>, rank: usize, world: usize) -> Segment {
         let numels: Vec<i64> = params.iter().map(|(_, t)| t.numel() as i64).collect();
+        let n: i64 = numels.iter().sum();
+        let len = (n + world as i64 - 1) / world as i64;
+        let pad = len * world as i64 - n;
         let (flat, grad) = tch::no_grad(|| {
-            let flat = Tensor::cat(&params.iter().map(|(_, t)| t.detach().reshape([-1])).collect::<Vec<_>>(), 0);
-            let grad = Tensor::cat(&params.iter().map(|(_, t)| t.grad().reshape([-1])).collect::<Vec<_>>(), 0);
+            let padded = |parts: Vec<Tensor>| {
+                let mut parts = parts;
+                if pad > 0 {
+                    parts.push(Tensor::zeros([pad], (parts[0].kind(), parts[0].device())));
+                }
+                Tensor::cat(&parts, 0)
+            };
+            let flat = padded(params.iter().map(|(_, t)| t.detach().reshape([-1])).collect());
+            let grad = padded(params.iter().map(|(_, t)| t.grad().reshape([-1])).collect());
             (flat, grad)
         });
-        let master = (flat.kind() != Kind::Float).then(|| flat.to_kind(Kind::Float));
-        let (m, v) = (flat.zeros_like().to_kind(Kind::Float), flat.zeros_like().to_kind(Kind::Float));
+        let lo = rank as i64 * len;
+        let chunk = flat.narrow(0, lo, len);
+        let master = (flat.kind() != Kind::Float).then(|| chunk.to_kind(Kind::Float));
+        let (m, v) = (chunk.zeros_like().to_kind(Kind::Float), chunk.zeros_like().to_kind(Kind::Float));
+        let grad_chunk = (world > 1).then(|| Tensor::zeros([len], (grad.kind(), grad.device())));
         let step = Tensor::zeros([], (Kind::Float, flat.device()));
         let grad_scale = Tensor::ones([], (Kind::Float, flat.device()));
-        let seg = Segment { module, params, numels, flat, grad, master, m, v, step, grad_scale };
+        let seg = Segment { module, params, numels, flat, grad, lo, len, grad_chunk, master, m, v, step, grad_scale };
         let mut off = 0;
         for ((_, t), n) in seg.params.iter().zip(&seg.numels) {
             let shape = t.size();
@@ -113,6 +147,35 @@ impl Segment {
         }
     }
 
+    /// The gradient of this rank's chunk (the averaged one under ZeRO-1).
+    fn chunk_grad(&self) -> Tensor {
+        match &self.grad_chunk {
+            Some(g) => g.shallow_clone(),
+            None => self.grad.narrow(0, self.lo, self.len),
+        }
+    }
+
+    /// The weights the update writes: the fp32 master chunk, else the chunk of the weights.
+    fn chunk_weights(&self) -> Tensor {
+        match &self.master {
+            Some(m) => m.shallow_clone(),
+            None => self.flat.narrow(0, self.lo, self.len),
+        }
+    }
+
+    /// A chunk of optimizer state made whole: every rank's chunk gathered in rank order
+    /// (itself when unsharded). A collective under ZeRO-1.
+    fn whole(&self, chunk: &Tensor, group: Option<&ProcessGroup>) -> Result<Tensor> {
+        match group {
+            Some(g) if self.grad_chunk.is_some() => {
+                let out = Tensor::zeros([self.len * g.world() as i64], (chunk.kind(), chunk.device()));
+                g.all_gather(&out, chunk)?;
+                Ok(out)
+            }
+            _ => Ok(chunk.shallow_clone()),
+        }
+    }
+
     /// `(name, view)` of a flat state tensor per parameter, shaped like the parameter.
     fn views(&self, flat: &Tensor) -> Vec<(String, Tensor)> {
         let mut off = 0;
@@ -129,6 +192,8 @@ impl Segment {
 /// torch it leaves alone the parameters the loss never reaches, e.g. SigLIP's unused head).
 pub struct AdamW {
     params: Vec<Param>,
+    /// ZeRO-1: the ranks that share the optimizer state, each holding a chunk of it.
+    shard: Option<&'static ProcessGroup>,
     /// Built at the first update, when the gradients show which parameters the loss reaches.
     segments: Vec<Segment>,
     /// Moments (and master weights) read from a checkpoint before the segments exist.
@@ -183,13 +248,30 @@ impl AdamW {
             return bad("weight_decay", format!("{weight_decay} is not a finite value >= 0"));
         }
         let fused = cfg!(pivot_fused_optim);
-        Ok(AdamW { params, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused })
+        Ok(AdamW { params, shard: None, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused })
+    }
+
+    /// ZeRO-1 over `group`: from the first update on, this rank keeps the optimizer state of its
+    /// chunk only; [`AdamW::reduce_scatter_grads`] replaces the gradient all-reduce. Must be
+    /// called on every rank of the group, before the first update.
+    pub(crate) fn shard_over(&mut self, group: &'static ProcessGroup) -> Result<()> {
+        if !self.segments.is_empty() {
+            return Err(PivotError::invalid("AdamW::shard_over: the optimizer state already exists unsharded"));
+        }
+        self.shard = (group.world() > 1).then_some(group);
+        Ok(())
+    }
+
+    /// Whether the optimizer state is sharded over more than one rank (ZeRO-1).
+    pub(crate) fn is_sharded(&self) -> bool {
+        self.shard.is_some()
     }
 
     fn build_segments(&mut self) -> Result<()> {
         if !self.segments.is_empty() {
             return Ok(());
         }
+        let (rank, world) = self.shard.map_or((0, 1), |g| (g.rank(), g.world()));
         let mut runs: Vec<(ParamGroup, Kind, tch::Device, Vec<(String, Tensor)>)> = Vec::new();
         for p in &self.params {
             if !p.tensor.grad().defined() {
@@ -201,17 +283,20 @@ impl AdamW {
                 None => runs.push((key.0, key.1, key.2, vec![(p.name.clone(), p.tensor.shallow_clone())])),
             }
         }
-        self.segments = runs.into_iter().map(|(module, _, _, params)| Segment::new(module, params)).collect();
+        self.segments = runs.into_iter().map(|(module, _, _, params)| Segment::new(module, params, rank, world)).collect();
         if !self.pending.is_empty() {
             let pending = std::mem::take(&mut self.pending);
             let find = |key: &str| pending.iter().find(|(k, _)| k == key).map(|(_, t)| t);
             for seg in &self.segments {
-                let mut slots = vec![("m", seg.views(&seg.m)), ("v", seg.views(&seg.v))];
+                let mut slots = vec![("m", &seg.m), ("v", &seg.v)];
                 if let Some(master) = &seg.master {
-                    slots.push(("master", seg.views(master)));
+                    slots.push(("master", master));
                 }
-                for (prefix, views) in slots {
-                    for (name, dst) in views {
+                for (prefix, chunk) in slots {
+                    // The checkpoint holds whole tensors (whatever the ranks that wrote it): made
+                    // flat like `flat`, padded, and cut to this rank's chunk.
+                    let whole = Tensor::zeros([seg.flat.numel() as i64], (Kind::Float, seg.flat.device()));
+                    for (name, dst) in seg.views(&whole) {
                         let key = format!("{prefix}.{name}");
                         let src = match (find(&key), prefix) {
                             (Some(t), _) => t.shallow_clone(),
@@ -232,8 +317,25 @@ impl AdamW {
                         }
                         tch::no_grad(|| dst.shallow_clone().copy_(&src));
                     }
+                    tch::no_grad(|| chunk.shallow_clone().copy_(&whole.narrow(0, seg.lo, seg.len)));
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// ZeRO-1's half of the gradient all-reduce: each rank receives the mean over the ranks of
+    /// its chunk of every segment's gradient.
+    pub(crate) fn reduce_scatter_grads(&mut self) -> Result<()> {
+        let Some(g) = self.shard else {
+            return Err(PivotError::invalid("AdamW::reduce_scatter_grads: the optimizer state is not sharded"));
+        };
+        self.build_segments()?;
+        for s in &self.segments {
+            s.attach_grads();
+            let chunk = s.grad_chunk.as_ref().expect("sharded segments have a gradient chunk");
+            g.reduce_scatter(chunk, &s.grad)?;
+            let _ = chunk.shallow_clone().g_div_scalar_(g.world() as f64);
         }
         Ok(())
     }
@@ -267,7 +369,8 @@ impl AdamW {
             .collect())
     }
 
-    /// Global L2 norm of all gradients (fp32), as torch's `clip_grad_norm_` computes it.
+    /// Global L2 norm of all gradients (fp32), as torch's `clip_grad_norm_` computes it. Under
+    /// ZeRO-1 from the ranks' chunks (a collective), the same value on every rank.
     pub(crate) fn grad_norm(&mut self) -> Result<f64> {
         self.build_segments()?;
         let norms: Vec<Tensor> = self
@@ -275,13 +378,20 @@ impl AdamW {
             .iter()
             .map(|s| {
                 s.attach_grads();
-                s.grad.linalg_norm(2.0, None::<&[i64]>, false, Kind::Float)
+                s.chunk_grad().linalg_norm(2.0, None::<&[i64]>, false, Kind::Float)
             })
             .collect();
-        if norms.is_empty() {
-            return Ok(0.0);
-        }
-        Ok(Tensor::stack(&norms, 0).linalg_norm(2.0, None::<&[i64]>, false, Kind::Float).double_value(&[]))
+        let Some(g) = self.shard else {
+            if norms.is_empty() {
+                return Ok(0.0);
+            }
+            return Ok(Tensor::stack(&norms, 0).linalg_norm(2.0, None::<&[i64]>, false, Kind::Float).double_value(&[]));
+        };
+        // Every rank has the same segments (the same model and loss), so each joins this one
+        // all-reduce.
+        let squares = if norms.is_empty() { Tensor::zeros([1], (Kind::Double, tch::Device::Cpu)) } else { Tensor::stack(&norms, 0).to_kind(Kind::Double).square().sum(Kind::Double).reshape([1]).to_device(tch::Device::Cpu) };
+        g.all_reduce(&[&squares], ReduceOp::Sum)?;
+        Ok(squares.double_value(&[0]).sqrt())
     }
 
     /// One update with the group learning rates scaled by `lr_scale` (the schedule factor) and
@@ -304,12 +414,25 @@ impl AdamW {
             }
             self.step_unfused(i, lr, grad_scale);
         }
+        self.all_gather_weights()?;
         self.check_finite()
+    }
+
+    /// ZeRO-1: every rank's updated chunk of the weights into every rank's `flat`.
+    fn all_gather_weights(&self) -> Result<()> {
+        let Some(g) = self.shard else { return Ok(()) };
+        for s in &self.segments {
+            // Gloo's all-gather wants its input apart from its output.
+            let mine = s.flat.narrow(0, s.lo, s.len).copy();
+            g.all_gather(&s.flat, &mine)?;
+        }
+        Ok(())
     }
 
     /// After an update: finite gradients and valid hyper-parameters can still overflow (an lr
     /// too large for the weights' dtype). Stop at the step that did it rather than a step later
-    /// at a NaN loss with the cause gone.
+    /// at a NaN loss with the cause gone. Under ZeRO-1 `flat` is whole and the same on every
+    /// rank (a non-finite master chunk rounds to non-finite weights), so all ranks stop together.
     fn check_finite(&self) -> Result<()> {
         for s in &self.segments {
             for w in std::iter::once(&s.flat).chain(s.master.as_ref()) {
@@ -317,7 +440,7 @@ impl AdamW {
                 // and needs no weight-sized temporary.
                 let finite = tch::no_grad(|| w.sum(Kind::Float)).double_value(&[]).is_finite();
                 if !finite {
-                    let name = s.views(w).into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0).map(|(n, _)| n);
+                    let name = s.views(&s.flat).into_iter().find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0).map(|(n, _)| n);
                     return Err(PivotError::invalid(format!(
                         "AdamW update {} made the {:?} weights non-finite (first: `{}`; lr {:?} too large for their dtype?); \
                          the model's weights are no longer usable — resume from the last checkpoint",
@@ -345,12 +468,12 @@ impl AdamW {
         }
         tch::no_grad(|| {
             // The kernel wants one dtype throughout: the fp32 master takes an fp32 gradient.
-            let g = if s.master.is_some() { s.grad.to_kind(Kind::Float) } else { s.grad.shallow_clone() };
-            let w = s.master.as_ref().unwrap_or(&s.flat);
+            let g = if s.master.is_some() { s.chunk_grad().to_kind(Kind::Float) } else { s.chunk_grad() };
+            let w = s.chunk_weights();
             let scale = (grad_scale != 1.0).then_some(&s.grad_scale);
-            fused::adamw(w, &g, &s.m, &s.v, &s.step, lr, self.betas, self.weight_decay, self.eps, scale)?;
+            fused::adamw(&w, &g, &s.m, &s.v, &s.step, lr, self.betas, self.weight_decay, self.eps, scale)?;
             if let Some(master) = &s.master {
-                let _ = s.flat.shallow_clone().copy_(master);
+                let _ = s.flat.narrow(0, s.lo, s.len).copy_(master);
             }
             Ok(())
         })
@@ -365,7 +488,8 @@ impl AdamW {
         let s = &mut self.segments[i];
         s.attach_grads();
         tch::no_grad(|| {
-            let mut g = if s.grad.kind() == Kind::Float { s.grad.shallow_clone() } else { s.grad.to_kind(Kind::Float) };
+            let g = s.chunk_grad();
+            let mut g = if g.kind() == Kind::Float { g } else { g.to_kind(Kind::Float) };
             if grad_scale != 1.0 {
                 g = g * grad_scale;
             }
@@ -373,33 +497,38 @@ impl AdamW {
             let _ = s.v.lerp_(&g.square(), 1.0 - b2);
             let mut denom = s.v.sqrt();
             let _ = denom.g_add_scalar_(self.eps * bc2_sqrt);
-            let mut w = s.master.as_ref().unwrap_or(&s.flat).shallow_clone();
+            let mut w = s.chunk_weights();
             if self.weight_decay != 0.0 {
                 let _ = w.g_mul_scalar_(1.0 - lr * self.weight_decay);
             }
             let _ = w.addcdiv_(&(&s.m * (-lr * bc2_sqrt / bc1)), &denom);
             if s.master.is_some() {
-                let _ = s.flat.shallow_clone().copy_(&w);
+                let _ = s.flat.narrow(0, s.lo, s.len).copy_(&w);
             }
         });
     }
 
     /// Moments under `m.<param>` / `v.<param>` names, and `master.<param>` for bf16/f16
-    /// parameters (for checkpoints).
-    pub(crate) fn state_tensors(&self) -> Vec<(String, Tensor)> {
+    /// parameters (for checkpoints): whole tensors, whatever the sharding, so under ZeRO-1 a
+    /// collective that every rank must join (each gets the whole state).
+    pub(crate) fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         if self.segments.is_empty() {
-            return self.pending.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+            return Ok(self.pending.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect());
         }
         let mut out = Vec::new();
         for s in &self.segments {
-            let masters = s.master.as_ref().map(|m| s.views(m)).unwrap_or_default();
-            for ((name, m), (_, v)) in s.views(&s.m).into_iter().zip(s.views(&s.v)) {
+            let (m, v) = (s.whole(&s.m, self.shard)?, s.whole(&s.v, self.shard)?);
+            let masters = match &s.master {
+                Some(master) => s.views(&s.whole(master, self.shard)?),
+                None => Vec::new(),
+            };
+            for ((name, m), (_, v)) in s.views(&m).into_iter().zip(s.views(&v)) {
                 out.push((format!("m.{name}"), m));
                 out.push((format!("v.{name}"), v));
             }
             out.extend(masters.into_iter().map(|(name, t)| (format!("master.{name}"), t)));
         }
-        out
+        Ok(out)
     }
 
     /// Reads the state a checkpoint holds for our parameters; it is applied (and checked) at
@@ -557,7 +686,7 @@ mod tests {
             opt.zero_grad();
         }
         assert_eq!(opt.fused, fused, "the fused kernel failed and the update fell back");
-        let state: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let state: HashMap<String, Tensor> = opt.state_tensors().unwrap().into_iter().collect();
         for n in names {
             let p = &opt.params.iter().find(|p| p.name == n).unwrap().tensor;
             let w = if kind == Kind::Float { p.detach() } else { state[&format!("master.{n}")].shallow_clone() };
