@@ -1,7 +1,7 @@
 //! Tower pretraining (issue 14): deterministic for a seed on the CPU, cached in a folder with a
 //! manifest of its settings (a changed setting trains afresh), and the tags it learns are the
-//! scene's. One test: the run seeds the global torch generator. About 5 s (a few steps on 32
-//! scenes).
+//! scene's. One test: the run seeds the global torch generator. Five runs of 3 or 4 steps on 8
+//! scenes.
 
 use pivot::prelude::*;
 
@@ -18,13 +18,9 @@ fn same(a: &[(String, Tensor)], b: &[(String, Tensor)]) -> bool {
 
 #[test]
 fn pretraining_is_deterministic_cached_and_retrained_when_a_setting_changes() {
-    let settings = TowerPretrain { scenes: 32, val_scenes: 16, steps: 4, batch_size: 8, ..TowerPretrain::default() }.quiet();
+    let settings = TowerPretrain { scenes: 8, val_scenes: 4, steps: 3, batch_size: 4, ..TowerPretrain::default() }.quiet();
     let first = settings.run(VisionConfig::tiny(), Device::Cpu).unwrap();
-    let second = settings.run(VisionConfig::tiny(), Device::Cpu).unwrap();
-    assert_eq!(first.log.len(), 4);
-    assert_eq!(first.log.get("loss"), second.log.get("loss"), "same seed, different losses");
-    assert!(same(&state(&first.encoder), &state(&second.encoder)), "same seed, different weights");
-    assert_eq!(first.val_tag_accuracy, second.val_tag_accuracy);
+    assert_eq!(first.log.len(), 3);
     assert!((0.0..=1.0).contains(&first.val_tag_accuracy));
     let other_seed = settings.clone().seed(1).run(VisionConfig::tiny(), Device::Cpu).unwrap();
     assert!(!same(&state(&first.encoder), &state(&other_seed.encoder)));
@@ -40,9 +36,12 @@ fn pretraining_is_deterministic_cached_and_retrained_when_a_setting_changes() {
 
     let dir = std::env::temp_dir().join(format!("pivot-test-pretrain-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    // The second run of the same settings (here through the cache folder) is the first, bit for bit.
     let trained = settings.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap();
     assert!(!trained.from_cache);
-    assert!(same(&state(&trained.encoder), &state(&first.encoder)));
+    assert_eq!(first.log.get("loss"), trained.log.get("loss"), "same seed, different losses");
+    assert!(same(&state(&trained.encoder), &state(&first.encoder)), "same seed, different weights");
+    assert_eq!(first.val_tag_accuracy, trained.val_tag_accuracy);
     let loaded = settings.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap();
     assert!(loaded.from_cache);
     assert!(same(&state(&loaded.encoder), &state(&first.encoder)));
@@ -55,9 +54,9 @@ fn pretraining_is_deterministic_cached_and_retrained_when_a_setting_changes() {
     let mut live = settings.clone();
     live.live = true;
     assert!(live.quiet().load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap().from_cache);
-    let longer = settings.clone().steps(5).load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap();
+    let longer = settings.clone().steps(4).load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap();
     assert!(!longer.from_cache);
-    assert_eq!(longer.log.len(), 5);
+    assert_eq!(longer.log.len(), 4);
     assert!(settings.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).map(|t| !t.from_cache).unwrap());
     // An MLLM around it reads the tower's weights.
     let mllm = loaded.mllm(LanguageModel::tiny(Device::Cpu)).unwrap();
