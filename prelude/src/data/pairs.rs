@@ -20,9 +20,10 @@
 //! image is the row's scene with one object changed so that the answer is wrong for it.
 //!
 //! Counterfactual scenes keep the base scene's background bytes (its texture stream) and are
-//! checked like any scene (inside the image, every object at least 60 % visible); a base scene
-//! that allows no counterfactual (a lone object) is replaced by the next candidate of its index.
-//! Their `class` is the base scene's.
+//! checked like any scene (inside the image, every object at least 60 % visible). Pair k draws
+//! its category first, then tries candidate base scenes (indices k + j·2³², j ≥ 1: never the
+//! scene k that the part's other tasks show) until one allows a pair of that category, so the
+//! five categories are equally likely. Counterfactual scenes keep the base scene's `class`.
 
 use std::sync::Arc;
 
@@ -37,8 +38,8 @@ use crate::error::{PivotError, Result};
 
 const NUMBERS: [&str; 6] = ["zero", "one", "two", "three", "four", "five"];
 
-/// Candidate base scenes per pair index before giving up (a scene allows no pair only when it
-/// has a single object, a quarter of the scenes).
+/// Candidate base scenes per pair before any category is accepted (a position or size pair fits
+/// in about one scene of four; a colour pair in every scene of two objects or more).
 const CANDIDATES: u64 = 64;
 
 #[derive(Debug, Clone, Copy)]
@@ -322,22 +323,30 @@ impl ShapesWorld {
     }
 
     /// The counterfactual of pair `k` and the scene index whose streams drew its base scene.
+    /// The category is drawn first, uniformly, and candidate scenes are tried until one allows
+    /// it (a position pair needs two objects apart, a size pair room for the swapped sizes), so
+    /// the categories stay balanced; only if none of the candidates does, any category goes.
     fn counterfactual(&self, split: Split, k: usize) -> (Counterfactual, u64) {
-        for candidate in 0..CANDIDATES {
-            let index = k as u64 + (candidate << 32);
+        let build = |category: usize, base: &Scene, rng: &mut WorldRng| match category {
+            0 => colour_pair(base, rng),
+            1 => shape_pair(base, rng),
+            2 => count_pair(base, rng),
+            3 => position_pair(base, rng),
+            _ => size_pair(base, rng),
+        };
+        let category = WorldRng::new(self.world_seed(), split, k as u64, Stream::Pair).below(5);
+        let candidates = || (0..CANDIDATES).map(|candidate| k as u64 + ((candidate + 1) << 32));
+        for index in candidates() {
+            let base = self.scene(split, index as usize);
+            if let Some(pair) = build(category, &base, &mut WorldRng::new(self.world_seed(), split, index, Stream::Pair)) {
+                return (pair, index);
+            }
+        }
+        for index in candidates() {
             let base = self.scene(split, index as usize);
             let mut rng = WorldRng::new(self.world_seed(), split, index, Stream::Pair);
-            let mut order = [0usize, 1, 2, 3, 4];
-            rng.shuffle(&mut order);
-            for category in order {
-                let pair = match category {
-                    0 => colour_pair(&base, &mut rng),
-                    1 => shape_pair(&base, &mut rng),
-                    2 => count_pair(&base, &mut rng),
-                    3 => position_pair(&base, &mut rng),
-                    _ => size_pair(&base, &mut rng),
-                };
-                if let Some(pair) = pair {
+            for category in 0..5 {
+                if let Some(pair) = build(category, &base, &mut rng) {
                     return (pair, index);
                 }
             }
