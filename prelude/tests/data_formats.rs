@@ -241,6 +241,7 @@ fn json_list_syntax_error_reports_the_line_inside_a_record() {
 fn preference_jsonl_accepts_rlaifv_mmpr_and_pivot_dpo_rows() {
     let dir = scratch("prefs_ok");
     write_png(&dir.join("images/x.png"), 9);
+    write_png(&dir.join("images/y.png"), 7);
     let jsonl = write(
         &dir.join("prefs.jsonl"),
         concat!(
@@ -267,6 +268,15 @@ fn preference_jsonl_accepts_rlaifv_mmpr_and_pivot_dpo_rows() {
     let prefs = PreferenceDataset::from_json(&dpo, dir.join("images")).unwrap();
     assert_eq!((prefs[0].question.as_str(), prefs[0].chosen.as_str()), ("What colour?", "Red."));
     assert_eq!(prefs.to_sft()[0].answer, "Red.");
+    // PIVOT's image-counterfactual rows: the rejected answer is scored with `image_rejected`.
+    assert_eq!(prefs[0].image_rejected.as_ref().and_then(|i| i.path()), Some(dir.join("images/y.png").as_path()));
+    assert_eq!(prefs.image_counterfactual_count(), 1);
+    let missing = write(
+        &dir.join("dpo_missing.json"),
+        r#"[{"prompt": "<image>\nQ?", "chosen": "A.", "rejected": "B.", "image": "x.png", "image_rejected": "gone.png"}]"#,
+    );
+    let (line, field, _) = record(PreferenceDataset::from_json(&missing, dir.join("images")).unwrap_err());
+    assert_eq!((line, field.as_str()), (1, "image_rejected"));
 }
 
 #[test]

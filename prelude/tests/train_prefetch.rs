@@ -222,6 +222,7 @@ fn a_missing_image_fails_the_step_that_needs_it_and_names_the_file() {
                 chosen: s.answer.clone(),
                 rejected: "no".into(),
                 category: s.category.clone(),
+                image_rejected: None,
             })
             .collect();
         let prefs = PreferenceDataset::new(prefs);

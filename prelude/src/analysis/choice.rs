@@ -23,7 +23,8 @@ use std::fmt;
 use tch::Device;
 
 /// Scores `log p(chosen) > log p(rejected)` (summed answer log-probabilities, as DPO's) on
-/// held-out preference pairs; a tie counts as wrong.
+/// held-out preference pairs; a tie counts as wrong. An image-counterfactual pair (with
+/// `image_rejected`) scores its rejected answer with that image, as DPO does.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChoiceEval {
     /// Pairs per forward pass (each pair is two sequences sharing one image encoding).
@@ -31,11 +32,64 @@ pub struct ChoiceEval {
     /// Evaluate at most this many pairs (the first ones).
     pub limit: Option<usize>,
     pub live: bool,
+    /// Replace every image by a uniform grey one of the same size: the score of the model's
+    /// text prior alone (see [`ChoiceEval::image_use`]).
+    pub blank: bool,
 }
 
 impl Default for ChoiceEval {
     fn default() -> Self {
-        ChoiceEval { batch_size: 16, limit: None, live: true }
+        ChoiceEval { batch_size: 16, limit: None, live: true, blank: false }
+    }
+}
+
+/// A uniform mid-grey image of `image`'s size: no object, no texture, no colour.
+fn blank_like(image: &image::RgbImage) -> image::RgbImage {
+    image::RgbImage::from_pixel(image.width(), image.height(), image::Rgb([128, 128, 128]))
+}
+
+/// Choice accuracy with the real images and with blank ones: how much of the score comes from
+/// the pixels ("VQA minus blank").
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImageUse {
+    pub with_image: ChoiceReport,
+    pub blank: ChoiceReport,
+}
+
+impl ImageUse {
+    /// Accuracy with the images minus accuracy with blank images.
+    pub fn gain(&self) -> f64 {
+        self.with_image.accuracy() - self.blank.accuracy()
+    }
+}
+
+impl fmt::Display for ImageUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "two-way choice [{}]: {:.3} with the images, {:.3} with blank images, gain {:+.3} ({} pairs)",
+            self.with_image.label,
+            self.with_image.accuracy(),
+            self.blank.accuracy(),
+            self.gain(),
+            self.with_image.total
+        )
+    }
+}
+
+impl Metrics for ImageUse {
+    fn metrics(&self) -> Vec<(String, f64)> {
+        vec![
+            ("choice_accuracy".into(), self.with_image.accuracy()),
+            ("choice_accuracy_blank".into(), self.blank.accuracy()),
+            ("choice_image_gain".into(), self.gain()),
+        ]
+    }
+}
+
+impl Rich for ImageUse {
+    fn mime_bundle(&self) -> MimeBundle {
+        MimeBundle::text(self.to_string())
     }
 }
 
@@ -71,6 +125,14 @@ impl ChoiceEval {
         self
     }
 
+    /// Accuracy with the real images and with blank images, on the same pairs: one call for
+    /// "VQA minus blank".
+    pub fn image_use(&self, mllm: &Mllm, data: &PreferenceDataset) -> Result<ImageUse> {
+        let with_image = ChoiceEval { blank: false, ..self.clone() }.run(mllm, data)?;
+        let blank = ChoiceEval { blank: true, ..self.clone() }.run(mllm, data)?;
+        Ok(ImageUse { with_image, blank })
+    }
+
     pub fn run(&self, mllm: &Mllm, data: &PreferenceDataset) -> Result<ChoiceReport> {
         let n = self.limit.unwrap_or(usize::MAX).min(data.len());
         if n == 0 {
@@ -81,7 +143,21 @@ impl ChoiceEval {
         let mut progress = self.live.then(|| Progress::new(format!("choice eval · {}", report.label), n as u64));
         for (k, chunk) in data.samples[..n].chunks(self.batch_size.max(1)).enumerate() {
             check_interrupt(&format!("choice eval batch {k}"))?;
-            let images = chunk.iter().map(|s| s.image.load()).collect::<Result<Vec<_>>>()?;
+            // The pairs' images, then the rejected images of image-counterfactual pairs.
+            let mut images = chunk.iter().map(|s| s.image.load()).collect::<Result<Vec<_>>>()?;
+            let mut image_of: Vec<usize> = (0..chunk.len()).collect();
+            for (i, s) in chunk.iter().enumerate() {
+                match &s.image_rejected {
+                    Some(own) => {
+                        image_of.push(images.len());
+                        images.push(own.load()?);
+                    }
+                    None => image_of.push(i),
+                }
+            }
+            if self.blank {
+                images = images.iter().map(blank_like).collect();
+            }
             let mut seqs = Vec::with_capacity(2 * chunk.len());
             for s in chunk {
                 seqs.push(mllm.encode_chat(&s.question, Some(&s.chosen))?);
@@ -89,7 +165,6 @@ impl ChoiceEval {
             for s in chunk {
                 seqs.push(mllm.encode_chat(&s.question, Some(&s.rejected))?);
             }
-            let image_of: Vec<usize> = (0..chunk.len()).chain(0..chunk.len()).collect();
             let logps = tch::no_grad(|| -> Result<Vec<f64>> {
                 let px = mllm.preprocess(&images)?;
                 let lp = mllm.sequence_logps(&mllm.forward(&px, &seqs, &image_of)?)?;

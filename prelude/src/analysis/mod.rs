@@ -14,7 +14,7 @@ pub use align::{
     AlignmentGrid, AlignmentMetric, OutlierClamp, cka, cknna, hsic_biased, hsic_unbiased, l2_normalize, mutual_knn,
     prepare_features, remove_outliers,
 };
-pub use choice::{ChoiceEval, ChoiceReport};
+pub use choice::{ChoiceEval, ChoiceReport, ImageUse};
 pub use gradmap::{
     GradMapOptions, LocalisationScore, TokenNorm, border_fix, colorize, energy_in_mask, grad_cam, jet, localisation,
     mask_outline, min_max, overlay, overlay_with, pivot_map, pointing_game, tensor_to_rgb,

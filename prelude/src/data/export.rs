@@ -160,7 +160,7 @@ impl ShapesWorld {
 
     fn export_split(&self, export: &ShapesExport, split: Split) -> Result<()> {
         let n = export.count(split);
-        let seed = self.config().seed;
+        let seed = self.world_seed();
         let (images_dir, masks_dir, classes_dir) =
             (export.images_dir(split), export.masks_dir(split), export.classes_dir(split));
         // A previous, larger export must not leave images that the folder loaders would pick up.

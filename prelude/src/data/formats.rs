@@ -127,8 +127,10 @@ impl CaptionDataset {
 impl PreferenceDataset {
     /// Preference pairs, one JSON object per line (RLAIF-V, MMPR: `image`, `question`, `chosen`,
     /// `rejected`), or PIVOT's DPO JSON list (`prompt` = `"<image>\n<question>"`), recognised by its
-    /// leading `[`. `prompt` and `query` are accepted for `question`; `<image>` is removed; extra
-    /// keys (`id`, `answer`, `image_rejected`, ...) are ignored; an optional `category` is kept.
+    /// leading `[`. `prompt` and `query` are accepted for `question`; `<image>` is removed; an
+    /// optional `image_rejected` (PIVOT's image-counterfactual pairs: the rejected answer is
+    /// scored with that image) is checked like `image`; an optional `category` is kept; other
+    /// keys (`id`, `answer`, ...) are ignored.
     pub fn from_jsonl(path: impl AsRef<Path>, image_root: impl AsRef<Path>) -> Result<Self> {
         Self::from_jsonl_with(path, image_root, LoadOptions::default())
     }
@@ -141,7 +143,8 @@ impl PreferenceDataset {
             let rejected = record.string(&["rejected"])?.trim().to_string();
             let category = record.optional_string("category")?.unwrap_or_default().to_string();
             let image = ImageSource::File(record.image(root, &options)?);
-            Ok(vec![PreferenceSample { image, question, chosen, rejected, category }])
+            let image_rejected = record.optional_image("image_rejected", root, &options)?.map(ImageSource::File);
+            Ok(vec![PreferenceSample { image, question, chosen, rejected, category, image_rejected }])
         })?;
         Ok(PreferenceDataset { samples, skipped })
     }

@@ -113,24 +113,33 @@ impl<'a> Record<'a> {
     /// The record's `image` (a path, or a list holding one path) resolved against `root` and
     /// checked as the options ask.
     pub fn image(&self, root: &Path, options: &LoadOptions) -> Result<PathBuf> {
-        let relative = match self.object.get("image") {
-            None | Some(Value::Null) => {
-                return Err(self.error("image", "missing (text-only records have no image to train or probe on)"));
-            }
+        self.image_at("image", root, options)?
+            .ok_or_else(|| self.error("image", "missing (text-only records have no image to train or probe on)"))
+    }
+
+    /// The image path under `name` when the record has one (absent or null: `None`), checked
+    /// as `image` is.
+    pub fn optional_image(&self, name: &str, root: &Path, options: &LoadOptions) -> Result<Option<PathBuf>> {
+        self.image_at(name, root, options)
+    }
+
+    fn image_at(&self, name: &str, root: &Path, options: &LoadOptions) -> Result<Option<PathBuf>> {
+        let relative = match self.object.get(name) {
+            None | Some(Value::Null) => return Ok(None),
             Some(Value::String(s)) => s.as_str(),
             Some(Value::Array(items)) => match items.as_slice() {
                 [Value::String(s)] => s.as_str(),
-                [_] => return Err(self.error("image", "expected a path string inside the list")),
-                _ => return Err(self.error("image", format!("{} images in one record; only single-image records are supported", items.len()))),
+                [_] => return Err(self.error(name, "expected a path string inside the list")),
+                _ => return Err(self.error(name, format!("{} images in one record; only single-image records are supported", items.len()))),
             },
-            Some(other) => return Err(self.error("image", format!("expected a path string, found {}", kind_of(other)))),
+            Some(other) => return Err(self.error(name, format!("expected a path string, found {}", kind_of(other)))),
         };
         if relative.trim().is_empty() {
-            return Err(self.error("image", "empty path"));
+            return Err(self.error(name, "empty path"));
         }
         let path = root.join(relative);
-        check_image(&path, options.image_check).map_err(|message| self.error("image", message))?;
-        Ok(path)
+        check_image(&path, options.image_check).map_err(|message| self.error(name, message))?;
+        Ok(Some(path))
     }
 }
 

@@ -23,10 +23,12 @@
 //! - COCO-Stuff (stuffthingmaps): raw value v becomes (v + 1) mod 256, so 255 (unlabeled) becomes
 //!   class 0 `unlabeled` and COCO id k keeps index k: 183 classes, 255 stays the ignore index.
 
+mod balance;
 mod export;
 mod folders;
 mod formats;
 mod json;
+mod pairs;
 mod render;
 mod rng;
 mod samples;
@@ -43,13 +45,14 @@ use image::RgbImage;
 
 use crate::error::{PivotError, Result};
 
+pub use balance::text_only_accuracy;
 pub use export::ShapesExport;
 pub use folders::{ImageFolder, MaskEncoding, ADE20K_CLASSES, COCO_STUFF_CLASSES};
 pub use samples::*;
 pub use text::CAPTION_PROMPT;
 pub use vocab::{tiny_words, TINY_VOCABULARY};
 pub use scene::{Background, BoundingBox, Colour, ColourGroup, Scene, SceneObject, Shape, Size, Texture};
-pub use world::{RenderedScene, ShapesConfig, ShapesWorld, VQA_CATEGORIES};
+pub use world::{RenderedScene, ShapesConfig, ShapesWorld, StudyPart, VQA_CATEGORIES};
 
 /// Which part of a data set. The world draws each split from its own random stream, so splits
 /// never share an image.

@@ -5,7 +5,7 @@
 
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
-use super::rng::{Stream, WorldRng};
+use super::rng::{Stream, WorldRng, WorldSeed};
 use super::scene::{Scene, Shape, Texture};
 use super::Split;
 
@@ -80,7 +80,7 @@ pub(super) fn owner_map(size: u32, objects: &[(Shape, f64, f64, f64)], draw_orde
 }
 
 /// The scene's image and class mask (0 = background, 1 + shape index for objects).
-pub(super) fn render(scene: &Scene, seed: u64, split: Split, index: u64) -> (RgbImage, GrayImage) {
+pub(super) fn render(scene: &Scene, seed: WorldSeed, split: Split, index: u64) -> (RgbImage, GrayImage) {
     let size = scene.image_size;
     let n = size as usize;
     let owners = owner_map(size, &scene.geometry(), &scene.draw_order);
@@ -106,7 +106,7 @@ pub(super) fn render(scene: &Scene, seed: u64, split: Split, index: u64) -> (Rgb
 /// Textured background. Texture is a luminance offset added equally to the three channels of a
 /// desaturated base colour, so no background pixel can take a (saturated) object colour and a
 /// colour alone tells object from background — the shape category still needs the context.
-fn background(scene: &Scene, seed: u64, split: Split, index: u64) -> Vec<[u8; 3]> {
+fn background(scene: &Scene, seed: WorldSeed, split: Split, index: u64) -> Vec<[u8; 3]> {
     let bg = &scene.background;
     let n = scene.image_size as usize;
     let mut rng = WorldRng::new(seed, split, index, Stream::Texture);

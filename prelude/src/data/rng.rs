@@ -18,19 +18,30 @@ pub(super) enum Stream {
     Hallucination = 4,
     Caption = 5,
     Texture = 6,
+    /// The counterfactual preference pairs' choices (category, target, the other object).
+    Pair = 7,
+}
+
+/// The world-wide part of a stream's key: the seed and the study part (0: none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct WorldSeed {
+    pub seed: u64,
+    pub part: u8,
 }
 
 pub(super) struct WorldRng(ChaCha8Rng);
 
 impl WorldRng {
-    /// A stream keyed by (world seed, split, index, purpose): sample i is the same however many
-    /// samples were drawn before it.
-    pub fn new(seed: u64, split: Split, index: u64, stream: Stream) -> Self {
+    /// A stream keyed by (world seed and study part, split, index, purpose): sample i is the
+    /// same however many samples were drawn before it. Part 0 (no study part) leaves the key as
+    /// it was before parts existed, so the world's own samples keep their bytes.
+    pub fn new(seed: WorldSeed, split: Split, index: u64, stream: Stream) -> Self {
         let mut key = [0u8; 32];
-        key[..8].copy_from_slice(&seed.to_le_bytes());
+        key[..8].copy_from_slice(&seed.seed.to_le_bytes());
         key[8..16].copy_from_slice(&index.to_le_bytes());
         key[16] = split as u8;
         key[17] = stream as u8;
+        key[18] = seed.part;
         key[24..].copy_from_slice(b"shapes-w");
         WorldRng(ChaCha8Rng::from_seed(key))
     }

@@ -33,6 +33,17 @@ pub struct PreferenceSample {
     pub chosen: String,
     pub rejected: String,
     pub category: String,
+    /// The image the rejected answer is scored with (PIVOT's `image_rejected`, an image
+    /// counterfactual: the same scene with one object changed, so that the chosen text is wrong
+    /// for it). `None`: both answers are scored with `image`.
+    pub image_rejected: Option<ImageSource>,
+}
+
+impl PreferenceSample {
+    /// The image the rejected answer is scored with.
+    pub fn rejected_image(&self) -> &ImageSource {
+        self.image_rejected.as_ref().unwrap_or(&self.image)
+    }
 }
 
 /// An image and its class index (linear probing).
@@ -191,6 +202,10 @@ impl PreferenceDataset {
     }
     pub fn category_counts(&self) -> BTreeMap<String, usize> {
         count_by(self.samples.iter().map(|s| s.category.as_str()))
+    }
+    /// Pairs whose rejected answer is scored with an image of its own.
+    pub fn image_counterfactual_count(&self) -> usize {
+        self.samples.iter().filter(|s| s.image_rejected.is_some()).count()
     }
     /// The SFT view of the same rows (answer = chosen), as PIVOT builds its SFT set from the
     /// very rows its DPO set uses, so the two runs see identical questions and images.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use image::{GrayImage, RgbImage};
 
 use super::render::{owner_map, render};
-use super::rng::{Stream, WorldRng};
+use super::rng::{Stream, WorldRng, WorldSeed};
 use super::scene::{Background, BoundingBox, Colour, ColourGroup, Scene, SceneObject, Shape, Size, Texture};
 use super::text;
 use super::{
@@ -40,6 +40,45 @@ pub struct RenderedScene {
     pub mask: GrayImage,
 }
 
+/// Which stage of a study a world's scenes serve. Each part draws every scene, text and texture
+/// from random streams of its own, so for one seed and split the pretraining, stage-1, stage-2
+/// and evaluation scenes are four disjoint sets: no stage trains or is measured on another's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StudyPart {
+    /// The tower's own pretraining (`train::TowerPretrain`), seen by no later stage.
+    Pretrain,
+    /// Stage 1: caption alignment and instruction tuning of the base.
+    Stage1,
+    /// Stage 2: the SFT and DPO rows.
+    Stage2,
+    /// Every measurement: probes, choice accuracy, alignment, gradient maps.
+    Eval,
+}
+
+impl StudyPart {
+    pub const ALL: [StudyPart; 4] = [StudyPart::Pretrain, StudyPart::Stage1, StudyPart::Stage2, StudyPart::Eval];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StudyPart::Pretrain => "pretrain",
+            StudyPart::Stage1 => "stage1",
+            StudyPart::Stage2 => "stage2",
+            StudyPart::Eval => "eval",
+        }
+    }
+
+    /// The byte of the random streams' key; 0 is the world without a part.
+    fn key(self) -> u8 {
+        self as u8 + 1
+    }
+}
+
+impl std::fmt::Display for StudyPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Settings of the world. Sizes are relative to `image_size`, so any size renders the same
 /// layouts at a different resolution.
 #[derive(Debug, Clone, PartialEq)]
@@ -51,11 +90,14 @@ pub struct ShapesConfig {
     pub max_objects: usize,
     /// Images per split that `export` writes (train, val, test).
     pub export_counts: [usize; 3],
+    /// The study part whose scenes this world draws; `None`: the world's own stream (what every
+    /// world drew before parts existed, byte for byte).
+    pub part: Option<StudyPart>,
 }
 
 impl Default for ShapesConfig {
     fn default() -> Self {
-        ShapesConfig { seed: 0, image_size: 64, max_objects: 4, export_counts: [1000, 200, 200] }
+        ShapesConfig { seed: 0, image_size: 64, max_objects: 4, export_counts: [1000, 200, 200], part: None }
     }
 }
 
@@ -74,6 +116,10 @@ impl ShapesConfig {
     }
     pub fn export_counts(mut self, train: usize, val: usize, test: usize) -> Self {
         self.export_counts = [train, val, test];
+        self
+    }
+    pub fn part(mut self, part: StudyPart) -> Self {
+        self.part = Some(part);
         self
     }
 }
@@ -104,6 +150,15 @@ impl ShapesWorld {
         &self.config
     }
 
+    /// The same world drawing the scenes of study part `part` (same seed, size and objects).
+    pub fn part(&self, part: StudyPart) -> ShapesWorld {
+        ShapesWorld::new(self.config.clone().part(part))
+    }
+
+    pub(super) fn world_seed(&self) -> WorldSeed {
+        WorldSeed { seed: self.config.seed, part: self.config.part.map_or(0, StudyPart::key) }
+    }
+
     pub fn num_classes(&self) -> usize {
         ColourGroup::ALL.len() * Shape::ALL.len()
     }
@@ -126,7 +181,7 @@ impl ShapesWorld {
         let k = self.num_classes();
         let block = (index / k) as u64;
         let mut perm: Vec<usize> = (0..k).collect();
-        WorldRng::new(self.config.seed, split, block, Stream::ClassBlock).shuffle(&mut perm);
+        WorldRng::new(self.world_seed(), split, block, Stream::ClassBlock).shuffle(&mut perm);
         perm[index % k]
     }
 
@@ -137,7 +192,7 @@ impl ShapesWorld {
         let class = self.class_of(split, index);
         let group = ColourGroup::ALL[class / Shape::ALL.len()];
         let main_shape = Shape::ALL[class % Shape::ALL.len()];
-        let mut rng = WorldRng::new(self.config.seed, split, index as u64, Stream::Scene);
+        let mut rng = WorldRng::new(self.world_seed(), split, index as u64, Stream::Scene);
 
         let main_colour = *rng.choose(&group.colours());
         let mut shapes: Vec<Shape> = Shape::ALL.iter().copied().filter(|&x| x != main_shape).collect();
@@ -192,8 +247,13 @@ impl ShapesWorld {
     /// Image `index` of `split`, with its layout and class mask.
     pub fn render(&self, split: Split, index: usize) -> RenderedScene {
         let scene = self.scene(split, index);
-        let (image, mask) = render(&scene, self.config.seed, split, index as u64);
+        let (image, mask) = render(&scene, self.world_seed(), split, index as u64);
         RenderedScene { scene, image: Arc::new(image), mask }
+    }
+
+    /// Scenes `0..n` of `split` with their images and masks (rendered on all cores).
+    pub fn rendered_scenes(&self, split: Split, n: usize) -> Vec<RenderedScene> {
+        self.rendered(split, n).map(|(_, r)| r).collect()
     }
 
     /// Scenes `0..n`, rendered on all cores. Each index has its own random streams, so the
@@ -224,7 +284,7 @@ impl ShapesWorld {
     /// Short captions for stage-1 alignment ("A picture of a large red circle and a small blue star
     /// on a striped background .").
     pub fn captions(&self, split: Split, n: usize) -> CaptionDataset {
-        let seed = self.config.seed;
+        let seed = self.world_seed();
         CaptionDataset::new(
             self.rendered(split, n)
                 .map(|(i, r)| {
@@ -266,7 +326,7 @@ impl ShapesWorld {
     /// The questions of `vqa` with a rejected answer that hallucinates exactly one visual fact of
     /// the question's category.
     pub fn preferences(&self, split: Split, n: usize) -> PreferenceDataset {
-        let seed = self.config.seed;
+        let seed = self.world_seed();
         PreferenceDataset::new(
             self.rendered(split, n)
                 .map(|(i, r)| {
@@ -278,6 +338,7 @@ impl ShapesWorld {
                         chosen: qa.answer(),
                         rejected: qa.hallucinated(&mut rng),
                         category: qa.category.to_string(),
+                        image_rejected: None,
                     }
                 })
                 .collect(),
@@ -285,7 +346,7 @@ impl ShapesWorld {
     }
 
     fn question(&self, split: Split, index: usize, scene: &Scene) -> text::Qa {
-        let mut rng = WorldRng::new(self.config.seed, split, index as u64, Stream::Question);
+        let mut rng = WorldRng::new(self.world_seed(), split, index as u64, Stream::Question);
         text::question(scene, &mut rng)
     }
 
@@ -311,7 +372,7 @@ impl ShapesWorld {
 }
 
 /// The scene objects if every one is at least `MIN_VISIBLE` visible, else `None`.
-fn visible_objects(
+pub(super) fn visible_objects(
     size: u32,
     kinds: &[(Shape, Colour, Size)],
     geometry: &[(Shape, f64, f64, f64)],

@@ -4,6 +4,10 @@
 //! encoded once and both sequences read the same image tokens (`image_of = [0..B, 0..B]`), which
 //! halves the tower's cost; the tower's gradient is the same sum PIVOT gets from its two copies.
 //! `double_encoding` reproduces PIVOT's `images + images` literally.
+//!
+//! Image-counterfactual pairs (PIVOT's `image_rejected`) score the rejected answer with their
+//! own rejected image: a batch then holds the B chosen-side images followed by the rejected
+//! images of the pairs that have one, and the rejected sequences of those pairs read them.
 
 use super::checkpoint;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
@@ -132,13 +136,30 @@ struct DpoObjective {
     /// `TrainConfig::prefetch`, for the cached reference's pass over the data.
     prefetch: usize,
     reference: Reference,
+    /// Per data-set row: whether the pair has an `image_rejected` (set in `prepare`).
+    has_rejected_image: Vec<bool>,
+}
+
+/// Which image row each of the 2B sequences `[chosen; rejected]` reads, for a batch laid out as
+/// `collate` lays it out: the B images of the pairs, then the rejected images of the pairs that
+/// have one, in pair order.
+pub(crate) fn pair_image_of(has_rejected_image: &[bool]) -> Vec<usize> {
+    let b = has_rejected_image.len();
+    let mut next = b;
+    let rejected = has_rejected_image.iter().enumerate().map(|(i, &own)| {
+        if own {
+            next += 1;
+            next - 1
+        } else {
+            i
+        }
+    });
+    (0..b).chain(rejected.collect::<Vec<_>>()).collect()
 }
 
 /// Summed log-probs [2B] of `[chosen; rejected]` with each image encoded once.
-fn shared_logps(mllm: &Mllm, pixels: &Tensor, seqs: &[Encoded]) -> Result<(MllmOutput, Tensor)> {
-    let b = seqs.len() / 2;
-    let image_of: Vec<usize> = (0..b).chain(0..b).collect();
-    let out = mllm.forward(pixels, seqs, &image_of)?;
+fn shared_logps(mllm: &Mllm, pixels: &Tensor, seqs: &[Encoded], image_of: &[usize]) -> Result<(MllmOutput, Tensor)> {
+    let out = mllm.forward(pixels, seqs, image_of)?;
     let logps = mllm.sequence_logps(&out)?;
     Ok((out, logps))
 }
@@ -157,9 +178,10 @@ fn cached_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize, ahead
     let rows = prefetch(ahead, batches, |batches| {
         tch::no_grad(|| {
             batches
-                .map(|(_, batch)| {
+                .map(|(rows, batch)| {
                     let batch = batch?.to_device(mllm.device())?;
-                    let (_, logps) = shared_logps(mllm, &batch.pixels, &batch.seqs)?;
+                    let own: Vec<bool> = rows.iter().map(|&r| data[r].image_rejected.is_some()).collect();
+                    let (_, logps) = shared_logps(mllm, &batch.pixels, &batch.seqs, &pair_image_of(&own))?;
                     Ok(logps.view([2, -1]).transpose(0, 1))
                 })
                 .collect::<Result<Vec<_>>>()
@@ -174,6 +196,7 @@ impl Objective<PreferenceSample> for DpoObjective {
     }
 
     fn prepare(&mut self, mllm: &Mllm, data: &[PreferenceSample], resumed: Option<&Checkpoint>) -> Result<()> {
+        self.has_rejected_image = data.iter().map(|s| s.image_rejected.is_some()).collect();
         // On resume the reference must be the model as it was at step 0, which only the checkpoint has.
         self.reference = match (self.cached, resumed) {
             (true, Some(ck)) => Reference::Cached(ck.tensor("ref_logps")?.to_device(mllm.device())),
@@ -198,9 +221,12 @@ impl Objective<PreferenceSample> for DpoObjective {
         }
     }
 
-    /// `[chosen_0..B; rejected_0..B]` with the B images once.
+    /// `[chosen_0..B; rejected_0..B]` with the B images once, then the pairs' own rejected
+    /// images (see [`pair_image_of`]).
     fn collate(b: &Batcher, pairs: &[&PreferenceSample]) -> Result<Batch> {
-        let images = pairs.iter().map(|s| s.image.load()).collect::<Result<Vec<_>>>()?;
+        let chosen_side = pairs.iter().map(|s| s.image.load());
+        let rejected_side = pairs.iter().filter_map(|s| s.image_rejected.as_ref()).map(|image| image.load());
+        let images = chosen_side.chain(rejected_side).collect::<Result<Vec<_>>>()?;
         let mut seqs = Vec::with_capacity(2 * pairs.len());
         for s in pairs {
             seqs.push(b.encode_chat(&s.question, Some(&s.chosen))?);
@@ -214,19 +240,24 @@ impl Objective<PreferenceSample> for DpoObjective {
     fn micro_step(&mut self, mllm: &Mllm, rows: &[usize], batch: Batch) -> Result<Micro> {
         let b = rows.len() as i64;
         let Batch { pixels, seqs } = batch;
+        let own: Vec<bool> = rows.iter().map(|&r| self.has_rejected_image.get(r).copied().unwrap_or(false)).collect();
+        let image_of = pair_image_of(&own);
         let (out, logps) = if self.double_encoding {
-            let image_of: Vec<usize> = (0..2 * rows.len()).collect();
-            let out = mllm.forward(&Tensor::cat(&[&pixels, &pixels], 0), &seqs, &image_of)?;
+            // Every sequence its own copy of its image: chosen ones the first copy, rejected
+            // ones the second.
+            let n_images = pixels.size()[0] as usize;
+            let doubled: Vec<usize> = image_of.iter().enumerate().map(|(k, &i)| if k < rows.len() { i } else { n_images + i }).collect();
+            let out = mllm.forward(&Tensor::cat(&[&pixels, &pixels], 0), &seqs, &doubled)?;
             let logps = mllm.sequence_logps(&out)?;
             (out, logps)
         } else {
-            shared_logps(mllm, &pixels, &seqs)?
+            shared_logps(mllm, &pixels, &seqs, &image_of)?
         };
         profile::mark("policy forward", mllm.device());
         let (pc, pr) = (logps.narrow(0, 0, b), logps.narrow(0, b, b));
         let (rc, rr) = match &self.reference {
             Reference::Model(r) => {
-                let l = tch::no_grad(|| shared_logps(r, &pixels, &seqs).map(|(_, l)| l))?;
+                let l = tch::no_grad(|| shared_logps(r, &pixels, &seqs, &image_of).map(|(_, l)| l))?;
                 (l.narrow(0, 0, b), l.narrow(0, b, b))
             }
             Reference::Cached(t) => {
@@ -280,6 +311,7 @@ impl Recipe for DpoConfig {
             cached: self.cached_reference,
             prefetch: self.train.prefetch,
             reference: Reference::None,
+            has_rejected_image: Vec::new(),
         };
         let log = engine::run("DPO", mllm, &data.samples, &self.train, &mut obj, hooks)?;
         let what = format!("DPO beta {} lr {:e}", self.beta, self.train.lr);
