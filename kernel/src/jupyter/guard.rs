@@ -1,7 +1,7 @@
 //! ZMTP guard: the kernel's five public endpoints are served here, and every byte a peer sends is
-//! checked against ZMTP framing limits *before* the zeromq crate sees it.
+//! checked against ZMTP framing limits *before* libzmq sees it.
 //!
-//! Each zeromq socket binds a private ipc endpoint (in a 0700 directory only this user can
+//! Each libzmq socket binds a private ipc endpoint (in a 0700 directory only this user can
 //! enter); the guard listens on the connection file's endpoint, opens one private connection per
 //! peer, and copies bytes both ways. Towards the kernel it follows ZMTP 3 (RFC 23/37: a 64-byte
 //! greeting, then frames of `flags, 1- or 8-byte length, body`) and drops the peer as soon as a
@@ -10,19 +10,18 @@
 //! flag bits, or a greeting that is not ZMTP 3. The private connection carries the peer's own
 //! bytes, so routing identities, subscriptions and the NULL handshake work as before.
 //!
-//! Why a guard and not another binding: zeromq 0.7 has no size limit at all. Its decoder
-//! reserves a frame's declared length (up to 2^63 bytes) as soon as the 9-byte header arrives, so
-//! one header from an unauthenticated peer aborts the process ("memory allocation of
-//! 1125899906908169 bytes failed"), and it keeps the frames of a multipart message without bound.
-//! libzmq's ZMQ_MAXMSGSIZE (through the `zmq` crate and `zeromq-src`) would cap one frame, but not
-//! the frame count of a message, and switching costs a C++ build in every cold CI run and a
-//! rewrite of the async server around blocking sockets. Reading only frame headers is a small,
-//! exhaustively testable state machine ([`Validator`], property-tested below and fuzzed live by
-//! tests/kernel/test_wire_fuzz.py), and it holds whatever the crate does behind it.
+//! Why the guard stays with libzmq: libzmq's `ZMQ_MAXMSGSIZE` (set on every kernel socket, so a
+//! frame declaring 2^50 bytes is refused there too) limits one *frame*, not a message. A peer may
+//! still send an endless multipart message (2 bytes per empty frame) or many frames each under the
+//! limit, and libzmq hands them on frame by frame while the application has no way to drop one
+//! ROUTER peer: the kernel would have to keep or skip them for as long as the peer likes. Only a
+//! layer that sees the connection can close it at the first frame over a message limit. Reading
+//! only frame headers is a small, exhaustively testable state machine ([`Validator`],
+//! property-tested below and fuzzed live by tests/kernel/test_wire_fuzz.py).
 //!
 //! Towards the peer, bytes are queued in the guard rather than written with the kernel waiting: a
-//! peer that stops reading is dropped once [`Limits::max_backlog`] bytes wait for it (libzmq's
-//! high-water mark plays this part), so one stuck client cannot stall replies to the others.
+//! peer that stops reading is dropped once [`Limits::max_backlog`] bytes wait for it, so one stuck
+//! client cannot hold a connection's memory without bound.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -48,9 +47,12 @@ pub struct Limits {
     pub max_peers: usize,
 }
 
+/// [`Limits::max_message`] by default; also the kernel sockets' `ZMQ_MAXMSGSIZE`.
+pub const DEFAULT_MAX_MESSAGE: u64 = 64 << 20;
+
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message: 64 << 20, max_frames: 1024, max_command: 64 << 10, max_backlog: 64 << 20, max_peers: 64 }
+        Limits { max_message: DEFAULT_MAX_MESSAGE, max_frames: 1024, max_command: 64 << 10, max_backlog: 64 << 20, max_peers: 64 }
     }
 }
 
@@ -191,7 +193,7 @@ impl Validator {
 }
 
 /// ZMTP 3.x greeting: signature `FF 00*8 7F`, major version 3 or more (a 3.1 peer talks 3.0 with
-/// a 3.0 server), mechanism and filler left to the zeromq crate.
+/// a 3.0 server), mechanism and filler left to libzmq.
 fn check_greeting_byte(i: usize, b: u8) -> Result<(), Violation> {
     match i {
         0 if b != 0xFF => Err(Violation::BadGreeting("signature must start with 0xFF")),
@@ -201,7 +203,7 @@ fn check_greeting_byte(i: usize, b: u8) -> Result<(), Violation> {
     }
 }
 
-/// A private directory for the zeromq sockets' ipc endpoints, readable by this user only and
+/// A private directory for the libzmq sockets' ipc endpoints, readable by this user only and
 /// removed when dropped.
 pub struct PrivateDir {
     pub path: PathBuf,
@@ -238,7 +240,7 @@ enum Listener {
 }
 
 /// Binds `public` (a `tcp://host:port` or `ipc://path` endpoint from the connection file) and
-/// serves it in front of the zeromq socket bound at `inner` (an ipc path). Returns once bound, so
+/// serves it in front of the libzmq socket bound at `inner` (an ipc path). Returns once bound, so
 /// a port in use is reported at start-up; the serving runs as a task.
 pub async fn serve(name: &'static str, public: &str, inner: &Path, limits: Limits) -> anyhow::Result<()> {
     let listener = if let Some(addr) = public.strip_prefix("tcp://") {
@@ -366,7 +368,7 @@ async fn relay(peer: Box<dyn Stream>, inner: &Path, limits: Limits) -> Result<()
     };
 
     // The first direction to finish ends the relay; dropping the halves closes both connections,
-    // and the zeromq socket discards the peer with any partial message.
+    // and the libzmq socket discards the peer with any partial message.
     tokio::select! {
         r = inbound => r,
         r = from_kernel => r,

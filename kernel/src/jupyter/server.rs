@@ -1,16 +1,23 @@
 //! The Jupyter kernel: sockets, message dispatch, execution queue, iopub ordering.
 //!
-//! Threads: tokio tasks own the sockets; one engine thread owns the `Session` and runs executes,
-//! completions and inspections in arrival order. Everything published on iopub goes through one
-//! channel into one writer task, so a cell's outputs, its result and `idle` keep their order.
-//! Requests that need no engine (kernel_info, is_complete, history, comms) are answered at once,
-//! even while a cell runs or the prelude is still building.
+//! Threads: one I/O thread owns the five libzmq sockets (libzmq sockets are not thread-safe) and
+//! waits in `zmq::poll` on them and on a wake-up pipe; one engine thread owns the `Session` and
+//! runs executes, completions and inspections in arrival order. Every message the kernel sends,
+//! from any thread, goes through one queue ([`Outbox`]) that the I/O thread drains in order, so a
+//! cell's `busy`, outputs, result, reply and `idle` keep their order. Requests that need no engine
+//! (kernel_info, is_complete, history, comms, control) are answered by the I/O thread at once, and
+//! the heartbeat is echoed there too, even while a cell runs or the prelude is still building.
+//! Control is read before shell in every round, so interrupt and shutdown never wait behind it.
 //!
-//! The zeromq sockets listen on private ipc endpoints; the connection file's endpoints are served
-//! by the ZMTP guard (`guard.rs`), which enforces frame and message limits before the zeromq crate
-//! allocates anything. Signatures are verified and checked against replay in `wire.rs`.
+//! The libzmq sockets listen on private ipc endpoints with `ZMQ_MAXMSGSIZE` set; the connection
+//! file's endpoints are served by the ZMTP guard (`guard.rs`, a small tokio runtime), which
+//! enforces the per-message limits libzmq lacks before libzmq sees a byte. Signatures are
+//! verified and checked against replay in `wire.rs`.
 
 use std::collections::{HashSet, VecDeque};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,8 +26,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
-use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::guard::{self, Limits, PrivateDir};
 use super::history::History;
@@ -87,11 +92,34 @@ enum Job {
     Inspect(Message),
 }
 
+/// The socket a message leaves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Channel {
+    Shell,
+    Control,
+    Stdin,
+    Iopub,
+}
+
+/// Messages for the sockets, from any thread, in one queue: the I/O thread sends them in the
+/// order they were queued. A byte on `wake` rouses it from `zmq::poll`.
+struct Outbox {
+    queue: crossbeam_channel::Sender<(Channel, Message)>,
+    wake: UnixStream,
+}
+
+impl Outbox {
+    fn send(&self, channel: Channel, msg: Message) {
+        if self.queue.send((channel, msg)).is_ok() {
+            // Non-blocking: a full pipe already holds a wake-up the I/O thread has yet to read.
+            let _ = (&self.wake).write(&[1]);
+        }
+    }
+}
+
 struct Shared {
     hf: HeaderFactory,
-    iopub: UnboundedSender<Message>,
-    shell_out: UnboundedSender<Message>,
-    stdin_out: UnboundedSender<Message>,
+    out: Outbox,
     /// Holds at most one reply: only the input_reply to the pending input_request is let in.
     stdin_replies: crossbeam_channel::Receiver<Message>,
     /// msg_id of the input_request a cell is waiting on. Replies that arrive while none is
@@ -111,19 +139,28 @@ struct Shared {
     shutdown: tokio::sync::Notify,
 }
 
+/// Ends the kernel after a short grace period, in which the I/O thread sends the reply and `idle`.
+fn shut_down_soon(shared: &Arc<Shared>) {
+    let shared = shared.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        shared.shutdown.notify_one();
+    });
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn publish(&self, parent: &Value, msg_type: &str, content: Value) {
-        let _ = self.iopub.send(self.hf.broadcast(parent, msg_type, content));
+        self.out.send(Channel::Iopub, self.hf.broadcast(parent, msg_type, content));
     }
     fn status(&self, parent: &Value, state: &str) {
         self.publish(parent, "status", json!({"execution_state": state}));
     }
     fn reply(&self, req: &Message, msg_type: &str, content: Value) {
-        let _ = self.shell_out.send(self.hf.child_of(req, msg_type, content));
+        self.out.send(Channel::Shell, self.hf.child_of(req, msg_type, content));
     }
     fn stream(&self, parent: &Value, name: &str, text: &str) {
         self.publish(parent, "stream", json!({"name": name, "text": text}));
@@ -144,31 +181,50 @@ impl Shared {
 /// Runs the kernel until shutdown. `slot` must already be locked and exported to the
 /// environment (see `engine::prepare_process_env`).
 pub fn run(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
-    // zeromq 0.7 removes a disconnected peer with a blocking lock (`scc::HashMap::remove_sync` in
-    // `peer_disconnected`) from inside its async tasks, and both the receive half and the peer's
-    // writer call it for the same peer. With two workers both can block there while the lock is
-    // promised to an async task that needs a worker to run: the runtime stops for good (seen twice
-    // under the wire fuzzer with seed 1 at load 16; backtraces in benches/README.md). More workers
-    // make that need more simultaneous disconnects; only a binding without blocking locks in its
-    // async paths removes it.
-    // glibc gives each thread that allocates its own arena; six workers with freshly split
-    // arenas each kept their own high-water mark (wire fuzzer: +8.6 % RSS over 100,000 frames,
-    // against +3.7 % with two workers). Two arenas are plenty for a process that mostly waits.
-    // SAFETY: mallopt only sets an allocator parameter, and glibc's takes its own lock.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(6).enable_all().build()?;
+    // The runtime only carries the guard's relays (plain tokio I/O, no blocking locks), so the
+    // two workers of a 2-core machine suffice. The zeromq crate's blocking `peer_disconnected`
+    // lock, which stopped a two-worker runtime for good under connection churn, is gone with it.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(conn, slot))
 }
 
-async fn bind<S: Socket>(socket: &mut S, endpoint: &str) -> anyhow::Result<()> {
-    socket.bind(endpoint).await.map_err(|e| anyhow::anyhow!("cannot bind {endpoint}: {e}"))?;
-    Ok(())
+/// Largest frame libzmq accepts from a peer; a frame header declaring more drops the peer
+/// before anything is allocated. The guard also caps whole messages at this size.
+const MAX_FRAME: u64 = guard::DEFAULT_MAX_MESSAGE;
+
+/// The kernel's five sockets, owned by the I/O thread.
+struct Sockets {
+    shell: zmq::Socket,
+    control: zmq::Socket,
+    stdin: zmq::Socket,
+    iopub: zmq::Socket,
+    hb: zmq::Socket,
 }
 
-fn to_zmq(frames: Vec<Bytes>) -> Option<ZmqMessage> {
-    ZmqMessage::try_from(frames).ok()
+impl Sockets {
+    fn bind(ctx: &zmq::Context, private: &PrivateDir) -> anyhow::Result<Sockets> {
+        let open = |kind: zmq::SocketType, name: &str| -> anyhow::Result<zmq::Socket> {
+            let endpoint = private.endpoint(name);
+            let s = ctx.socket(kind).map_err(|e| anyhow::anyhow!("cannot create the {name} socket: {e}"))?;
+            s.set_maxmsgsize(MAX_FRAME as i64).map_err(|e| anyhow::anyhow!("{name}: ZMQ_MAXMSGSIZE: {e}"))?;
+            // The process exits without closing sockets; nothing should wait for peers then.
+            s.set_linger(0).map_err(|e| anyhow::anyhow!("{name}: ZMQ_LINGER: {e}"))?;
+            if kind == zmq::XPUB {
+                // Every SUBSCRIBE reaches the kernel, not only a topic's first: each client is
+                // welcomed (JEP 65), also the second one subscribing to "".
+                s.set_xpub_verbose(true).map_err(|e| anyhow::anyhow!("{name}: ZMQ_XPUB_VERBOSE: {e}"))?;
+            }
+            s.bind(&endpoint).map_err(|e| anyhow::anyhow!("cannot bind {endpoint}: {e}"))?;
+            Ok(s)
+        };
+        Ok(Sockets {
+            shell: open(zmq::ROUTER, "shell")?,
+            control: open(zmq::ROUTER, "control")?,
+            stdin: open(zmq::ROUTER, "stdin")?,
+            iopub: open(zmq::XPUB, "iopub")?,
+            hb: open(zmq::REP, "hb")?,
+        })
+    }
 }
 
 async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
@@ -180,35 +236,26 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
             conn.ip
         );
     }
-    // Each zeromq socket listens privately; the guard serves the public endpoint in front of it.
+    // Each libzmq socket listens privately; the guard serves the public endpoint in front of it.
     let private = PrivateDir::create()?;
+    let ctx = zmq::Context::new();
+    let sockets = Sockets::bind(&ctx, &private)?;
     let limits = Limits::default();
-    let mut shell = zeromq::RouterSocket::new();
-    bind(&mut shell, &private.endpoint("shell")).await?;
-    let mut control = zeromq::RouterSocket::new();
-    bind(&mut control, &private.endpoint("control")).await?;
-    let mut stdin = zeromq::RouterSocket::new();
-    bind(&mut stdin, &private.endpoint("stdin")).await?;
-    let mut iopub = zeromq::XPubSocket::new();
-    bind(&mut iopub, &private.endpoint("iopub")).await?;
-    let mut hb = zeromq::RepSocket::new();
-    bind(&mut hb, &private.endpoint("hb")).await?;
     for (name, port) in
         [("shell", conn.shell_port), ("control", conn.control_port), ("stdin", conn.stdin_port), ("iopub", conn.iopub_port), ("hb", conn.hb_port)]
     {
         guard::serve(name, &conn.endpoint(port), &private.path.join(name), limits).await?;
     }
 
-    let (iopub_tx, iopub_rx) = unbounded_channel();
-    let (shell_tx, shell_rx) = unbounded_channel();
-    let (stdin_tx, stdin_rx) = unbounded_channel();
+    let (wake_tx, wake_rx) = UnixStream::pair()?;
+    wake_tx.set_nonblocking(true)?;
+    wake_rx.set_nonblocking(true)?;
+    let (out_tx, out_rx) = crossbeam_channel::unbounded();
     let (stdin_reply_tx, stdin_reply_rx) = crossbeam_channel::bounded(1);
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
     let shared = Arc::new(Shared {
         hf: HeaderFactory::new(),
-        iopub: iopub_tx,
-        shell_out: shell_tx,
-        stdin_out: stdin_tx,
+        out: Outbox { queue: out_tx, wake: wake_tx },
         stdin_replies: stdin_reply_rx,
         awaiting_input: Mutex::new(None),
         current_parent: Mutex::new(json!({})),
@@ -222,107 +269,15 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
         shutdown: tokio::sync::Notify::new(),
     });
 
-    // Heartbeat: echo whatever arrives.
-    // A client that disconnects mid-exchange makes recv/send fail; the heartbeat must outlive it.
-    tokio::spawn(async move {
-        loop {
-            match hb.recv().await {
-                Ok(m) => {
-                    let _ = hb.send(m).await;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            }
-        }
-    });
-
-    tokio::spawn(iopub_task(iopub, iopub_rx, signer.clone(), shared.hf.clone()));
-
-    let (shell_send, mut shell_recv) = shell.split();
-    tokio::spawn(writer_task(shell_send, shell_rx, signer.clone()));
-    let (stdin_send, mut stdin_recv) = stdin.split();
-    tokio::spawn(writer_task(stdin_send, stdin_rx, signer.clone()));
-
     {
-        let signer = signer.clone();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok(m) = stdin_recv.recv().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                match wire::decode(m.into_vec(), &signer) {
-                    Ok(msg) if msg.msg_type() == "input_reply" => {
-                        if shared.expects_input_reply(&msg) {
-                            // A second reply to the same request finds the slot full and is dropped.
-                            let _ = stdin_reply_tx.try_send(msg);
-                        } else {
-                            eprintln!("pivot-kernel: dropped input_reply: no input_request is waiting for it");
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => eprintln!("pivot-kernel: dropped stdin message: {e}"),
-                }
-            }
-        });
+        let io = IoThread { sockets, outbox: out_rx, wake: wake_rx, signer, shared: shared.clone(), stdin_replies: stdin_reply_tx };
+        std::thread::Builder::new().name("pivot-zmq".into()).spawn(move || io.run())?;
     }
-
     {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("pivot-engine".into())
             .spawn(move || engine_thread(shared, jobs_rx, slot))?;
-    }
-
-    {
-        let shared = shared.clone();
-        let signer = signer.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok(m) = shell_recv.recv().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                match wire::decode(m.into_vec(), &signer) {
-                    Ok(msg) => handle_shell(&shared, msg),
-                    Err(e) => eprintln!("pivot-kernel: dropped shell message: {e}"),
-                }
-            }
-        });
-    }
-
-    {
-        let shared = shared.clone();
-        let signer = signer.clone();
-        tokio::spawn(async move {
-            let (mut send, mut recv) = control.split();
-            loop {
-                let Ok(m) = recv.recv().await else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                let msg = match wire::decode(m.into_vec(), &signer) {
-                    Ok(msg) => msg,
-                    Err(e) => {
-                        eprintln!("pivot-kernel: dropped control message: {e}");
-                        continue;
-                    }
-                };
-                let (reply_type, content, exit) = handle_control(&shared, &msg);
-                let Some(reply_type) = reply_type else { continue };
-                shared.status(&msg.header, "busy");
-                let reply = shared.hf.child_of(&msg, &reply_type, content);
-                if let Some(z) = to_zmq(wire::encode(&reply, &signer)) {
-                    let _ = send.send(z).await;
-                }
-                shared.status(&msg.header, "idle");
-                if exit {
-                    // Let the writers flush the reply and idle before the process ends.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    shared.shutdown.notify_one();
-                }
-            }
-        });
     }
 
     // SIGTERM (a front end giving up on shutdown_request) ends the kernel the same way.
@@ -340,46 +295,158 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
     std::process::exit(0)
 }
 
-async fn iopub_task(mut sock: zeromq::XPubSocket, mut rx: UnboundedReceiver<Message>, signer: Signer, hf: HeaderFactory) {
-    loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { return };
-                let topic = Bytes::from(format!("kernel.{}.{}", hf.session, msg.msg_type()));
-                let mut frames = vec![topic];
-                frames.extend(wire::encode(&msg, &signer));
-                if let Some(z) = to_zmq(frames) {
-                    let _ = sock.send(z).await;
-                }
-            }
-            sub = sock.recv() => {
-                // JEP 65: greet each new subscriber so clients know iopub is connected before
-                // they send requests (avoids losing the first outputs to the PUB/SUB race).
-                if let Ok(sub) = sub {
-                    if let Some(frame) = sub.get(0) {
-                        if frame.first() == Some(&1) {
-                            let topic = String::from_utf8_lossy(&frame[1..]).into_owned();
-                            let msg = hf.broadcast(&json!({}), "iopub_welcome", json!({"subscription": topic}));
-                            let mut frames = vec![Bytes::from(topic.into_bytes())];
-                            frames.extend(wire::encode(&msg, &signer));
-                            if let Some(z) = to_zmq(frames) {
-                                let _ = sock.send(z).await;
-                            }
-                        }
+/// Messages read from one socket per round before the others get their turn: a peer flooding
+/// one socket cannot starve the rest, and control is always read first.
+const BATCH: usize = 64;
+
+/// The thread that owns the sockets: reads requests, answers what needs no engine, echoes the
+/// heartbeat, and sends everything queued in the [`Outbox`].
+struct IoThread {
+    sockets: Sockets,
+    outbox: crossbeam_channel::Receiver<(Channel, Message)>,
+    wake: UnixStream,
+    signer: Signer,
+    shared: Arc<Shared>,
+    /// Holds at most one reply: only the input_reply to the pending input_request is let in.
+    stdin_replies: crossbeam_channel::Sender<Message>,
+}
+
+impl IoThread {
+    fn run(self) {
+        loop {
+            let ready = {
+                let s = &self.sockets;
+                let mut items = [
+                    s.control.as_poll_item(zmq::POLLIN),
+                    s.shell.as_poll_item(zmq::POLLIN),
+                    s.stdin.as_poll_item(zmq::POLLIN),
+                    s.iopub.as_poll_item(zmq::POLLIN),
+                    s.hb.as_poll_item(zmq::POLLIN),
+                    zmq::PollItem::from_fd(self.wake.as_raw_fd(), zmq::POLLIN),
+                ];
+                if let Err(e) = zmq::poll(&mut items, -1) {
+                    if e != zmq::Error::EINTR {
+                        eprintln!("pivot-kernel: zmq_poll failed: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
                     }
+                    continue;
+                }
+                items.map(|i| i.is_readable())
+            };
+            if ready[0] {
+                self.drain(&self.sockets.control, |io, frames| io.on_control(frames));
+            }
+            if ready[4] {
+                self.drain(&self.sockets.hb, |io, frames| {
+                    let _ = io.sockets.hb.send_multipart(frames, zmq::DONTWAIT);
+                });
+            }
+            if ready[1] {
+                self.drain(&self.sockets.shell, |io, frames| io.on_shell(frames));
+            }
+            if ready[2] {
+                self.drain(&self.sockets.stdin, |io, frames| io.on_stdin(frames));
+            }
+            if ready[3] {
+                self.drain(&self.sockets.iopub, |io, frames| io.on_subscription(frames));
+            }
+            if ready[5] {
+                let mut buf = [0u8; 256];
+                while matches!((&self.wake).read(&mut buf), Ok(n) if n > 0) {}
+            }
+            // Replies queued by the handlers above go out in this same round.
+            for (channel, msg) in self.outbox.try_iter() {
+                self.send(channel, &msg);
+            }
+        }
+    }
+
+    fn drain(&self, socket: &zmq::Socket, mut handle: impl FnMut(&Self, Vec<Vec<u8>>)) {
+        for _ in 0..BATCH {
+            match socket.recv_multipart(zmq::DONTWAIT) {
+                Ok(frames) => handle(self, frames),
+                Err(zmq::Error::EAGAIN) => return,
+                Err(e) => {
+                    eprintln!("pivot-kernel: receive failed: {e}");
+                    return;
                 }
             }
         }
     }
-}
 
-async fn writer_task(mut send: zeromq::RouterSendHalf, mut rx: UnboundedReceiver<Message>, signer: Signer) {
-    while let Some(msg) = rx.recv().await {
-        if let Some(z) = to_zmq(wire::encode(&msg, &signer)) {
-            if let Err(e) = send.send(z).await {
-                eprintln!("pivot-kernel: could not send {}: {e}", msg.msg_type());
+    fn send(&self, channel: Channel, msg: &Message) {
+        let mut frames: Vec<Bytes> = Vec::new();
+        let socket = match channel {
+            Channel::Shell => &self.sockets.shell,
+            Channel::Control => &self.sockets.control,
+            Channel::Stdin => &self.sockets.stdin,
+            Channel::Iopub => {
+                frames.push(Bytes::from(format!("kernel.{}.{}", self.shared.hf.session, msg.msg_type())));
+                &self.sockets.iopub
+            }
+        };
+        frames.extend(wire::encode(msg, &self.signer));
+        // Never blocks: a ROUTER drops a message for a peer that is gone or over its high-water
+        // mark, and so does XPUB for a subscriber that does not read.
+        if let Err(e) = socket.send_multipart(frames.iter().map(|f| f.as_ref()), zmq::DONTWAIT) {
+            eprintln!("pivot-kernel: could not send {}: {e}", msg.msg_type());
+        }
+    }
+
+    fn decode(&self, frames: Vec<Vec<u8>>, socket: &str) -> Option<Message> {
+        match wire::decode(frames.into_iter().map(Bytes::from).collect(), &self.signer) {
+            Ok(msg) => Some(msg),
+            Err(e) => {
+                eprintln!("pivot-kernel: dropped {socket} message: {e}");
+                None
             }
         }
+    }
+
+    fn on_shell(&self, frames: Vec<Vec<u8>>) {
+        if let Some(msg) = self.decode(frames, "shell") {
+            handle_shell(&self.shared, msg);
+        }
+    }
+
+    fn on_control(&self, frames: Vec<Vec<u8>>) {
+        let Some(msg) = self.decode(frames, "control") else { return };
+        let shared = &self.shared;
+        let (reply_type, content, exit) = handle_control(shared, &msg);
+        let Some(reply_type) = reply_type else { return };
+        shared.status(&msg.header, "busy");
+        shared.out.send(Channel::Control, shared.hf.child_of(&msg, &reply_type, content));
+        shared.status(&msg.header, "idle");
+        if exit {
+            shut_down_soon(shared);
+        }
+    }
+
+    fn on_stdin(&self, frames: Vec<Vec<u8>>) {
+        let Some(msg) = self.decode(frames, "stdin") else { return };
+        if msg.msg_type() != "input_reply" {
+            return;
+        }
+        if self.shared.expects_input_reply(&msg) {
+            // A second reply to the same request finds the slot full and is dropped.
+            let _ = self.stdin_replies.try_send(msg);
+        } else {
+            eprintln!("pivot-kernel: dropped input_reply: no input_request is waiting for it");
+        }
+    }
+
+    /// JEP 65: greet each new subscriber so clients know iopub is connected before they send
+    /// requests (avoids losing the first outputs to the PUB/SUB race).
+    fn on_subscription(&self, frames: Vec<Vec<u8>>) {
+        let Some(frame) = frames.first() else { return };
+        if frame.first() != Some(&1) {
+            return;
+        }
+        let topic = String::from_utf8_lossy(&frame[1..]).into_owned();
+        let msg = self.shared.hf.broadcast(&json!({}), "iopub_welcome", json!({"subscription": topic}));
+        let mut out = vec![Bytes::from(topic.into_bytes())];
+        out.extend(wire::encode(&msg, &self.signer));
+        let _ = self.sockets.iopub.send_multipart(out.iter().map(|f| f.as_ref()), zmq::DONTWAIT);
     }
 }
 
@@ -464,11 +531,7 @@ fn handle_shell(shared: &Arc<Shared>, msg: Message) {
                 immediate(&t, content);
             }
             if exit {
-                let shared = shared.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    shared.shutdown.notify_one();
-                });
+                shut_down_soon(shared);
             }
         }
         "execute_request" => {
@@ -644,7 +707,7 @@ fn execute(shared: &Shared, session: Option<&mut Session>, start_error: Option<&
                 let req = shared.hf.child_of(msg, "input_request", json!({"prompt": prompt, "password": password}));
                 *lock(&shared.awaiting_input) = Some(req.msg_id().to_string());
                 while shared.stdin_replies.try_recv().is_ok() {}
-                let _ = shared.stdin_out.send(req);
+                shared.out.send(Channel::Stdin, req);
                 let value = match shared.stdin_replies.recv() {
                     Ok(r) => r.content.get("value").and_then(Value::as_str).unwrap_or("").to_string(),
                     Err(_) => String::new(),
