@@ -15,9 +15,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Metrics: `pivot-train` appends each SFT/DPO step's `StepMetrics` as a JSON line to the file
-//! named by `PIVOT_METRICS_JSONL` (rank 0 only); the launcher reads the lines as they are written.
-//! Stage 1 writes none (its trainers take no step hooks), so its runs show no progress here.
+//! Metrics: `pivot-train` appends each step's `StepMetrics` as a JSON line to the file named by
+//! `PIVOT_METRICS_JSONL` (rank 0 only); the launcher reads the lines as they are written. Stage 1's
+//! two parts make one count (the full part's steps follow the projector part's).
 //!
 //! Stopping: torchrun starts each rank in a session of its own, so no single signal reaches them
 //! all. The launcher starts torchrun in a new process group and keeps the ranks' pids (children of
