@@ -65,7 +65,7 @@ kernel: venv rust-src
 # The study: every notebooks/NN_*.ipynb in order on the "pivot" kernel, in one folder (OUT), sharing
 # checkpoints through `out_dir`, then an HTML report (OUT/index.html). Re-running skips notebooks
 # already done with the same source; STUDY_ARGS=--force runs them all (see tools/run_study.py).
-demo: papermill kernel
+demo: papermill kernel train-bin
 	$(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
 
 # The prelude's tests build into the kernel's warm build slot 0 with the flags evcxr uses there
@@ -75,9 +75,19 @@ HOST         := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 SLOT0_TARGET := $(PIVOT_CACHE_DIR)/slots/0/target
 PRELUDE_TEST := RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) cargo test -p pivot --target $(HOST)
 
+# pivot-train with Gloo, for 03's launch section (`pivot::train::launch` finds it through
+# PIVOT_TRAIN_BIN, which reaches the kernel) and tests/dist. Built in slot 0 with the features the
+# prelude's tests give it (cli, test-hooks: inert unless a PIVOT_INJECT_* variable is set), so
+# `make test`'s cargo test and `make demo` share one build of it. Without Gloo's headers it builds
+# without data parallelism and a launch of 2 ranks fails with a message saying so.
+export PIVOT_TRAIN_BIN ?= $(SLOT0_TARGET)/$(HOST)/debug/pivot-train
+.PHONY: train-bin
+train-bin: venv gloo cuda-headers
+	RUSTFLAGS=-Cprefer-dynamic CARGO_TARGET_DIR=$(SLOT0_TARGET) cargo build -p pivot --features cli,test-hooks --bin pivot-train --target $(HOST)
+
 test: pydeps fixtures rust-src kernel gloo cuda-headers
 	$(PRELUDE_TEST) --no-fail-fast
-	PIVOT_TRAIN_BIN=$(SLOT0_TARGET)/$(HOST)/debug/pivot-train $(PY) -m pytest -q tests/dist
+	$(PY) -m pytest -q tests/dist
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo test -p pivot-markers -p pivot-engine -p pivot-kernel -p pivot-repl --no-fail-fast
 	command -v tmux >/dev/null || { apt-get update -qq && apt-get install -y -qq tmux; }
 	PIVOT_REPL_BIN=$(KERNEL_TARGET)/debug/pivot-repl $(PY) -m pytest -q tests/kernel tests/repl tests/notebooks

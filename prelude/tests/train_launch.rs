@@ -4,7 +4,7 @@
 //! process's own static, which a second test running in parallel could see.
 //!
 //! torchrun is the venv's (beside $PIVOT_PYTHON, as the Makefile sets it); pivot-train is this
-//! package's binary. Cost: two torchrun launches of the tiny MLLM, about 10 s on 2 cores.
+//! package's binary. Cost: three torchrun launches of the tiny MLLM, about 13 s on 2 cores.
 
 use pivot::prelude::*;
 use pivot::runtime::interrupt_flag;
@@ -84,5 +84,15 @@ fn a_two_rank_run_streams_its_loss_loads_back_and_stops_whole_on_interrupt() {
     assert!(!interrupt_flag().load(Ordering::SeqCst), "the request is consumed");
     let left = survivors(&cfg.display().to_string());
     assert!(left.is_empty(), "processes of the interrupted launch still run: {left:?}");
+
+    // A missing binary is named before anything starts; a rank's own error leads a failure's
+    // message (torchrun's report of the failed workers follows it).
+    let err = Launch::new(&cfg, 2).bin(dir.join("no-such-pivot-train")).run().err().expect("no binary").to_string();
+    assert!(err.contains("no-such-pivot-train") && err.contains("PIVOT_TRAIN_BIN"), "{err}");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "stage = \"dpo\"\n[data]\nworld = { samples = 4 }\n[dpo.train]\nbatch_sise = 2\n").unwrap();
+    let err = Launch::new(&bad, 2).bin(bin).live(false).env(env[0].0, env[0].1).run().err().expect("a bad config fails").to_string();
+    let first = err.lines().nth(1).unwrap_or("");
+    assert!(first.starts_with("pivot-train rank ") && first.contains("batch_sise"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -6,6 +6,7 @@ The binary comes from PIVOT_TRAIN_BIN, else the prelude's test build in warm slo
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -275,3 +276,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_stage1_reports_both_parts_steps_as_one_count(tmp_path):
+    """PIVOT_METRICS_JSONL (what `train::launch` follows) gets every step of stage 1: the projector
+    part's, then the full part's numbered after them, with the losses log.csv records."""
+    out, metrics = tmp_path / "s1", tmp_path / "metrics.jsonl"
+    parts = "".join(f"[stage1.{part}]\nbatch_size = 2\nmax_steps = 2\nwarmup_ratio = 0.0\nlive = false\n" for part in ("projector", "full"))
+    cfg = tmp_path / "s1.toml"
+    cfg.write_text(f'stage = "stage1"\nthreads = 1\n[model]\nseed = 0\noutput = "{out}"\n[data]\nworld = {{ seed = 0, samples = 8 }}\n{parts}')
+    ok(subprocess.run([str(train_bin()), str(cfg)], capture_output=True, text=True, timeout=TIMEOUT, env=env() | {"PIVOT_METRICS_JSONL": str(metrics)}))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4], rows
+    np.testing.assert_allclose([dict(r["values"])["loss"] for r in rows], losses(out), rtol=1e-6)

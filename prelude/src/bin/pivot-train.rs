@@ -43,8 +43,8 @@
 //! give the right values, before a long run is trusted to them (NCCL: on CUDA tensors and on CPU
 //! ones staged through the GPU; at one rank too).
 //!
-//! `PIVOT_METRICS_JSONL=PATH`: rank 0 appends each SFT/DPO step's metrics to PATH, one JSON object
-//! a line (`{"step":1,"epoch":0.25,"values":[["loss",0.69],...]}`, `StepMetrics`), written whole
+//! `PIVOT_METRICS_JSONL=PATH`: rank 0 appends each step's metrics to PATH (stage 1: the full part's
+//! steps numbered after the projector part's), one JSON object a line (`{"step":1,"epoch":0.25,"values":[["loss",0.69],...]}`, `StepMetrics`), written whole
 //! per step, so a launcher (`pivot::train::launch`) can follow the run.
 //!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
@@ -311,7 +311,16 @@ fn run(path: &Path) -> Result<()> {
             };
             let mut s = cfg.stage1.clone();
             (s.projector, s.full) = (quiet(s.projector), quiet(s.full));
-            let logs = s.run(&mut mllm, &captions, &vqa()?)?;
+            // One count over both parts (the full part's steps follow the projector's), as the
+            // launcher shows them in one curve and as Stage1Log::plot draws them.
+            let (mut sink, mut offset, mut last) = (sink, 0, 0);
+            let logs = s.run_with(&mut mllm, &captions, &vqa()?, move |row: &StepMetrics| {
+                if row.step <= last {
+                    offset += last;
+                }
+                last = row.step;
+                sink(&StepMetrics { step: offset + row.step, ..row.clone() });
+            })?;
             let mut log = logs.full;
             log.rows.splice(0..0, logs.projector.rows);
             log

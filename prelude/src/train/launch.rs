@@ -15,9 +15,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Metrics: `pivot-train` appends each SFT/DPO step's `StepMetrics` as a JSON line to the file
-//! named by `PIVOT_METRICS_JSONL` (rank 0 only); the launcher reads the lines as they are written.
-//! Stage 1 writes none (its trainers take no step hooks), so its runs show no progress here.
+//! Metrics: `pivot-train` appends each step's `StepMetrics` as a JSON line to the file named by
+//! `PIVOT_METRICS_JSONL` (rank 0 only); the launcher reads the lines as they are written. Stage 1's
+//! two parts make one count (the full part's steps follow the projector part's).
 //!
 //! Stopping: torchrun starts each rank in a session of its own, so no single signal reaches them
 //! all. The launcher starts torchrun in a new process group and keeps the ranks' pids (children of
@@ -103,9 +103,13 @@ impl Launch {
             return Err(PivotError::file(&self.config, "no such config file"));
         }
         let bin = self.bin.clone().or_else(|| std::env::var_os("PIVOT_TRAIN_BIN").map(PathBuf::from)).unwrap_or_else(|| "pivot-train".into());
+        let bin = executable(&bin).ok_or_else(|| {
+            PivotError::file(&bin, "no pivot-train binary here (build it with `make train-bin`, or `cargo build -p pivot --features cli --bin pivot-train`, and set PIVOT_TRAIN_BIN to it)")
+        })?;
         let torchrun = self.torchrun.clone().unwrap_or_else(|| {
             std::env::var_os("PIVOT_PYTHON").map(|py| Path::new(&py).with_file_name("torchrun")).filter(|p| p.is_file()).unwrap_or_else(|| "torchrun".into())
         });
+        let torchrun = executable(&torchrun).ok_or_else(|| PivotError::file(&torchrun, "no torchrun here (it comes with torch: PIVOT_PYTHON's venv, or PATH)"))?;
         let file = |p: &Path| std::fs::File::create(p).map_err(|e| PivotError::file(p, e));
         let mut cmd = Command::new(&torchrun);
         cmd.args(["--standalone", "--nproc-per-node", &self.nproc.to_string(), "--no-python"])
@@ -165,8 +169,7 @@ impl Launch {
         let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
         let (stdout, stderr) = (read(&out), read(&err));
         if !status.success() {
-            let tail: String = stderr.lines().rev().take(20).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            return Err(PivotError::invalid(format!("pivot-train ×{} failed ({status}) after {} steps:\n{tail}", self.nproc, log.len())));
+            return Err(PivotError::invalid(format!("pivot-train ×{} failed ({status}) after {} steps:\n{}", self.nproc, log.len(), failure_report(&stderr))));
         }
         Ok(LaunchedRun { log, stdout, stderr, ranks: group.ranks })
     }
@@ -246,6 +249,25 @@ impl Group {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// What a failed run said: first each rank's own error line (`pivot-train rank N: ...`), which
+/// torchrun's long report of the failed workers would otherwise push out of view, then the last
+/// lines of the captured stderr.
+fn failure_report(stderr: &str) -> String {
+    let own: Vec<&str> = stderr.lines().filter(|l| l.starts_with("pivot-train rank ") || l.starts_with("pivot-train: ")).collect();
+    let lines: Vec<&str> = stderr.lines().collect();
+    let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+    if own.is_empty() { tail } else { format!("{}\n--- torchrun's stderr, last lines:\n{tail}", own.join("\n")) }
+}
+
+/// `path` itself when it names a file; a bare name (no `/`) is looked up on PATH, as exec does.
+fn executable(path: &Path) -> Option<PathBuf> {
+    if path.components().count() > 1 || path.is_absolute() {
+        return path.is_file().then(|| path.to_path_buf());
+    }
+    let dirs = std::env::var_os("PATH")?;
+    std::env::split_paths(&dirs).map(|d| d.join(path)).find(|p| p.is_file())
 }
 
 /// Whether `pid` is a live process (a zombie, dead but not yet reaped, counts as gone).
