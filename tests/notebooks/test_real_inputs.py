@@ -20,19 +20,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from pivot_testing import private_kernelspec
 
 papermill = pytest.importorskip("papermill")
 
 ROOT = Path(__file__).resolve().parents[2]
 NB_DIR = ROOT / "notebooks"
 TIMEOUT = 1500
-
-
-@pytest.fixture(scope="module")
-def jupyter_path():
-    with private_kernelspec("pivot-real-jupyter-") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
