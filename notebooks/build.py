@@ -184,6 +184,57 @@ fn load_preferences(name: &str, file: &str, image_root: &str) -> Result<Preferen
 }
 """
 
+# Probe / evaluation data parameters of 04, 05 and 08: "" = the embedded ShapesWorld set; else a folder
+# in a layout the prelude reads. Loaded in the first cell after the parameters, so a bad one stops there.
+PATH_FN = """
+/// A path parameter must name something that exists; the error names the parameter and the path.
+fn existing_path(name: &str, path: &str) -> Result<String> {
+    if std::path::Path::new(path).exists() { Ok(path.to_string()) } else { Err(PivotError::invalid(format!("parameter {name}: {path} does not exist"))) }
+}
+"""
+PROBE_DATA_FN = PATH_FN + """/// An ImageFolder (`root/<class>/<image>`, the torchvision / ImageNet layout) parameter: about `n` images,
+/// the same number from every class (the folder's first, by name), so that a subset still has every class.
+fn load_image_folder(name: &str, dir: &str, n: usize) -> Result<ClassificationDataset> {
+    let dir = existing_path(name, dir)?;
+    let classes = std::fs::read_dir(&dir).map_err(|e| PivotError::file(&dir, e.to_string()))?
+        .filter_map(|e| e.ok()).filter(|e| e.path().is_dir() && !e.file_name().to_string_lossy().starts_with('.')).count();
+    let per_class = n.div_ceil(classes.max(1)).max(1);
+    Ok(ImageFolder::open_with(&dir, LoadOptions::default().with_limit(per_class))?.into_dataset())
+}
+/// A probe's train and validation ImageFolders: both given or both empty, with the same classes.
+fn load_probe_folders(train: &str, val: &str, n_train: usize, n_val: usize) -> Result<Option<(ClassificationDataset, ClassificationDataset)>> {
+    match (train.is_empty(), val.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => {
+            let (t, v) = (load_image_folder("probe_train_data", train, n_train)?, load_image_folder("probe_val_data", val, n_val)?);
+            if t.class_names != v.class_names {
+                return Err(PivotError::invalid(format!("parameters probe_train_data and probe_val_data: the class folders differ ({:?} in {train}, {:?} in {val})", t.class_names, v.class_names)));
+            }
+            Ok(Some((t, v)))
+        }
+        _ => Err(PivotError::invalid("parameters probe_train_data and probe_val_data: give both ImageFolders, or neither for ShapesWorld")),
+    }
+}
+"""
+SEG_DATA_FN = PATH_FN + """
+/// A segmentation root parameter, told apart by its image folders: ADE20K SceneParsing
+/// (`ADEChallengeData2016/`: images/training, images/validation) or COCO-Stuff 164k (images/train2017,
+/// images/val2017), with the annotations beside them; the first `n` images of `split`.
+fn load_seg(name: &str, root: &str, split: Split, n: usize) -> Result<SegDataset> {
+    let root = existing_path(name, root)?;
+    let r = std::path::Path::new(&root);
+    let options = LoadOptions::default().with_limit(n);
+    if r.join("images/training").is_dir() {
+        SegDataset::ade20k_with(r, split, options)
+    } else if r.join("images/train2017").is_dir() {
+        SegDataset::coco_stuff_with(r, split, options)
+    } else {
+        Err(PivotError::invalid(format!("parameter {name}: {root} is neither ADE20K (images/training) nor COCO-Stuff 164k (images/train2017)")))
+    }
+}
+"""
+
+
 def nb01():
     return [
         md("""
@@ -660,16 +711,31 @@ let fallback_steps: usize = 3;     // training steps if a checkpoint is missing
 let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
 let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
 let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
+let probe_train_data = String::new(); // probe training images: an ImageFolder (root/<class>/<image>); "" = ShapesWorld
+let probe_val_data = String::new();   // probe validation images: an ImageFolder with the same classes; "" = ShapesWorld
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE),
+        md("""
+## Probe data and the base
+
+The probe images come from the ImageFolder parameters (about `n_train` / `n_val` images, as many from every
+class) or, when those are empty, from `ShapesWorld`; a missing folder or an unreadable image stops here,
+naming it.
+"""),
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + PROBE_DATA_FN + """
+let (train, val): (ClassificationDataset, ClassificationDataset) = match load_probe_folders(&probe_train_data, &probe_val_data, n_train, n_val)? {
+    Some(folders) => folders,
+    None => (world.classification(Split::Train, n_train), world.classification(Split::Val, n_val)),
+};
+// What 08 checks before reusing this notebook's probe results.
+let probe_data: String = if probe_train_data.is_empty() { format!("ShapesWorld seed {seed}: {n_train} train, {n_val} val") } else { format!("ImageFolder {probe_train_data}: {} train, {probe_val_data}: {} val", train.len(), val.len()) };
+println!("probe data: {probe_data}; {} classes", train.class_names.len());
+""" + LOAD_BASE),
         code(LOAD_STAGE2 + """
 let (enc_base, enc_sft, enc_dpo): (VisionEncoder, VisionEncoder, VisionEncoder) = (base.encoder(), sft.encoder(), dpo.encoder());
 println!("towers: {} | {} | {}", enc_base.label(), enc_sft.label(), enc_dpo.label());
 """),
         md("## Fit one probe per tower"),
         code("""
-let train: ClassificationDataset = world.classification(Split::Train, n_train);
-let val: ClassificationDataset = world.classification(Split::Val, n_val);
 let lp_base: EncoderProbeReport = LinearProbe::default().fit(&enc_base, &train, &val)?;
 let lp_sft: EncoderProbeReport = LinearProbe::default().fit(&enc_sft, &train, &val)?;
 let lp_dpo: EncoderProbeReport = LinearProbe::default().fit(&enc_dpo, &train, &val)?;
@@ -678,6 +744,7 @@ lp_dpo
         code("""
 let probe_runs: Runs = Runs::from([&lp_base, &lp_sft, &lp_dpo]);
 probe_runs.save_csv(format!("{out_dir}/linear_probe.csv"))?;
+std::fs::write(format!("{out_dir}/linear_probe_data.txt"), &probe_data)?;
 probe_runs
 """),
         code("""
@@ -687,20 +754,28 @@ probe_fig
 """),
         md("## Checks"),
         code("""
-let chance: f64 = 1.0 / world.num_classes() as f64;
+let n_classes: usize = train.class_names.len();
+let chance: f64 = 1.0 / n_classes as f64;
 for r in [&lp_base, &lp_sft, &lp_dpo] {
     assert!((0.0..=1.0).contains(&r.top1) && r.top5 >= r.top1, "top1 {} top5 {}", r.top1, r.top5);
-    assert_eq!(r.n_train, n_train as i64);
-    assert_eq!(r.n_val, n_val as i64);
-    assert_eq!(r.class_names.len(), world.num_classes());
+    assert_eq!((r.n_train, r.n_val), (train.len() as i64, val.len() as i64));
+    assert_eq!(r.class_names, train.class_names);
     assert_eq!(r.num_features, enc_base.tower().config().hidden_size);
 }
-// top-1 of a tiny tower on 12 classes sits near chance and moves between runs; top-5 shows that
-// the features carry class information (chance top-5 = 5/12) without being a coin toss.
-assert!(lp_base.top5 > 5.0 * chance, "the base tower's probe is at chance (top-5 {})", lp_base.top5);
+if probe_train_data.is_empty() {
+    assert_eq!((train.len(), val.len(), n_classes), (n_train, n_val, world.num_classes()));
+    // top-1 of a tiny tower on 12 classes sits near chance and moves between runs; top-5 shows that
+    // the features carry class information (chance top-5 = 5/12) without being a coin toss.
+    assert!(lp_base.top5 > 5.0 * chance, "the base tower's probe is at chance (top-5 {})", lp_base.top5);
+} else {
+    // Every class of the folders, about as many images of each as asked for.
+    assert!(train.class_counts().iter().all(|&k| k > 0 && k <= n_train.div_ceil(n_classes)), "{:?}", train.class_counts());
+    assert!(val.class_counts().iter().all(|&k| k > 0 && k <= n_val.div_ceil(n_classes)), "{:?}", val.class_counts());
+}
 assert_eq!(probe_runs.len(), 3);
 assert!(std::path::Path::new(&format!("{out_dir}/linear_probe.csv")).is_file());
 assert!(std::path::Path::new(&format!("{out_dir}/linear_probe_top1.png")).is_file());
+assert_eq!(std::fs::read_to_string(format!("{out_dir}/linear_probe_data.txt"))?, probe_data);
 "linear probe: all checks passed"
 """),
     ]
@@ -771,8 +846,23 @@ let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is
 let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
 let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
 let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
+let seg_data = String::new();      // probe data: ADE20K (ADEChallengeData2016/) or COCO-Stuff 164k root; "" = ShapesWorld
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2 + """
+        md("""
+## Probe data and the towers
+
+The probe images and masks come from `seg_data` (the first `n_train` training and `n_val` validation images
+of an ADE20K or COCO-Stuff 164k folder, with its class names) or, when it is empty, from `ShapesWorld`; a
+missing folder, a missing annotation or a bad mask stops here, naming the file.
+"""),
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + SEG_DATA_FN + """
+let (seg_train, seg_val): (SegDataset, SegDataset) = if seg_data.is_empty() {
+    (world.segmentation(Split::Train, n_train), world.segmentation(Split::Val, n_val))
+} else {
+    (load_seg("seg_data", &seg_data, Split::Train, n_train)?, load_seg("seg_data", &seg_data, Split::Val, n_val)?)
+};
+println!("segmentation data: {} train, {} val images, {} classes", seg_train.len(), seg_val.len(), seg_train.class_names.len());
+""" + LOAD_BASE + LOAD_STAGE2 + """
 let (enc_base, enc_sft, enc_dpo): (VisionEncoder, VisionEncoder, VisionEncoder) = (base.encoder(), sft.encoder(), dpo.encoder());
 println!("towers: {} | {} | {}", enc_base.label(), enc_sft.label(), enc_dpo.label());
 """),
@@ -788,9 +878,6 @@ accuracy is high even for a probe that finds few shapes; mIoU is the number to c
 BCE, sigmoid > 0.5; the report is the epoch with the best macro recall, as patch-seg reports it.
 """),
         code("""
-let seg_train: SegDataset = world.segmentation(Split::Train, n_train);
-let seg_val: SegDataset = world.segmentation(Split::Val, n_val);
-println!("classes: {:?}", seg_train.class_names);
 let dense: SegProbe = SegProbe::new(SegMethod::Dense(DenseSegProbe { epochs, ..DenseSegProbe::new(0) })).show(0);
 let seg_base: SegProbeReport = dense.fit(&enc_base, &seg_train, &seg_val)?;
 let seg_sft: SegProbeReport = dense.fit(&enc_sft, &seg_train, &seg_val)?;
@@ -821,7 +908,7 @@ let seg_fig: Figure = {
     let images = few.samples.iter().map(|s| Ok(proc.resize(&s.image.load()?))).collect::<Result<Vec<_>>>()?;
     let truth = mask_tensor(&few, &proc)?;
     let preds = [("base", seg_base.predict(&enc_base, &few)?), ("SFT", seg_sft.predict(&enc_sft, &few)?), ("DPO", seg_dpo.predict(&enc_dpo, &few)?)];
-    seg_comparison_models("dense probe: ground truth vs base / SFT / DPO towers", &images, &truth, &preds, &world.seg_class_names(), 3)?
+    seg_comparison_models("dense probe: ground truth vs base / SFT / DPO towers", &images, &truth, &preds, &seg_train.class_names, 3)?
 };
 seg_fig.save(format!("{out_dir}/seg_probe_maps.png"))?;
 seg_fig
@@ -852,13 +939,25 @@ seg_bars
 """),
         md("## Checks"),
         code("""
-let n_classes: usize = world.seg_class_names().len();
+let n_classes: usize = seg_train.class_names.len();
+if seg_data.is_empty() {
+    assert_eq!((seg_train.len(), seg_val.len(), n_classes), (n_train, n_val, world.seg_class_names().len()));
+} else {
+    assert!(seg_train.len() <= n_train && seg_val.len() <= n_val && !seg_val.is_empty());
+    assert!(n_classes == ADE20K_CLASSES.len() || n_classes == COCO_STUFF_CLASSES.len(), "{n_classes} classes");
+}
 for r in [&seg_base, &seg_sft, &seg_dpo] {
     let SegResult::Dense(d) = &r.result else { panic!("{} is not a dense report", r.encoder()) };
     assert!((0.0..=1.0).contains(&d.miou) && (0.0..=1.0).contains(&d.pixel_accuracy), "{} {}", d.miou, d.pixel_accuracy);
-    assert!(d.pixel_accuracy > 1.0 / n_classes as f64, "pixel accuracy {} is below chance", d.pixel_accuracy);
+    if seg_data.is_empty() {
+        assert!(d.pixel_accuracy > 1.0 / n_classes as f64, "pixel accuracy {} is below chance", d.pixel_accuracy);
+    } else {
+        // A few images against ADE20K's or COCO-Stuff's full class list: no chance level to beat at CI
+        // size, but the probe must learn (its loss falls).
+        assert!(d.train_loss.last() < d.train_loss.first(), "the dense probe did not learn: {:?}", d.train_loss);
+    }
     assert_eq!(d.iou_per_class.len(), n_classes);
-    assert_eq!((d.n_train, d.n_val), (n_train as i64, n_val as i64));
+    assert_eq!((d.n_train, d.n_val), (seg_train.len() as i64, seg_val.len() as i64));
     assert_eq!(d.train_loss.len(), epochs);
     assert!(d.train_loss.iter().all(|l| l.is_finite()));
 }
@@ -1217,8 +1316,35 @@ let fallback_steps: usize = 6;     // stage-1 / stage-2 steps if a checkpoint is
 let base_path = String::new();     // base MLLM folder; "" = {out_dir}/base
 let sft_path = String::new();      // SFT MLLM folder; "" = {out_dir}/sft
 let dpo_path = String::new();      // DPO MLLM folder; "" = {out_dir}/dpo
+let caption_data = String::new();  // transplant step 1: caption JSONL (image, caption) or LLaVA pretraining JSON; "" = ShapesWorld
+let vqa_data = String::new();      // transplant step 2: LLaVA conversation JSON; "" = ShapesWorld
+let choice_data = String::new();   // two-way choice pairs: JSONL (RLAIF-V / MMPR fields) or PIVOT's DPO JSON list; "" = ShapesWorld
+let vqa_eval_data = String::new(); // exact-match VQA (when n_eval > 0): LLaVA JSON; "" = ShapesWorld
+let probe_train_data = String::new(); // linear probe training images: an ImageFolder; "" = ShapesWorld
+let probe_val_data = String::new();   // linear probe validation images: an ImageFolder with the same classes
+let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 """),
-        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + LOAD_BASE + LOAD_STAGE2),
+        md("""
+## Data and the donors
+
+The transplant's stage-1 data, the evaluation sets and the probe images come from the data parameters (the
+first `n_*` samples of each file; about `n_probe_*` images of the ImageFolders, as many per class) or, when
+those are empty, from `ShapesWorld`; a missing file or a bad record stops here, naming the file, line and
+field.
+"""),
+        code("let world: ShapesWorld = ShapesWorld::new(ShapesConfig::default().seed(seed));\n" + DATA_FN + PROBE_DATA_FN + """
+let caps: CaptionDataset = if caption_data.is_empty() { world.captions(Split::Train, n_train) } else { load_captions("caption_data", &caption_data, &image_root)?.take(n_train) };
+let vqa: VqaDataset = if vqa_data.is_empty() { world.vqa(Split::Train, n_train) } else { load_vqa("vqa_data", &vqa_data, &image_root)?.take(n_train) };
+let prefs_val: PreferenceDataset = if choice_data.is_empty() { world.preferences(Split::Val, n_choice) } else { load_preferences("choice_data", &choice_data, &image_root)?.take(n_choice) };
+let vqa_val: VqaDataset = if vqa_eval_data.is_empty() { world.vqa(Split::Val, n_eval) } else { load_vqa("vqa_eval_data", &vqa_eval_data, &image_root)?.take(n_eval) };
+let (probe_train, probe_val): (ClassificationDataset, ClassificationDataset) = match load_probe_folders(&probe_train_data, &probe_val_data, n_probe_train, n_probe_val)? {
+    Some(folders) => folders,
+    None => (world.classification(Split::Train, n_probe_train), world.classification(Split::Val, n_probe_val)),
+};
+// 04's probe results are this notebook's only if 04 probed the same images.
+let probe_data: String = if probe_train_data.is_empty() { format!("ShapesWorld seed {seed}: {n_probe_train} train, {n_probe_val} val") } else { format!("ImageFolder {probe_train_data}: {} train, {probe_val_data}: {} val", probe_train.len(), probe_val.len()) };
+println!("transplant {} captions, {} VQA; held out: {} choice pairs, {} VQA questions; probe {} / {} images", caps.len(), vqa.len(), prefs_val.len(), vqa_val.len(), probe_train.len(), probe_val.len());
+""" + LOAD_BASE + LOAD_STAGE2),
         md("""
 ## Transplant and stage 1 with the tower frozen
 
@@ -1230,8 +1356,6 @@ gives the three MLLMs the same LM and projector initialisation, so only the towe
 let donors: Vec<VisionEncoder> = vec![base.encoder(), sft.encoder(), dpo.encoder()];
 let tower_names: Vec<String> = donors.iter().map(|e| format!("{} tower", e.provenance().stage)).collect();
 let (pivot_models, pivot_logs): (Vec<Mllm>, Vec<Stage1Log>) = {
-    let caps = world.captions(Split::Train, n_train);
-    let vqa = world.vqa(Split::Train, n_train);
     let (mut models, mut logs) = (Vec::new(), Vec::new());
     for donor in &donors {
         tch::manual_seed(seed as i64);
@@ -1260,14 +1384,15 @@ of the base tower, most on vision-centric questions (here: colour, shape, count,
 wrong answer.
 """),
         code("""
-let prefs_val: PreferenceDataset = world.preferences(Split::Val, n_choice);
+// The categories of the choice pairs (ShapesWorld's VQA_CATEGORIES, or the file's `category` values).
+let choice_categories: Vec<String> = prefs_val.samples.iter().map(|s| s.category.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
 let transplant_runs: Runs = {
     let mut runs = Runs::new();
     for (name, m) in tower_names.iter().zip(&pivot_models) {
         let choice = ChoiceEval::default().limit(n_choice).run(m, &prefs_val)?;
         let mut metrics = choice.metrics();
         if n_eval > 0 {
-            let exact = VqaEval { limit: Some(n_eval), ..Default::default() }.run(m, &world.vqa(Split::Val, n_eval))?;
+            let exact = VqaEval { limit: Some(n_eval), ..Default::default() }.run(m, &vqa_val)?;
             println!("{name:>11}: exact match {:.3}", exact.accuracy());
             metrics.extend(exact.metrics());
         }
@@ -1281,7 +1406,7 @@ show(&transplant_runs);
 let transplant_bars: Figure = {
     let get = |r: &RunRecord, k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
     let mut groups = Vec::new();
-    for cat in std::iter::once("all").chain(VQA_CATEGORIES) {
+    for cat in std::iter::once("all").chain(choice_categories.iter().map(String::as_str)) {
         for r in transplant_runs.records() {
             let key = if cat == "all" { "choice_accuracy".to_string() } else { format!("choice_accuracy/{cat}") };
             groups.push(BarGroup::new(format!("{cat}: {}", r.provenance["tower"].trim_end_matches(" tower")), vec![get(r, &key)]));
@@ -1306,7 +1431,8 @@ let frozen_change: Vec<f64> = donors.iter().zip(&pivot_models).map(|(d, m)| {
 }).collect();
 println!("largest weight change of each tower during the transplant: {frozen_change:?}");
 let probe_runs: Runs = {
-    let from_04 = Runs::read_csv(format!("{out_dir}/linear_probe.csv")).ok();
+    let same_data = std::fs::read_to_string(format!("{out_dir}/linear_probe_data.txt")).is_ok_and(|d| d == probe_data);
+    let from_04 = if same_data { Runs::read_csv(format!("{out_dir}/linear_probe.csv")).ok() } else { None };
     let mut runs = Runs::new();
     for ((name, donor), m) in tower_names.iter().zip(&donors).zip(&pivot_models) {
         let stage = donor.provenance().stage.to_string();
@@ -1315,10 +1441,7 @@ let probe_runs: Runs = {
         });
         let (top1, source) = match found {
             Some(v) => (v, "04 (the same frozen tower)"),
-            None => {
-                let train = world.classification(Split::Train, n_probe_train);
-                (LinearProbe::default().fit(&m.encoder(), &train, &world.classification(Split::Val, n_probe_val))?.top1, "fitted here")
-            }
+            None => (LinearProbe::default().fit(&m.encoder(), &probe_train, &probe_val)?.top1, "fitted here"),
         };
         runs.add_metrics(&[("tower", name.as_str()), ("source", source)], Some(seed as i64), &[("top1".to_string(), top1)]);
     }
@@ -1342,8 +1465,13 @@ assert_eq!(transplant_runs.len(), 3);
 for r in transplant_runs.records() {
     assert!((0.0..=1.0).contains(&r.metrics["choice_accuracy"]), "{}", r.metrics["choice_accuracy"]);
     assert_eq!(r.metrics.contains_key("vqa_accuracy"), n_eval > 0);
-    assert_eq!(r.metrics.keys().filter(|k| k.starts_with("choice_accuracy/")).count(), VQA_CATEGORIES.len());
+    let by_category: Vec<&str> = r.metrics.keys().filter_map(|k| k.strip_prefix("choice_accuracy/")).collect();
+    assert_eq!(by_category, choice_categories.iter().map(String::as_str).collect::<Vec<_>>());
 }
+if choice_data.is_empty() {
+    assert_eq!(choice_categories.len(), VQA_CATEGORIES.len());
+}
+assert!(!caps.is_empty() && !vqa.is_empty() && !prefs_val.is_empty());
 assert_eq!(probe_runs.len(), 3);
 assert!(probe_runs.records().iter().all(|r| (0.0..=1.0).contains(&r.metrics["top1"])));
 for f in ["transplant_vqa.csv", "transplant_vqa.png", "transplant_probe.csv"] {

@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/c10d_gloo.cpp");
     println!("cargo:rerun-if-changed=csrc/recompute.cpp");
     println!("cargo:rerun-if-changed=csrc/c10d_nccl.cpp");
+    println!("cargo:rerun-if-changed=csrc/guarded.hpp");
     println!("cargo::rustc-check-cfg=cfg(pivot_fused_optim)");
     println!("cargo::rustc-check-cfg=cfg(pivot_c10d_gloo)");
     println!("cargo::rustc-check-cfg=cfg(pivot_recompute)");

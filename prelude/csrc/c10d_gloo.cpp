@@ -7,6 +7,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include "guarded.hpp"
+
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -14,6 +16,8 @@
 #include <vector>
 
 namespace {
+
+using pivot_c10d::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
@@ -25,18 +29,6 @@ std::vector<at::Tensor> gather(at::Tensor **ts, int n) {
   out.reserve(n);
   for (int i = 0; i < n; ++i) out.push_back(*ts[i]);
   return out;
-}
-
-template <typename F>
-char *guarded(const char *what, F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception &e) {
-    return strdup((std::string(what) + ": " + e.what()).c_str());
-  } catch (...) {
-    return strdup((std::string(what) + ": unknown C++ exception").c_str());
-  }
 }
 
 }  // namespace

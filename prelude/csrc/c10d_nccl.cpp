@@ -12,6 +12,8 @@
 
 #include <c10/cuda/CUDAFunctions.h>
 
+#include "guarded.hpp"
+
 #include <chrono>
 #include <cstring>
 #include <exception>
@@ -20,6 +22,8 @@
 
 namespace {
 
+using pivot_c10d::guarded;
+
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> pg;
@@ -27,18 +31,6 @@ struct Group {
 };
 
 Group *as_group(void *g) { return static_cast<Group *>(g); }
-
-template <typename F>
-char *guarded(const char *what, F f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const std::exception &e) {
-    return strdup((std::string(what) + ": " + e.what()).c_str());
-  } catch (...) {
-    return strdup((std::string(what) + ": unknown C++ exception").c_str());
-  }
-}
 
 // Runs `op` on `t` as a CUDA tensor on the group's device: `t` itself when it is one, else a copy
 // that is written back once the collective has finished.

@@ -198,6 +198,74 @@ fn a_corrupt_image_met_in_training_is_skipped_and_named_or_stops_the_run_naming_
     assert_eq!(from_file.bad_images, SkipPolicy::Skip);
 }
 
+/// DPO under `Skip`: a pair whose image fails is left out of the cached reference pass and of
+/// the policy pass alike (the same pairs), named in the log; a micro-batch with no pair left is
+/// skipped. With lr 0 the policy stays the reference, so a step's `logps/chosen` is that of the
+/// pairs it kept and its rewards are 0 only if both passes scored the same pairs.
+#[test]
+fn dpo_skips_a_pair_with_a_bad_image_in_the_reference_and_the_policy_pass_alike() {
+    let dir = scratch("dpo_on_use");
+    let world = ShapesWorld::new(ShapesConfig::default());
+    let samples: Vec<PreferenceSample> = world
+        .preferences(Split::Train, 8)
+        .samples
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let path = dir.join(format!("img-{i}.png"));
+            s.image.load().unwrap().save(&path).unwrap();
+            PreferenceSample { image: ImageSource::File(path), image_rejected: None, ..s }
+        })
+        .collect();
+    let bad: Vec<PathBuf> = [3, 4, 5].iter().map(|i| dir.join(format!("img-{i}.png"))).collect();
+    let intact: Vec<Vec<u8>> = bad.iter().map(|p| fs::read(p).unwrap()).collect();
+    bad.iter().for_each(|p| corrupt_inside(p));
+    let data = PreferenceDataset::new(samples.clone());
+    tch::manual_seed(0);
+    let init = Mllm::tiny(Device::Cpu);
+    // In order, 2 pairs a step: step 2 keeps pair 2 only, step 3 (pairs 4 and 5) has none left.
+    let train = TrainConfig { shuffle: false, ..TrainConfig::default() }.batch_size(2).max_steps(4).lr(0.0).quiet();
+    for cached_reference in [true, false] {
+        let what = format!("cached_reference {cached_reference}");
+        let strict = DpoConfig { cached_reference, train: train.clone(), ..Default::default() };
+        let err = DpoTrainer::new(strict).run(&mut init.clone(), &data).unwrap_err();
+        assert!(err.to_string().contains("img-3.png"), "{what}: {err}");
+
+        let cfg = DpoConfig { cached_reference, train: train.clone().bad_images(SkipPolicy::Skip), ..Default::default() };
+        let log = DpoTrainer::new(cfg).run(&mut init.clone(), &data).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(log.len(), 4, "{what}");
+        assert_eq!(log.skipped.count, 3, "{what}: {:?}", log.skipped);
+        let named: Vec<&Path> = log.skipped.reasons.iter().map(|r| r.path.as_path()).collect();
+        assert_eq!(named, bad.iter().map(PathBuf::as_path).collect::<Vec<_>>(), "{what}");
+        assert!(log.skipped.reasons.iter().all(|r| r.field == "image"), "{what}: {:?}", log.skipped);
+        assert!(log.to_text(10).contains("img-4.png"), "{what}: {}", log.to_text(10));
+        // Step 3 ran no micro-batch: no loss; the others a finite one over the pairs they kept.
+        assert_eq!(log.rows[2].get("loss"), None, "{what}");
+        for i in [0, 1, 3] {
+            assert!(log.rows[i].get("loss").is_some_and(f64::is_finite), "{what}: step {}", i + 1);
+            let reward = log.rows[i].get("rewards/chosen").unwrap();
+            assert!(reward.abs() < 1e-4, "{what}: step {} rewards/chosen {reward}", i + 1);
+        }
+        let pair_2 = reference_logps(&init, &samples[2..3], 1).unwrap().double_value(&[0, 0]);
+        let step_2 = log.rows[1].get("logps/chosen").unwrap();
+        assert!((step_2 - pair_2).abs() < 1e-3 * pair_2.abs().max(1.0), "{what}: step 2 logps/chosen {step_2} vs pair 2 alone {pair_2}");
+    }
+
+    // Resumed after step 2, the cached reference comes from the checkpoint, where pairs 4 and 5
+    // have NaN rows: they stay out of the policy pass even once their images read again (scored
+    // against a NaN reference they would stop the run with a non-finite loss).
+    let ckpts = dir.join("checkpoints");
+    let skip = DpoConfig { cached_reference: true, train: train.clone().bad_images(SkipPolicy::Skip), ..Default::default() };
+    let saving = DpoConfig { train: skip.train.clone().checkpoints(&ckpts, 2), ..skip.clone() };
+    DpoTrainer::new(saving).run(&mut init.clone(), &data).unwrap();
+    bad.iter().zip(&intact).skip(1).for_each(|(p, bytes)| fs::write(p, bytes).unwrap());
+    let log = DpoTrainer::new(skip).resume(&mut init.clone(), &data, ckpts.join("step-000002")).unwrap();
+    assert_eq!((log.len(), log.skipped.count), (4, 3), "{:?}", log.skipped);
+    assert_eq!(log.skipped.reasons[2].path, bad[2]);
+    assert_eq!(log.rows[2].get("loss"), None);
+    assert!(log.rows[3].get("loss").is_some_and(f64::is_finite));
+}
+
 // ---------------------------------------------------------------- segmentation mask ids
 
 /// Tokens [n, 4, 8] on a 2×2 grid and masks [n, 4, 4] (patch 2) with ids in 0..4 and some 255.

@@ -7,7 +7,7 @@ that 02 and 03 wrote, as in a real study. A test fails on any error cell; every 
 cell of `assert!`s on its key outputs, so a silent failure fails too. Executed copies are written
 to PIVOT_NOTEBOOK_OUT when set (else they stay in the temporary folder).
 
-The kernelspec is installed into a private JUPYTER_PATH from the freshly built binary
+The kernelspec is installed into a private JUPYTER_PATH from the freshly built binary (conftest.py)
 (PIVOT_KERNEL_BIN, else the kernel's cargo target dir), so the test never depends on, or touches,
 the user's kernels.
 """
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from pivot_testing import private_kernelspec
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
@@ -36,12 +35,6 @@ CELL_TIMEOUT = int(os.environ.get("PIVOT_NOTEBOOK_CELL_TIMEOUT", "1500"))
 CI_PARAMS = {
     "09_summary": {"n_seeds": "2usize"},
 }
-
-
-@pytest.fixture(scope="session")
-def jupyter_path():
-    with private_kernelspec("pivot-nb-jupyter-") as path:
-        yield path
 
 
 @pytest.fixture(scope="session")

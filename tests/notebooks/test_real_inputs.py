@@ -20,19 +20,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from pivot_testing import private_kernelspec
 
 papermill = pytest.importorskip("papermill")
 
 ROOT = Path(__file__).resolve().parents[2]
 NB_DIR = ROOT / "notebooks"
 TIMEOUT = 1500
-
-
-@pytest.fixture(scope="module")
-def jupyter_path():
-    with private_kernelspec("pivot-real-jupyter-") as path:
-        yield path
 
 
 @pytest.fixture(scope="module")
@@ -95,5 +88,57 @@ def test_a_bad_data_line_stops_the_notebook_at_its_data_cell(fx, jupyter_path, t
     code = [c for c in nb.cells if c.cell_type == "code"]
     failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     # parameters, injected parameters, then the data cell: nothing trained before the error.
+    assert failed == [2], failed
+    assert not (tmp_path / "base").exists()
+
+
+def test_probes_and_transplant_read_their_data_sets_from_parameters(fx, jupyter_path, tmp_path):
+    """04 probes on two ImageFolders, 05 on the ADE20K layout, 08 transplants on caption JSONL and
+    LLaVA JSON and evaluates on PIVOT's DPO JSON, LLaVA JSON and the ImageFolders. Their towers come
+    from the fallback (1 step per stage, made by 04 and reused), so only the data is real-format."""
+    data = fx / "data"
+    out = tmp_path / "probes"
+    out.mkdir()
+    small = {"out_dir": str(out), "fallback_steps": 1, "batch_size": 4}
+    folders = {"probe_train_data": str(data / "imagefolder"), "probe_val_data": str(data / "imagefolder_val")}
+
+    log04 = text_of(run("04_linear_probe.ipynb", out, {**small, **folders, "n_train": 12, "n_val": 8}))
+    assert "linear probe: all checks passed" in log04, log04[-3000:]
+    # 3 images of each of the 4 colour folders, 2 of each held out.
+    assert (f"probe data: ImageFolder {data / 'imagefolder'}: 12 train, {data / 'imagefolder_val'}: 8 val; 4 classes"
+            in log04), log04[:3000]
+
+    log05 = text_of(run("05_seg_probe.ipynb", out, {
+        **small, "seg_data": str(data / "ADEChallengeData2016"), "n_train": 8, "n_val": 4, "epochs": 3,
+        "patch_seg_epochs": 2, "patch_seg_hidden": 16, "show": 2,
+    }))
+    assert "segmentation probe: all checks passed" in log05, log05[-3000:]
+    assert "segmentation data: 8 train, 4 val images, 150 classes" in log05, log05[:3000]
+
+    log08 = text_of(run("08_transplant.ipynb", out, {
+        **small, **folders, "caption_data": str(data / "captions.jsonl"), "vqa_data": str(data / "llava_sft.json"),
+        "choice_data": str(data / "pivot_dpo.json"), "vqa_eval_data": str(data / "llava_sft.json"),
+        "n_train": 8, "proj_steps": 2, "full_steps": 2, "n_choice": 8, "n_eval": 2, "n_probe_train": 12, "n_probe_val": 8,
+    }))
+    assert "PIVOT transplant: all checks passed" in log08, log08[-3000:]
+    assert "transplant 8 captions, 8 VQA; held out: 8 choice pairs, 2 VQA questions; probe 12 / 8 images" in log08, log08[:3000]
+    # 04 probed the same ImageFolders, so 08 reads its results instead of fitting again.
+    assert "04 (the same frozen tower)" in log08 and "fitted here" not in log08, log08[-3000:]
+
+
+@pytest.mark.parametrize("name, params, named", [
+    ("05_seg_probe.ipynb", {"seg_data": "{tmp}/no-such-ade"}, "parameter seg_data: {tmp}/no-such-ade does not exist"),
+    ("08_transplant.ipynb", {"choice_data": "{data}/bad_line.jsonl"}, "bad_line.jsonl:3:"),
+])
+def test_a_bad_data_parameter_stops_04_05_08_at_their_data_cell(fx, jupyter_path, tmp_path, name, params, named):
+    fill = {"tmp": str(tmp_path), "data": str(fx / "data")}
+    with pytest.raises(papermill.PapermillExecutionError) as err:
+        run(name, tmp_path, {"out_dir": str(tmp_path), **{k: v.format(**fill) for k, v in params.items()}})
+    message = str(err.value)
+    assert named.format(**fill) in message, message
+    nb = nbformat.read(tmp_path / name, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    failed = [i for i, c in enumerate(code) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    # parameters, injected parameters, then the data cell: no model loaded or trained before the error.
     assert failed == [2], failed
     assert not (tmp_path / "base").exists()

@@ -9,7 +9,8 @@ the study notebooks on real-format inputs (tests/notebooks/test_real_inputs.py).
 - data/: PNG scenes (one coloured square on a grey ground) and
   captions.jsonl (image, caption), blip_pretrain.json (LLaVA pretraining: BLIP558K layout),
   llava_sft.json (LLaVA conversations), mmpr.jsonl (MMPR / RLAIF-V preference fields, with extra
-  keys), pivot_dpo.json (PIVOT's DPO list, `prompt` = "<image>\\n…"), imagefolder/<class>/*.png,
+  keys), pivot_dpo.json (PIVOT's DPO list, `prompt` = "<image>\\n…"), imagefolder/<class>/*.png (and
+  imagefolder_val/, 2 other scenes per class),
   ADEChallengeData2016/ (ADE20K SceneParsing layout, reduce-zero-label masks) and cocostuff/
   (COCO-Stuff 164k layout); bad_line.jsonl: mmpr.jsonl with line 3 truncated.
 
@@ -175,6 +176,10 @@ def data(out: str) -> None:
     for n, c, *_ in rows:  # ImageFolder: root/<class>/<image>
         os.makedirs(os.path.join(d, "imagefolder", c), exist_ok=True)
         Image.open(os.path.join(d, n)).save(os.path.join(d, "imagefolder", c, os.path.basename(n)))
+    for i in range(8):  # a held-out ImageFolder with the same classes, 2 new scenes each (linear probes)
+        colour = list(COLOURS)[i % len(COLOURS)]
+        os.makedirs(os.path.join(d, "imagefolder_val", colour), exist_ok=True)
+        scene(colour, rng.randrange(0, SIZE - 12), rng.randrange(0, SIZE - 12)).save(os.path.join(d, "imagefolder_val", colour, f"val{i:03d}.png"))
 
     # ADE20K: stored 0 = other, k = class k - 1 after reduce-zero-label; COCO-Stuff: COCO ids (1 = person ...).
     for root, img_dirs, ann_dirs, value in [

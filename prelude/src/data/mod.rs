@@ -269,6 +269,11 @@ impl fmt::Debug for ImageSource {
 /// Any sample that carries an image, so feature extraction can run over every dataset type.
 pub trait ImageSample {
     fn image(&self) -> &ImageSource;
+    /// Whether the sample reads the image file `path` (a preference pair also reads its
+    /// `image_rejected`), so that a decode failure is pinned on the samples that use the file.
+    fn reads_file(&self, path: &Path) -> bool {
+        self.image().path() == Some(path)
+    }
 }
 
 /// The outcome of [`collate_on_use`]: which of the samples made it into `batch`, and which were
@@ -288,7 +293,8 @@ pub struct Collated<T> {
 /// rest are collated again: an image that passed the load-time check (or was loaded with
 /// [`ImageCheck::None`]) but is corrupt inside never stops a run. A failure that is not about one
 /// of the samples' image files (tokenisation, shapes) is returned under both policies, and so is
-/// a micro-batch with no image left. The retry re-decodes the images before the bad one: a cost
+/// a micro-batch with no sample left (with `kept` empty; the training loop skips such a
+/// micro-batch instead of stopping). The retry re-decodes the images before the bad one: a cost
 /// paid only when an image is bad, instead of holding every decoded image through the call.
 pub fn collate_on_use<S: ImageSample, T>(samples: &[&S], policy: SkipPolicy, collate: impl Fn(&[&S]) -> Result<T>) -> Collated<T> {
     let mut kept: Vec<usize> = (0..samples.len()).collect();
@@ -298,7 +304,7 @@ pub fn collate_on_use<S: ImageSample, T>(samples: &[&S], policy: SkipPolicy, col
         let batch = collate(&subset);
         let bad = match (&batch, policy) {
             (Err(PivotError::File { path, .. }), SkipPolicy::Skip) => {
-                kept.iter().position(|&i| samples[i].image().path() == Some(path.as_path()))
+                kept.iter().position(|&i| samples[i].reads_file(path))
             }
             _ => None,
         };

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 
 use image::GrayImage;
 
@@ -79,7 +80,16 @@ macro_rules! impl_image_sample {
         }
     )*};
 }
-impl_image_sample!(CaptionSample, VqaSample, PreferenceSample, ClassSample, SegSample);
+impl_image_sample!(CaptionSample, VqaSample, ClassSample, SegSample);
+
+impl ImageSample for PreferenceSample {
+    fn image(&self) -> &ImageSource {
+        &self.image
+    }
+    fn reads_file(&self, path: &Path) -> bool {
+        [Some(&self.image), self.image_rejected.as_ref()].into_iter().flatten().any(|image| image.path() == Some(path))
+    }
+}
 
 /// The accessors every dataset has. `take` and `split_at` keep the metadata (class names, skip
 /// report) on every part.

@@ -59,20 +59,37 @@ impl std::fmt::Display for Backend {
     }
 }
 
-/// Either shim's handle.
-enum Raw {
-    Gloo(gloo::Raw),
-    Nccl(nccl::Raw),
+/// The collectives of a shim's handle (Gloo's or NCCL's; [`Unbuilt`] for a shim this build lacks).
+trait Collectives {
+    fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()>;
+    fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<()>;
+    fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()>;
 }
 
-/// Calls the same-named function of the group's shim.
-macro_rules! dispatch {
-    ($raw:expr, $f:ident($($arg:expr),*)) => {
-        match $raw {
-            Raw::Gloo(r) => gloo::$f(r, $($arg),*),
-            Raw::Nccl(r) => nccl::$f(r, $($arg),*),
-        }
-    };
+/// The handle of a shim this build lacks. Its `new` always fails (saying why), so no value of it
+/// exists and its collectives are unreachable: one stand-in for both shims.
+#[cfg(any(not(pivot_c10d_gloo), not(pivot_c10d_nccl)))]
+enum Unbuilt {}
+
+#[cfg(any(not(pivot_c10d_gloo), not(pivot_c10d_nccl)))]
+impl Collectives for Unbuilt {
+    fn all_reduce(&self, _: &[&Tensor], _: ReduceOp) -> Result<()> {
+        match *self {}
+    }
+    fn broadcast(&self, _: &[&Tensor], _: usize) -> Result<()> {
+        match *self {}
+    }
+    fn barrier(&self) -> Result<()> {
+        match *self {}
+    }
+    fn reduce_scatter(&self, _: &Tensor, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
+    fn all_gather(&self, _: &Tensor, _: &Tensor) -> Result<()> {
+        match *self {}
+    }
 }
 
 /// A group of processes (ranks) that run the same program on shards of the data.
@@ -81,7 +98,7 @@ pub struct ProcessGroup {
     world: usize,
     local_rank: usize,
     backend: Backend,
-    raw: Raw,
+    raw: Box<dyn Collectives>,
     /// Payload bytes this rank put into all-reduces and broadcasts (what the benchmark reports).
     reduced: AtomicU64,
     broadcast: AtomicU64,
@@ -175,8 +192,8 @@ pub fn init(r: &Rendezvous, backend: Backend) -> Result<&'static ProcessGroup> {
     let is_server = !r.agent_store && r.rank == 0;
     let prefix = format!("pivot/{}/", r.restart);
     let raw = match backend {
-        Backend::Gloo => Raw::Gloo(gloo::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms)?),
-        Backend::Nccl => Raw::Nccl(nccl::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms, r.local_rank)?),
+        Backend::Gloo => Box::new(gloo::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms)?) as Box<dyn Collectives>,
+        Backend::Nccl => Box::new(nccl::new(&r.master_addr, r.master_port, is_server, r.rank, r.world, &prefix, timeout_ms, r.local_rank)?),
     };
     let pg = ProcessGroup { rank: r.rank, world: r.world, local_rank: r.local_rank, backend, raw, reduced: AtomicU64::new(0), broadcast: AtomicU64::new(0), scattered: AtomicU64::new(0), gathered: AtomicU64::new(0) };
     let _ = GROUP.set(pg);
@@ -239,17 +256,17 @@ impl ProcessGroup {
     /// contiguous.
     pub fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
         Self::count(&self.reduced, tensors);
-        dispatch!(&self.raw, all_reduce(tensors, op))
+        self.raw.all_reduce(tensors, op)
     }
 
     /// Copies each tensor of rank `root` into the same tensor of every other rank.
     pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
         Self::count(&self.broadcast, tensors);
-        dispatch!(&self.raw, broadcast(tensors, root))
+        self.raw.broadcast(tensors, root)
     }
 
     pub fn barrier(&self) -> Result<()> {
-        dispatch!(&self.raw, barrier())
+        self.raw.barrier()
     }
 
     /// Sums `input` (`world` equal chunks, contiguous) over the ranks and leaves chunk `rank` of
@@ -257,7 +274,7 @@ impl ProcessGroup {
     pub fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<()> {
         self.check_chunks("reduce_scatter", output, input)?;
         Self::count(&self.scattered, &[input]);
-        dispatch!(&self.raw, reduce_scatter(output, input))
+        self.raw.reduce_scatter(output, input)
     }
 
     /// Fills `output` (`world` equal chunks) with every rank's `input` (one chunk), rank 0's
@@ -265,7 +282,7 @@ impl ProcessGroup {
     pub fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
         self.check_chunks("all_gather", input, output)?;
         Self::count(&self.gathered, &[output]);
-        dispatch!(&self.raw, all_gather(output, input))
+        self.raw.all_gather(output, input)
     }
 
     /// A clear error instead of Gloo's for the mistakes a caller can make.
@@ -356,45 +373,45 @@ mod gloo {
         tensors.iter().map(|t| t.as_ptr()).collect()
     }
 
-    pub(super) fn all_reduce(raw: &Raw, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
-        let p = ptrs(tensors);
-        let op = match op {
-            ReduceOp::Sum => 0,
-            ReduceOp::Max => 1,
-        };
-        // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
-        check(unsafe { pivot_gloo_allreduce(raw.0, p.as_ptr(), p.len() as i32, op) })
-    }
+    impl super::Collectives for Raw {
+        fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
+            let p = ptrs(tensors);
+            let op = match op {
+                ReduceOp::Sum => 0,
+                ReduceOp::Max => 1,
+            };
+            // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
+            check(unsafe { pivot_gloo_allreduce(self.0, p.as_ptr(), p.len() as i32, op) })
+        }
 
-    pub(super) fn broadcast(raw: &Raw, tensors: &[&Tensor], root: usize) -> Result<()> {
-        let p = ptrs(tensors);
-        // SAFETY: as in all_reduce.
-        check(unsafe { pivot_gloo_broadcast(raw.0, p.as_ptr(), p.len() as i32, root as i32) })
-    }
+        fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+            let p = ptrs(tensors);
+            // SAFETY: as in all_reduce.
+            check(unsafe { pivot_gloo_broadcast(self.0, p.as_ptr(), p.len() as i32, root as i32) })
+        }
 
-    pub(super) fn barrier(raw: &Raw) -> Result<()> {
-        // SAFETY: the group is live.
-        check(unsafe { pivot_gloo_barrier(raw.0) })
-    }
+        fn barrier(&self) -> Result<()> {
+            // SAFETY: the group is live.
+            check(unsafe { pivot_gloo_barrier(self.0) })
+        }
 
-    pub(super) fn reduce_scatter(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
-        // SAFETY: as in all_reduce.
-        check(unsafe { pivot_gloo_reduce_scatter(raw.0, output.as_ptr(), input.as_ptr()) })
-    }
+        fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+            // SAFETY: as in all_reduce.
+            check(unsafe { pivot_gloo_reduce_scatter(self.0, output.as_ptr(), input.as_ptr()) })
+        }
 
-    pub(super) fn all_gather(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
-        // SAFETY: as in all_reduce.
-        check(unsafe { pivot_gloo_all_gather(raw.0, output.as_ptr(), input.as_ptr()) })
+        fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+            // SAFETY: as in all_reduce.
+            check(unsafe { pivot_gloo_all_gather(self.0, output.as_ptr(), input.as_ptr()) })
+        }
     }
 }
 
 #[cfg(not(pivot_c10d_gloo))]
 mod gloo {
-    use super::ReduceOp;
     use crate::error::{PivotError, Result};
-    use tch::Tensor;
 
-    pub(super) struct Raw;
+    pub(super) type Raw = super::Unbuilt;
 
     fn unavailable() -> PivotError {
         PivotError::invalid(
@@ -407,21 +424,6 @@ mod gloo {
         Err(unavailable())
     }
     pub(super) fn new(_: &str, _: u16, _: bool, _: usize, _: usize, _: &str, _: u64) -> Result<Raw> {
-        Err(unavailable())
-    }
-    pub(super) fn all_reduce(_: &Raw, _: &[&Tensor], _: ReduceOp) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn broadcast(_: &Raw, _: &[&Tensor], _: usize) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn barrier(_: &Raw) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn reduce_scatter(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn all_gather(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
         Err(unavailable())
     }
 }
@@ -563,46 +565,46 @@ mod nccl {
         tensors.iter().map(|t| t.as_ptr()).collect()
     }
 
-    pub(super) fn all_reduce(raw: &Raw, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
-        let p = ptrs(tensors);
-        let op = match op {
-            ReduceOp::Sum => 0,
-            ReduceOp::Max => 1,
-        };
-        // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
-        check(unsafe { (load()?.allreduce)(raw.0, p.as_ptr(), p.len() as i32, op) })
-    }
+    impl super::Collectives for Raw {
+        fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
+            let p = ptrs(tensors);
+            let op = match op {
+                ReduceOp::Sum => 0,
+                ReduceOp::Max => 1,
+            };
+            // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
+            check(unsafe { (load()?.allreduce)(self.0, p.as_ptr(), p.len() as i32, op) })
+        }
 
-    pub(super) fn broadcast(raw: &Raw, tensors: &[&Tensor], root: usize) -> Result<()> {
-        let p = ptrs(tensors);
-        // SAFETY: as in all_reduce.
-        check(unsafe { (load()?.broadcast)(raw.0, p.as_ptr(), p.len() as i32, root as i32) })
-    }
+        fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
+            let p = ptrs(tensors);
+            // SAFETY: as in all_reduce.
+            check(unsafe { (load()?.broadcast)(self.0, p.as_ptr(), p.len() as i32, root as i32) })
+        }
 
-    pub(super) fn barrier(raw: &Raw) -> Result<()> {
-        // SAFETY: the group is live.
-        check(unsafe { (load()?.barrier)(raw.0) })
-    }
+        fn barrier(&self) -> Result<()> {
+            // SAFETY: the group is live.
+            check(unsafe { (load()?.barrier)(self.0) })
+        }
 
-    pub(super) fn reduce_scatter(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
-        // SAFETY: as in all_reduce.
-        check(unsafe { (load()?.reduce_scatter)(raw.0, output.as_ptr(), input.as_ptr()) })
-    }
+        fn reduce_scatter(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+            // SAFETY: as in all_reduce.
+            check(unsafe { (load()?.reduce_scatter)(self.0, output.as_ptr(), input.as_ptr()) })
+        }
 
-    pub(super) fn all_gather(raw: &Raw, output: &Tensor, input: &Tensor) -> Result<()> {
-        // SAFETY: as in all_reduce.
-        check(unsafe { (load()?.all_gather)(raw.0, output.as_ptr(), input.as_ptr()) })
+        fn all_gather(&self, output: &Tensor, input: &Tensor) -> Result<()> {
+            // SAFETY: as in all_reduce.
+            check(unsafe { (load()?.all_gather)(self.0, output.as_ptr(), input.as_ptr()) })
+        }
     }
 }
 
 /// A build without the NCCL shim: every call says why it is missing.
 #[cfg(not(pivot_c10d_nccl))]
 mod nccl {
-    use super::ReduceOp;
     use crate::error::{PivotError, Result};
-    use tch::Tensor;
 
-    pub(super) struct Raw;
+    pub(super) type Raw = super::Unbuilt;
 
     fn unavailable() -> PivotError {
         let reason = option_env!("PIVOT_NCCL_MISSING").unwrap_or("the prelude was compiled without its `c10d` feature");
@@ -614,21 +616,6 @@ mod nccl {
     }
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(_: &str, _: u16, _: bool, _: usize, _: usize, _: &str, _: u64, _: usize) -> Result<Raw> {
-        Err(unavailable())
-    }
-    pub(super) fn all_reduce(_: &Raw, _: &[&Tensor], _: ReduceOp) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn broadcast(_: &Raw, _: &[&Tensor], _: usize) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn barrier(_: &Raw) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn reduce_scatter(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
-        Err(unavailable())
-    }
-    pub(super) fn all_gather(_: &Raw, _: &Tensor, _: &Tensor) -> Result<()> {
         Err(unavailable())
     }
 }

@@ -8,6 +8,11 @@
 //! Image-counterfactual pairs (PIVOT's `image_rejected`) score the rejected answer with their
 //! own rejected image: a batch then holds the B chosen-side images followed by the rejected
 //! images of the pairs that have one, and the rejected sequences of those pairs read them.
+//!
+//! Under `TrainConfig::bad_images = Skip` the cached reference pass drops a pair whose image
+//! fails to decode (its reference log-probs stay NaN) and the training loop leaves the same
+//! pair out of every policy micro-batch, recording it in `TrainLog::skipped` where it is met;
+//! the loss is over the pairs kept, and a micro-batch with none left is skipped.
 
 use super::checkpoint;
 use super::engine::{self, Hooks, Micro, Objective, TrainConfig};
@@ -15,10 +20,11 @@ use super::log::TrainLog;
 use super::prefetch::prefetch;
 use super::profile;
 use super::trainer::{Recipe, Trainer};
-use crate::data::{PreferenceDataset, PreferenceSample};
+use crate::data::{collate_on_use, ImageSample, PreferenceDataset, PreferenceSample, SkipPolicy, Skipped};
 use crate::error::{PivotError, Result};
 use crate::model::{Batch, Batcher, Checkpoint, Encoded, Mllm, MllmOutput, Stage};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 /// Stage-2 DPO (PIVOT: β 0.1, lr 1e-6 for every part, 3 epochs, 256 pairs per step) against a
@@ -135,6 +141,10 @@ struct DpoObjective {
     cached: bool,
     /// `TrainConfig::prefetch`, for the cached reference's pass over the data.
     prefetch: usize,
+    /// `TrainConfig::bad_images`, for the cached reference's pass over the data.
+    bad_images: SkipPolicy,
+    /// Pairs the cached reference pass could not score (their image failed under `Skip`).
+    dropped: HashMap<usize, Skipped>,
     reference: Reference,
     /// Per data-set row: whether the pair has an `image_rejected` (set in `prepare`).
     has_rejected_image: Vec<bool>,
@@ -166,28 +176,74 @@ fn shared_logps(mllm: &Mllm, pixels: &Tensor, seqs: &[Encoded], image_of: &[usiz
 
 /// Reference log-probs [N, 2] of a whole data set, computed without gradient.
 pub fn reference_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize) -> Result<Tensor> {
-    cached_logps(mllm, data, batch_size, TrainConfig::default().prefetch)
+    cached_logps(mllm, data, batch_size, TrainConfig::default().prefetch, SkipPolicy::Error).map(|(logps, _)| logps)
 }
 
-/// [`reference_logps`] with `ahead` batches prepared ahead, as the training loop does.
-fn cached_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize, ahead: usize) -> Result<Tensor> {
+/// [`reference_logps`] with `ahead` batches prepared ahead, as the training loop does. Under
+/// [`SkipPolicy::Skip`] a pair whose image fails to decode is left out of its batch (a batch
+/// with no pair left is not run): its row stays NaN and is returned with why.
+fn cached_logps(mllm: &Mllm, data: &[PreferenceSample], batch_size: usize, ahead: usize, policy: SkipPolicy) -> Result<(Tensor, HashMap<usize, Skipped>)> {
     let (n, size) = (data.len(), batch_size.max(1));
     let batcher = mllm.batcher();
     let chunks = (0..n).step_by(size).map(|i| (i..(i + size).min(n)).collect::<Vec<_>>());
-    let batches = chunks.map(|rows| engine::collate::<_, DpoObjective>(&batcher, data, rows));
-    let rows = prefetch(ahead, batches, |batches| {
+    let batches = chunks.map(|rows| {
+        let pairs: Vec<&PreferenceSample> = rows.iter().map(|&r| &data[r]).collect();
+        let c = collate_on_use(&pairs, policy, |pairs| DpoObjective::collate(&batcher, pairs));
+        let kept: Vec<usize> = c.kept.iter().map(|&i| rows[i]).collect();
+        // One entry per pair left out, found by the file it names (in the order they failed).
+        let mut gone: Vec<usize> = rows.iter().copied().filter(|r| !kept.contains(r)).collect();
+        let dropped: Vec<(usize, Skipped)> = c
+            .skipped
+            .into_iter()
+            .filter_map(|why| {
+                let at = gone.iter().position(|&r| data[r].reads_file(&why.path))?;
+                Some((gone.remove(at), why))
+            })
+            .collect();
+        (kept, dropped, c.batch)
+    });
+    let (scored, dropped) = prefetch(ahead, batches, |batches| {
         tch::no_grad(|| {
-            batches
-                .map(|(rows, batch)| {
-                    let batch = batch?.to_device(mllm.device())?;
-                    let own: Vec<bool> = rows.iter().map(|&r| data[r].image_rejected.is_some()).collect();
-                    let (_, logps) = shared_logps(mllm, &batch.pixels, &batch.seqs, &pair_image_of(&own))?;
-                    Ok(logps.view([2, -1]).transpose(0, 1))
-                })
-                .collect::<Result<Vec<_>>>()
+            let (mut scored, mut dropped) = (Vec::new(), HashMap::new());
+            for (kept, gone, batch) in batches {
+                dropped.extend(gone);
+                if kept.is_empty() && policy == SkipPolicy::Skip {
+                    continue;
+                }
+                let batch = batch?.to_device(mllm.device())?;
+                let own: Vec<bool> = kept.iter().map(|&r| data[r].image_rejected.is_some()).collect();
+                let (_, logps) = shared_logps(mllm, &batch.pixels, &batch.seqs, &pair_image_of(&own))?;
+                scored.push((kept, logps.view([2, -1]).transpose(0, 1)));
+            }
+            Ok::<_, PivotError>((scored, dropped))
         })
     })?;
-    Ok(Tensor::cat(&rows, 0))
+    if dropped.is_empty() {
+        return Ok((Tensor::cat(&scored.into_iter().map(|(_, t)| t).collect::<Vec<_>>(), 0), dropped));
+    }
+    let kind = scored.first().map_or(Kind::Float, |(_, t)| t.kind());
+    let all = Tensor::full([n as i64, 2], f64::NAN, (kind, mllm.device()));
+    for (kept, logps) in scored {
+        let idx: Vec<i64> = kept.iter().map(|&r| r as i64).collect();
+        let _ = all.shallow_clone().index_copy_(0, &Tensor::from_slice(&idx).to_device(all.device()), &logps);
+    }
+    Ok((all, dropped))
+}
+
+/// The pairs a cached reference from a checkpoint could not score (NaN rows), for a resumed run.
+fn unscored_rows(logps: &Tensor, data: &[PreferenceSample]) -> Result<HashMap<usize, Skipped>> {
+    let unscored = logps.isnan().any_dim(1, false).to_device(tch::Device::Cpu);
+    let unscored = Vec::<bool>::try_from(&unscored)?;
+    Ok(unscored
+        .iter()
+        .enumerate()
+        .filter(|&(_, &nan)| nan)
+        .map(|(r, _)| {
+            let path = data.get(r).and_then(|s| s.image().path()).map(|p| p.to_path_buf()).unwrap_or_default();
+            let message = "its image failed to decode in the cached reference pass (before the checkpoint)".to_string();
+            (r, Skipped { path, line: None, field: "image".into(), message })
+        })
+        .collect())
 }
 
 impl Objective<PreferenceSample> for DpoObjective {
@@ -199,8 +255,19 @@ impl Objective<PreferenceSample> for DpoObjective {
         self.has_rejected_image = data.iter().map(|s| s.image_rejected.is_some()).collect();
         // On resume the reference must be the model as it was at step 0, which only the checkpoint has.
         self.reference = match (self.cached, resumed) {
-            (true, Some(ck)) => Reference::Cached(ck.tensor("ref_logps")?.to_device(mllm.device())),
-            (true, None) => Reference::Cached(cached_logps(mllm, data, 16, self.prefetch)?),
+            (true, Some(ck)) => {
+                let logps = ck.tensor("ref_logps")?.to_device(mllm.device());
+                self.dropped = unscored_rows(&logps, data)?;
+                Reference::Cached(logps)
+            }
+            (true, None) => {
+                let (logps, dropped) = cached_logps(mllm, data, 16, self.prefetch, self.bad_images)?;
+                for (r, why) in &dropped {
+                    eprintln!("DPO reference pass: pair {r} dropped: {why}");
+                }
+                self.dropped = dropped;
+                Reference::Cached(logps)
+            }
             (false, resumed) => {
                 let mut r = mllm.deep_clone()?;
                 r.set_trainable(false, false, false);
@@ -219,6 +286,10 @@ impl Objective<PreferenceSample> for DpoObjective {
             Reference::Model(r) => checkpoint::model_tensors(r, "ref."),
             Reference::Cached(t) => vec![("ref_logps".into(), t.shallow_clone())],
         }
+    }
+
+    fn dropped_rows(&self) -> HashMap<usize, Skipped> {
+        self.dropped.clone()
     }
 
     /// `[chosen_0..B; rejected_0..B]` with the B images once, then the pairs' own rejected
@@ -310,6 +381,8 @@ impl Recipe for DpoConfig {
             double_encoding: self.double_encoding,
             cached: self.cached_reference,
             prefetch: self.train.prefetch,
+            bad_images: self.train.bad_images,
+            dropped: HashMap::new(),
             reference: Reference::None,
             has_rejected_image: Vec::new(),
         };

@@ -29,6 +29,7 @@ use crate::runtime::check_interrupt;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use tch::Tensor;
@@ -243,24 +244,33 @@ pub(crate) trait Objective<S> {
     fn state(&self) -> Vec<(String, Tensor)> {
         Vec::new()
     }
+    /// Data-set rows `prepare` found unusable under [`SkipPolicy::Skip`] (DPO: pairs whose image
+    /// failed in the cached reference pass), with why: the loop leaves them out of every
+    /// micro-batch and records them as skipped, so both passes see the same pairs.
+    fn dropped_rows(&self) -> HashMap<usize, Skipped> {
+        HashMap::new()
+    }
 }
 
-/// Collates the samples `rows` of `data` (on whichever thread runs it).
-pub(crate) fn collate<S, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usize>) -> (Vec<usize>, Result<Batch>) {
-    let samples: Vec<&S> = rows.iter().map(|&i| &data[i]).collect();
-    let batch = O::collate(b, &samples);
-    (rows, batch)
-}
+/// A training micro-batch: the rows it holds, the rows left out for a bad image, the batch
+/// (`None` when no row is left: the micro-batch is skipped).
+type MicroBatch = (Vec<usize>, Vec<Skipped>, Result<Option<Batch>>);
 
-/// A training micro-batch: the rows it holds, the rows left out for a bad image, the batch.
-type MicroBatch = (Vec<usize>, Vec<Skipped>, Result<Batch>);
-
-/// [`collate`] for the training loop: images that fail to decode are handled by `policy`
-/// ([`collate_on_use`]); the rows returned are those in the batch.
-fn collate_micro<S: ImageSample, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usize>, policy: SkipPolicy) -> MicroBatch {
+/// [`collate`] for the training loop: the objective's `dropped` rows are left out, images that
+/// fail to decode are handled by `policy` ([`collate_on_use`]); the rows returned are those in
+/// the batch.
+fn collate_micro<S: ImageSample, O: Objective<S>>(b: &Batcher, data: &[S], rows: Vec<usize>, policy: SkipPolicy, dropped: &HashMap<usize, Skipped>) -> MicroBatch {
+    let (gone, rows): (Vec<usize>, Vec<usize>) = rows.into_iter().partition(|r| dropped.contains_key(r));
+    let mut skipped: Vec<Skipped> = gone.iter().map(|r| dropped[r].clone()).collect();
+    if rows.is_empty() {
+        return (rows, skipped, Ok(None));
+    }
     let samples: Vec<&S> = rows.iter().map(|&i| &data[i]).collect();
     let c = collate_on_use(&samples, policy, |s| O::collate(b, s));
-    (c.kept.iter().map(|&i| rows[i]).collect(), c.skipped, c.batch)
+    skipped.extend(c.skipped);
+    // Under `Skip` a micro-batch whose every image failed is skipped, not a failure.
+    let batch = if c.kept.is_empty() && policy == SkipPolicy::Skip { Ok(None) } else { c.batch.map(Some) };
+    (c.kept.iter().map(|&i| rows[i]).collect(), skipped, batch)
 }
 
 /// Which shard of the data this process trains on.
@@ -384,6 +394,8 @@ enum Stop {
 /// Sums over the micro-batches of a step.
 #[derive(Default)]
 struct Sums {
+    /// Micro-batches that ran (not skipped for want of a usable sample).
+    micro_batches: usize,
     loss: f64,
     samples: usize,
     tokens: usize,
@@ -488,7 +500,8 @@ impl<O> Loop<'_, O> {
         let batcher = mllm.batcher();
         let rows = schedule(self.cfg, data.len(), self.steps_per_epoch, start, self.total, self.shard);
         let policy = self.cfg.bad_images;
-        let micro_batches = rows.map(|rows| collate_micro::<S, O>(&batcher, data, rows, policy));
+        let dropped = self.obj.dropped_rows();
+        let micro_batches = rows.map(|rows| collate_micro::<S, O>(&batcher, data, rows, policy, &dropped));
         let mut live = LiveView::new(self.label, self.total, self.cfg.live && self.shard.rank == 0);
         let result = prefetch(self.cfg.prefetch, micro_batches, |batches| -> Result<()> {
             for step in start..self.total {
@@ -533,10 +546,17 @@ impl<O> Loop<'_, O> {
             }
             self.agree(step, micro, check_interrupt(&self.at(step, micro)).map_err(Stop::Interrupt))?;
             let forward = self.forward::<S>(mllm, step, batches, &timer);
-            let (m, loss) = self.agree(step, micro, forward)?;
-            (&m.loss / self.cfg.grad_accum as f64).backward();
-            timer.mark("backward");
-            sums.add(loss, m);
+            // A micro-batch with no sample left (every image bad under `Skip`) adds nothing.
+            if let Some((m, loss)) = self.agree(step, micro, forward)? {
+                (&m.loss / self.cfg.grad_accum as f64).backward();
+                timer.mark("backward");
+                sums.add(loss, m);
+            }
+        }
+        if self.count_everywhere(sums.micro_batches)? == 0 {
+            // Nothing ran on any rank: no gradient, so no update (AdamW's momentum would move
+            // the weights anyway); the row says so by having no loss.
+            return self.metrics(step, sums, 0.0, cosine_schedule(step, self.total, self.cfg.warmup_ratio), t0);
         }
         self.all_reduce_gradients()?;
         timer.mark("all-reduce");
@@ -558,14 +578,24 @@ impl<O> Loop<'_, O> {
         self.metrics(step, sums, grad_norm, lr_scale, t0)
     }
 
-    /// The next micro-batch's loss and metrics, with the loss guarded.
-    fn forward<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = MicroBatch>, timer: &StepTimer) -> std::result::Result<(Micro, f64), Stop>
+    /// Micro-batches run in this step on all ranks together (`local` on this one).
+    fn count_everywhere(&self, local: usize) -> Result<usize> {
+        let Some(g) = self.group else { return Ok(local) };
+        let t = Tensor::from_slice(&[local as f64]);
+        g.all_reduce(&[&t], ReduceOp::Sum)?;
+        Ok(t.double_value(&[0]) as usize)
+    }
+
+    /// The next micro-batch's loss and metrics, with the loss guarded; `None` for a micro-batch
+    /// with no sample left.
+    fn forward<S>(&mut self, mllm: &Mllm, step: usize, batches: &mut impl Iterator<Item = MicroBatch>, timer: &StepTimer) -> std::result::Result<Option<(Micro, f64)>, Stop>
     where
         O: Objective<S>,
     {
         let (rows, skipped, batch) = batches.next().ok_or_else(|| Stop::Failed(PivotError::invalid("the batch preparation thread stopped")))?;
         self.skipped.extend(skipped);
-        let batch = batch.and_then(|b| b.to_device(mllm.device())).map_err(Stop::Failed)?;
+        let Some(batch) = batch.map_err(Stop::Failed)? else { return Ok(None) };
+        let batch = batch.to_device(mllm.device()).map_err(Stop::Failed)?;
         timer.mark("data");
         let mut m = self.obj.micro_step(mllm, &rows, batch).map_err(Stop::Failed)?;
         if self.nan_at == Some(step + 1) {
@@ -575,7 +605,7 @@ impl<O> Loop<'_, O> {
         if !loss.is_finite() {
             return Err(Stop::NonFinite(PivotError::NonFinite { what: format!("{} loss ({loss})", self.label), step: step + 1, last_good: step }));
         }
-        Ok((m, loss))
+        Ok(Some((m, loss)))
     }
 
     /// Averages the flat gradient buffers over the ranks (ZeRO-1: each rank's chunk of them).
@@ -595,20 +625,23 @@ impl<O> Loop<'_, O> {
     /// The step's row of the log: means over micro-batches (and ranks), throughput of all ranks.
     fn metrics(&self, step: usize, mut sums: Sums, grad_norm: f64, lr_scale: f64, t0: Instant) -> Result<StepMetrics> {
         if let Some(g) = self.group {
-            let mut v = vec![sums.loss, sums.samples as f64, sums.tokens as f64];
+            let mut v = vec![sums.loss, sums.samples as f64, sums.tokens as f64, sums.micro_batches as f64];
             v.extend(sums.metrics.iter().map(|(_, x)| *x));
             let t = Tensor::from_slice(&v);
             g.all_reduce(&[&t], ReduceOp::Sum)?;
             let v = Vec::<f64>::try_from(&t)?;
-            (sums.loss, sums.samples, sums.tokens) = (v[0], v[1] as usize, v[2] as usize);
-            sums.metrics.iter_mut().zip(&v[3..]).for_each(|(m, x)| m.1 = *x);
+            (sums.loss, sums.samples, sums.tokens, sums.micro_batches) = (v[0], v[1] as usize, v[2] as usize, v[3] as usize);
+            sums.metrics.iter_mut().zip(&v[4..]).for_each(|(m, x)| m.1 = *x);
         }
         let secs = t0.elapsed().as_secs_f64().max(1e-9);
-        let n = (self.cfg.grad_accum * self.shard.world) as f64;
+        // Means over the micro-batches that ran (a skipped one has no loss to average).
+        let n = sums.micro_batches as f64;
         let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / self.steps_per_epoch as f64, values: Vec::new() };
-        row.set("loss", sums.loss / n);
-        for (k, v) in sums.metrics {
-            row.set(&k, v / n);
+        if sums.micro_batches > 0 {
+            row.set("loss", sums.loss / n);
+            for (k, v) in sums.metrics {
+                row.set(&k, v / n);
+            }
         }
         row.set("learning_rate", self.cfg.lr * lr_scale);
         row.set("grad_norm", grad_norm);
@@ -655,6 +688,7 @@ impl<O> Loop<'_, O> {
 
 impl Sums {
     fn add(&mut self, loss: f64, m: Micro) {
+        self.micro_batches += 1;
         self.loss += loss;
         self.samples += m.samples;
         self.tokens += m.tokens;
