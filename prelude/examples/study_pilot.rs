@@ -6,7 +6,7 @@
 //! ```text
 //! cargo run --release -p pivot --example study_pilot -- [key=value ...]
 //!   cache=DIR            pretrained-tower cache (default target/study-pilot/tower)
-//!   pretrain_steps=600   scenes=4096   batch=32   lr=1e-3
+//!   pretrain_steps, scenes, batch, lr: TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
 //!   probe_train=600      probe_val=600          linear probe on Eval-part scenes
 //!   s1_captions=1024     s1_vqa=2048   proj_steps=100   full_steps=400   s1_batch=16
 //!   proj_lr=1e-3         full_lr=1e-3  tower_lr_div=5
@@ -31,13 +31,17 @@ fn main() -> Result<()> {
     let device = Device::Cpu;
     let cache = get("cache", "target/study-pilot/tower");
 
+    let d = TowerPretrain::default();
     let pre = TowerPretrain {
-        steps: num("pretrain_steps", 600),
-        scenes: num("scenes", 4096),
-        batch_size: num("batch", 32),
-        lr: float("lr", 1e-3),
+        steps: num("pretrain_steps", d.steps),
+        scenes: num("scenes", d.scenes),
+        batch_size: num("batch", d.batch_size),
+        lr: float("lr", d.lr),
+        // As 02 runs it: the world and the initialisation both follow `seed`.
+        world_seed: seed,
+        seed,
         live: false,
-        ..TowerPretrain::default()
+        ..d
     };
     let t = Instant::now();
     let tower = pre.load_or_run(VisionConfig::tiny(), &cache, device)?;

@@ -74,6 +74,7 @@ fn pretraining_is_deterministic_cached_and_retrained_when_a_setting_changes() {
             ("colour", c) => scene.objects.iter().any(|o| o.colour.name() == c),
             ("shape", s) => scene.objects.iter().any(|o| o.shape.name() == s),
             ("large", s) => scene.main_object().shape.name() == s,
+            ("large_group", g) => scene.main_object().colour.group().name() == g,
             ("background", t) => scene.background.texture.adjective() == t,
             ("objects", k) => scene.objects.len() == k.parse::<usize>().unwrap(),
             other => panic!("unknown tag {other:?}"),

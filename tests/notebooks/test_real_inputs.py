@@ -60,6 +60,7 @@ def test_base_and_stage2_from_published_layouts(fx, jupyter_path, tmp_path):
         "out_dir": str(out), "tower_path": str(fx / "siglip"), "lm_path": str(fx / "qwen2"),
         "caption_data": str(data / "captions.jsonl"), "vqa_data": str(data / "llava_sft.json"),
         "vqa_eval_data": str(data / "llava_sft.json"), "n_captions": 16, "n_vqa": 16, "n_eval": 4, "batch_size": 4,
+        "proj_steps": 6, "full_steps": 6,
     })
     log02 = text_of(nb02)
     assert "base MLLM: all checks passed" in log02, log02[-3000:]

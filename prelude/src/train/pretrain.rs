@@ -34,7 +34,7 @@ use super::engine::epoch_order;
 use super::log::{StepMetrics, TrainLog};
 use super::optim::cosine_schedule;
 use crate::data::{RenderedScene, Scene, ShapesConfig, ShapesWorld, Split, StudyPart};
-use crate::data::{Colour, Shape, Size, Texture};
+use crate::data::{Colour, ColourGroup, Shape, Size, Texture};
 use crate::error::{PivotError, Result};
 use crate::model::{
     FeatureSelect, LanguageModel, Mllm, MllmConfig, Provenance, Stage, VisionConfig, VisionEncoder, VisionTower, weights,
@@ -42,7 +42,7 @@ use crate::model::{
 use crate::runtime::{MimeBundle, Progress, Rich, check_interrupt};
 
 /// Version of the cache folder's layout; part of the manifest.
-const CACHE_FORMAT: u32 = 1;
+const CACHE_FORMAT: u32 = 2;
 
 /// Settings of a pretraining run (all of them, except `live`, are in the cache's manifest).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -94,17 +94,19 @@ pub fn pretrain_tag_names() -> Vec<String> {
     let colours = Colour::ALL.iter().map(|c| format!("colour:{}", c.name()));
     let shapes = Shape::ALL.iter().map(|s| format!("shape:{}", s.name()));
     let large = Shape::ALL.iter().map(|s| format!("large:{}", s.name()));
+    let large_group = ColourGroup::ALL.iter().map(|g| format!("large_group:{}", g.name()));
     let textures = Texture::ALL.iter().map(|t| format!("background:{}", t.adjective()));
     let counts = (1..=4).map(|k| format!("objects:{k}"));
-    colours.chain(shapes).chain(large).chain(textures).chain(counts).collect()
+    colours.chain(shapes).chain(large).chain(large_group).chain(textures).chain(counts).collect()
 }
 
 /// The 0/1 tags of a scene, in [`pretrain_tag_names`] order.
 pub fn pretrain_tags(scene: &Scene) -> Vec<f32> {
-    let mut tags = Vec::with_capacity(27);
+    let mut tags = Vec::with_capacity(29);
     tags.extend(Colour::ALL.iter().map(|c| scene.objects.iter().any(|o| o.colour == *c) as u8 as f32));
     tags.extend(Shape::ALL.iter().map(|s| scene.objects.iter().any(|o| o.shape == *s) as u8 as f32));
     tags.extend(Shape::ALL.iter().map(|s| scene.objects.iter().any(|o| o.shape == *s && o.size == Size::Large) as u8 as f32));
+    tags.extend(ColourGroup::ALL.iter().map(|g| scene.objects.iter().any(|o| o.colour.group() == *g && o.size == Size::Large) as u8 as f32));
     tags.extend(Texture::ALL.iter().map(|t| (scene.background.texture == *t) as u8 as f32));
     tags.extend((1..=4).map(|k| (scene.objects.len() == k) as u8 as f32));
     tags
