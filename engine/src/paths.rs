@@ -50,18 +50,28 @@ pub fn torch() -> anyhow::Result<Torch> {
         }
     }
     let py = python();
+    // `find_spec` locates the package exactly as `import torch` would (same interpreter, same
+    // sys.path) without running torch's __init__, which costs 2-3 CPU-seconds at every start.
     let out = Command::new(&py)
-        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
+        .args(["-c", "import importlib.util as u; s = u.find_spec('torch'); print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')"])
         .output()
         .map_err(|e| anyhow::anyhow!("cannot run {} to find torch: {e}; set PIVOT_PYTHON or LIBTORCH", py.display()))?;
-    if !out.status.success() {
+    let torch_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || torch_dir.as_os_str().is_empty() {
         anyhow::bail!(
-            "{} cannot import torch ({}); set PIVOT_PYTHON to a Python with torch==2.11.0, or LIBTORCH",
+            "{} has no torch package ({}); set PIVOT_PYTHON to a Python with torch==2.11.0, or LIBTORCH",
             py.display(),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("not found on its sys.path")
         );
     }
-    let torch_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !torch_dir.join("lib").join("libtorch_cpu.so").exists() {
+        anyhow::bail!(
+            "{} finds torch at {}, but {} has no libtorch_cpu.so (a torch without its C++ libraries?); set PIVOT_PYTHON or LIBTORCH",
+            py.display(),
+            torch_dir.display(),
+            torch_dir.join("lib").display()
+        );
+    }
     // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
     // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
     let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
