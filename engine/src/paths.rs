@@ -50,6 +50,24 @@ pub fn torch() -> anyhow::Result<Torch> {
         }
     }
     let py = python();
+    let torch_dir = torch_package_dir(&py)?;
+    // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
+    // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
+    let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
+    let path = std::env::var("PATH").unwrap_or_default();
+    let path = if bin.as_os_str().is_empty() || path.split(':').next() == Some(bin.to_str().unwrap_or("")) {
+        path
+    } else {
+        format!("{}:{path}", bin.display())
+    };
+    Ok(Torch {
+        lib_dir: torch_dir.join("lib"),
+        build_env: vec![("LIBTORCH_USE_PYTORCH".into(), "1".into()), ("PATH".into(), path)],
+    })
+}
+
+/// The folder of `py`'s torch package, checked to hold libtorch.
+fn torch_package_dir(py: &Path) -> anyhow::Result<PathBuf> {
     // `find_spec` locates the package exactly as `import torch` would (same interpreter, same
     // sys.path) without running torch's __init__, which costs 2-3 CPU-seconds at every start.
     let out = Command::new(&py)
@@ -72,19 +90,7 @@ pub fn torch() -> anyhow::Result<Torch> {
             torch_dir.join("lib").display()
         );
     }
-    // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
-    // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
-    let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
-    let path = std::env::var("PATH").unwrap_or_default();
-    let path = if bin.as_os_str().is_empty() || path.split(':').next() == Some(bin.to_str().unwrap_or("")) {
-        path
-    } else {
-        format!("{}:{path}", bin.display())
-    };
-    Ok(Torch {
-        lib_dir: torch_dir.join("lib"),
-        build_env: vec![("LIBTORCH_USE_PYTORCH".into(), "1".into()), ("PATH".into(), path)],
-    })
+    Ok(torch_dir)
 }
 
 /// Root for build slots and other caches: `PIVOT_CACHE_DIR`, else `~/.cache/pivot-lab`.
@@ -128,4 +134,41 @@ pub fn rustc_version() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in interpreter that prints `stdout` whatever it is asked.
+    fn fake_python(dir: &Path, stdout: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let py = dir.join("python");
+        std::fs::write(&py, format!("#!/bin/sh\necho '{stdout}'\n")).unwrap();
+        std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o755)).unwrap();
+        py
+    }
+
+    #[test]
+    fn a_python_without_torch_or_without_libtorch_is_named_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("pivot-paths-test-{}", std::process::id()));
+        let py = fake_python(&dir.join("none"), "");
+        let e = torch_package_dir(&py).unwrap_err().to_string();
+        assert!(e.contains("has no torch package") && e.contains(&py.display().to_string()), "{e}");
+        let pkg = dir.join("site-packages/torch");
+        std::fs::create_dir_all(pkg.join("lib")).unwrap();
+        let py = fake_python(&dir.join("nolib"), &pkg.display().to_string());
+        let e = torch_package_dir(&py).unwrap_err().to_string();
+        assert!(e.contains("has no libtorch_cpu.so") && e.contains(&pkg.display().to_string()), "{e}");
+        std::fs::write(pkg.join("lib/libtorch_cpu.so"), b"").unwrap();
+        assert_eq!(torch_package_dir(&py).unwrap(), pkg);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_python_is_a_clear_error() {
+        let e = torch_package_dir(Path::new("/nonexistent/bin/python")).unwrap_err().to_string();
+        assert!(e.contains("cannot run /nonexistent/bin/python"), "{e}");
+    }
 }
