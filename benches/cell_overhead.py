@@ -9,7 +9,9 @@ is not counted). Collect it while the notebooks run, e.g.
     PIVOT_CELL_STATS=/tmp/cells.jsonl python -m pytest -q tests/notebooks
     python benches/cell_overhead.py /tmp/cells.jsonl [--out benches/results]
 
-Each session's first line is the engine start (the prelude's own cell), reported apart. Cells that
+Each session's first cell is the prelude's own cell, reported apart; a line with "cell": 0 gives the
+phases of the engine start (evcxr's context creation, our settings, the prelude cell: wall and CPU
+seconds), reported as medians. Cells that
 ran no code (commands only, errors) are left out of the medians.
 """
 from __future__ import annotations
@@ -57,6 +59,16 @@ def main() -> None:
           f"(mean {res['engine_cpu_per_cell_mean_s']:.3f} s); built once {res['cells_built_once']}, "
           f"more than once {res['cells_built_more']}; prelude start cell p50 "
           f"{'-' if res['start_cell_p50_s'] is None else format(res['start_cell_p50_s'], '.1f') + ' s'}")
+    start_lines = [l for l in lines if l["cell"] == 0 and "start_phases" in l]
+    if start_lines:
+        names = list(start_lines[0]["start_phases"])
+        res["start_phases_p50"] = {
+            n: {k: statistics.median([l["start_phases"][n][k] for l in start_lines if n in l["start_phases"]])
+                for k in ("wall_s", "engine_cpu_s")}
+            for n in names
+        }
+        print("engine start, median of " + str(len(start_lines)) + ": " + ", ".join(
+            f"{n} {v['wall_s']:.1f} s ({v['engine_cpu_s']:.1f} CPU-s)" for n, v in res["start_phases_p50"].items()))
     if a.out:
         os.makedirs(a.out, exist_ok=True)
         p = Path(a.out) / f"cell-overhead-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"

@@ -22,6 +22,13 @@
 //!   object's path goes where evcxr looks for it first (`EVCXR_EXECUTION_SO_PATH`). Anything else
 //!   (`check`, a new `:dep`, a changed lock or prelude, a missing record) runs real cargo.
 //!
+//! evcxr also runs `cargo metadata` for every `:dep` (against a stand-in Cargo.toml, to check that
+//! the dependency resolves) and to list the dependencies' library names. With the prelude's graph
+//! that resolution costs 2-3 CPU-seconds at every engine start (measured, benches/README.md). Its
+//! answer depends only on cargo's arguments and environment, the manifest, the lock file, cargo's
+//! configuration files and the path dependencies' workspaces, so a successful answer is kept
+//! (`metadata_cached`) and given again while none of these changed. Failures are never kept.
+//!
 //! Cargo's fingerprint of `ctx` goes stale on a replay; that costs nothing, because the next real
 //! cargo build rebuilds `ctx` anyway (its source changed).
 //!
@@ -43,6 +50,9 @@ const RECORD_ENV: &str = "PIVOT_FASTBUILD_RECORD";
 /// Set to anything to make every build run cargo (for comparisons and as an escape hatch).
 pub const DISABLE_ENV: &str = "PIVOT_NO_FASTBUILD";
 const STATE_FILE: &str = "pivot-fastbuild.json";
+const METADATA_FILE: &str = "pivot-fastbuild-metadata.json";
+/// Answers kept in METADATA_FILE (the validation and the library names of a few `:dep` sets).
+const METADATA_KEPT: usize = 8;
 const RECORD_DIR: &str = "pivot-fastbuild-record";
 /// Jobserver hand-offs from cargo name descriptors that only exist inside a cargo run.
 const DROPPED_ENV: [&str; 4] = ["CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS", RECORD_ENV];
@@ -128,6 +138,9 @@ fn shim_main(cargo: &OsString, args: &[OsString]) -> i32 {
         }
     }
     if !is_build {
+        if args.iter().any(|a| a == "metadata") && std::env::var_os(DISABLE_ENV).is_none() {
+            return metadata_cached(&crate_dir, cargo, args);
+        }
         return run_cargo(cargo, args, None);
     }
     let record_dir = crate_dir.join(RECORD_DIR);
@@ -341,6 +354,91 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
     Ok(status.code().unwrap_or(101))
 }
 
+/// What a `cargo metadata` answer depends on besides the path dependencies' files: cargo, its
+/// arguments, the environment cargo reads (`CARGO*`, `RUST*`, PATH, HOME), the manifest and lock
+/// file, and every cargo configuration file that applies (the crate's folder and its ancestors,
+/// `$CARGO_HOME`). A fingerprint of all of it.
+fn metadata_key(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> String {
+    let file = |p: &Path| std::fs::read(p).map(|b| format!("{:x}", fnv(&b))).unwrap_or_default();
+    let env: BTreeMap<String, String> = std::env::vars_os()
+        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .filter(|(k, _)| (k.starts_with("CARGO") || k.starts_with("RUST") || k == "PATH" || k == "HOME") && !DROPPED_ENV.iter().any(|d| k == d))
+        .collect();
+    let mut configs = BTreeMap::new();
+    let cargo_home = std::env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    for dir in crate_dir.ancestors().map(|d| d.join(".cargo")).chain(cargo_home) {
+        for name in ["config", "config.toml"] {
+            let p = dir.join(name);
+            if p.exists() {
+                configs.insert(p.display().to_string(), file(&p));
+            }
+        }
+    }
+    let key = json!({
+        "cargo": cargo.to_string_lossy(),
+        "args": args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
+        "env": env,
+        "cargo_toml": file(&crate_dir.join("Cargo.toml")),
+        "cargo_lock": file(&crate_dir.join("Cargo.lock")),
+        "configs": configs,
+    });
+    format!("{:x}", fnv(key.to_string().as_bytes()))
+}
+
+/// The folders whose files a path dependency's metadata comes from: the dependency's workspace
+/// (the nearest ancestor whose Cargo.toml has a `[workspace]` table, as cargo finds it), which may
+/// hold other path crates it uses; else the dependency's own folder.
+fn path_dep_roots(crate_dir: &Path) -> Vec<PathBuf> {
+    let is_workspace = |d: &Path| std::fs::read_to_string(d.join("Cargo.toml")).is_ok_and(|t| t.lines().any(|l| l.trim() == "[workspace]"));
+    path_deps(crate_dir)
+        .into_iter()
+        .map(|d| {
+            let dir = crate_dir.join(d);
+            dir.ancestors().find(|a| is_workspace(a)).map(Path::to_path_buf).unwrap_or(dir)
+        })
+        .collect()
+}
+
+/// Runs `cargo metadata`, or gives the answer a run with the same inputs gave (see the module doc).
+fn metadata_cached(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> i32 {
+    use std::io::Write;
+    let key = metadata_key(crate_dir, cargo, args);
+    let path = crate_dir.join(METADATA_FILE);
+    let mut kept: Vec<Value> = std::fs::read_to_string(&path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
+    if let Some(hit) = kept.iter().find(|e| e["key"] == key.as_str()) {
+        let started = hit["started"].as_u64().unwrap_or(0);
+        let roots = path_dep_roots(crate_dir);
+        if let Some(changed) = roots.iter().find(|r| newest_mtime(r, 0) >= started) {
+            note(crate_dir, &format!("ran cargo metadata: a file under {} changed", changed.display()));
+        } else if let (Some(out), Some(err)) = (hit["stdout"].as_str(), hit["stderr"].as_str()) {
+            note(crate_dir, "answered cargo metadata as before (same inputs)");
+            let _ = std::io::stdout().lock().write_all(out.as_bytes());
+            let _ = std::io::stderr().lock().write_all(err.as_bytes());
+            return 0;
+        }
+    }
+    let started = now_nanos();
+    let out = match Command::new(cargo).args(args).stdin(std::process::Stdio::null()).output() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("pivot: cannot run cargo ({}): {e}", Path::new(cargo).display());
+            return 101;
+        }
+    };
+    let _ = std::io::stdout().lock().write_all(&out.stdout);
+    let _ = std::io::stderr().lock().write_all(&out.stderr);
+    if let (true, Ok(stdout), Ok(stderr)) = (out.status.success(), std::str::from_utf8(&out.stdout), std::str::from_utf8(&out.stderr)) {
+        kept.retain(|e| e["key"] != key.as_str());
+        kept.insert(0, json!({ "key": key, "started": started, "stdout": stdout, "stderr": stderr }));
+        kept.truncate(METADATA_KEPT);
+        let tmp = crate_dir.join(format!(".{METADATA_FILE}.{}", std::process::id()));
+        if std::fs::write(&tmp, Value::Array(kept).to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    out.status.code().unwrap_or(101)
+}
+
 /// Nanoseconds since the epoch, as integers: serde_json does not round-trip every f64 exactly.
 fn mtime_nanos(p: &Path) -> Option<u64> {
     let m = std::fs::metadata(p).ok()?.modified().ok()?;
@@ -380,5 +478,45 @@ mod tests {
         let stamps = extern_stamps(&args).unwrap();
         assert!(stamps[&exe].as_u64().unwrap() > 0);
         assert!(extern_stamps(&["--extern".to_string(), "gone=/nonexistent/libgone.rlib".into()]).is_none());
+    }
+
+    #[test]
+    fn cargo_metadata_is_answered_again_only_while_its_inputs_are_unchanged() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = std::env::temp_dir().join(format!("pivot-fastbuild-meta-{}", std::process::id()));
+        let (slot, ws) = (root.join("slot"), root.join("ws"));
+        std::fs::create_dir_all(ws.join("dep/src")).unwrap();
+        std::fs::create_dir_all(&slot).unwrap();
+        std::fs::write(ws.join("Cargo.toml"), "[workspace]\nmembers = [\"dep\"]\n").unwrap();
+        std::fs::write(ws.join("dep/Cargo.toml"), "[package]\nname = \"dep\"\n").unwrap();
+        let manifest = format!("[package]\nname = \"ctx\"\n[dependencies]\ndep = {{ path = {:?} }}\n", ws.join("dep").display().to_string());
+        std::fs::write(slot.join("Cargo.toml"), &manifest).unwrap();
+        // A stand-in cargo that counts its runs and fails while a FAIL file exists.
+        let cargo = root.join("cargo");
+        let runs = root.join("runs");
+        std::fs::write(&cargo, format!("#!/bin/sh\necho run >> {0}\necho '{{}}'\n[ -e {1} ] && exit 3\nexit 0\n", runs.display(), root.join("FAIL").display())).unwrap();
+        std::fs::set_permissions(&cargo, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let count = || std::fs::read_to_string(&runs).map(|t| t.lines().count()).unwrap_or(0);
+        let args: Vec<OsString> = vec!["--offline".into(), "metadata".into(), "--format-version=1".into()];
+        let cargo = cargo.into_os_string();
+        std::fs::write(root.join("FAIL"), "").unwrap();
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 3);
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 3, "a failure is never kept");
+        assert_eq!(count(), 2);
+        std::fs::remove_file(root.join("FAIL")).unwrap();
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 0);
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 0);
+        assert_eq!(count(), 3, "the second run is answered from the record");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(ws.join("dep/src/lib.rs"), "pub fn f() {}").unwrap();
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 0);
+        assert_eq!(count(), 4, "a new file in the dependency's workspace runs cargo");
+        std::fs::write(slot.join("Cargo.toml"), manifest + "# changed\n").unwrap();
+        assert_eq!(metadata_cached(&slot, &cargo, &args), 0);
+        assert_eq!(count(), 5, "a changed manifest runs cargo");
+        let other: Vec<OsString> = vec!["metadata".into(), "--format-version".into(), "1".into()];
+        assert_eq!(metadata_cached(&slot, &cargo, &other), 0);
+        assert_eq!(count(), 6, "other arguments run cargo");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

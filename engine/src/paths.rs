@@ -50,18 +50,7 @@ pub fn torch() -> anyhow::Result<Torch> {
         }
     }
     let py = python();
-    let out = Command::new(&py)
-        .args(["-c", "import torch,os;print(os.path.dirname(torch.__file__))"])
-        .output()
-        .map_err(|e| anyhow::anyhow!("cannot run {} to find torch: {e}; set PIVOT_PYTHON or LIBTORCH", py.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "{} cannot import torch ({}); set PIVOT_PYTHON to a Python with torch==2.11.0, or LIBTORCH",
-            py.display(),
-            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
-        );
-    }
-    let torch_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let torch_dir = torch_package_dir(&py)?;
     // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
     // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
     let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -75,6 +64,33 @@ pub fn torch() -> anyhow::Result<Torch> {
         lib_dir: torch_dir.join("lib"),
         build_env: vec![("LIBTORCH_USE_PYTORCH".into(), "1".into()), ("PATH".into(), path)],
     })
+}
+
+/// The folder of `py`'s torch package, checked to hold libtorch.
+fn torch_package_dir(py: &Path) -> anyhow::Result<PathBuf> {
+    // `find_spec` locates the package exactly as `import torch` would (same interpreter, same
+    // sys.path) without running torch's __init__, which costs 2-3 CPU-seconds at every start.
+    let out = Command::new(&py)
+        .args(["-c", "import importlib.util as u; s = u.find_spec('torch'); print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')"])
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run {} to find torch: {e}; set PIVOT_PYTHON or LIBTORCH", py.display()))?;
+    let torch_dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || torch_dir.as_os_str().is_empty() {
+        anyhow::bail!(
+            "{} has no torch package ({}); set PIVOT_PYTHON to a Python with torch==2.11.0, or LIBTORCH",
+            py.display(),
+            String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("not found on its sys.path")
+        );
+    }
+    if !torch_dir.join("lib").join("libtorch_cpu.so").exists() {
+        anyhow::bail!(
+            "{} finds torch at {}, but {} has no libtorch_cpu.so (a torch without its C++ libraries?); set PIVOT_PYTHON or LIBTORCH",
+            py.display(),
+            torch_dir.display(),
+            torch_dir.join("lib").display()
+        );
+    }
+    Ok(torch_dir)
 }
 
 /// Root for build slots and other caches: `PIVOT_CACHE_DIR`, else `~/.cache/pivot-lab`.
@@ -118,4 +134,41 @@ pub fn rustc_version() -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in interpreter that prints `stdout` whatever it is asked.
+    fn fake_python(dir: &Path, stdout: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(dir).unwrap();
+        let py = dir.join("python");
+        std::fs::write(&py, format!("#!/bin/sh\necho '{stdout}'\n")).unwrap();
+        std::fs::set_permissions(&py, std::fs::Permissions::from_mode(0o755)).unwrap();
+        py
+    }
+
+    #[test]
+    fn a_python_without_torch_or_without_libtorch_is_named_in_the_error() {
+        let dir = std::env::temp_dir().join(format!("pivot-paths-test-{}", std::process::id()));
+        let py = fake_python(&dir.join("none"), "");
+        let e = torch_package_dir(&py).unwrap_err().to_string();
+        assert!(e.contains("has no torch package") && e.contains(&py.display().to_string()), "{e}");
+        let pkg = dir.join("site-packages/torch");
+        std::fs::create_dir_all(pkg.join("lib")).unwrap();
+        let py = fake_python(&dir.join("nolib"), &pkg.display().to_string());
+        let e = torch_package_dir(&py).unwrap_err().to_string();
+        assert!(e.contains("has no libtorch_cpu.so") && e.contains(&pkg.display().to_string()), "{e}");
+        std::fs::write(pkg.join("lib/libtorch_cpu.so"), b"").unwrap();
+        assert_eq!(torch_package_dir(&py).unwrap(), pkg);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_python_is_a_clear_error() {
+        let e = torch_package_dir(Path::new("/nonexistent/bin/python")).unwrap_err().to_string();
+        assert!(e.contains("cannot run /nonexistent/bin/python"), "{e}");
+    }
 }

@@ -359,6 +359,7 @@ impl Session {
     /// prelude. This is the slow part of a kernel start: minutes in a cold slot, seconds warm.
     pub fn start(opts: SessionOptions, sink: Sink) -> anyhow::Result<Session> {
         let started = Instant::now();
+        let mut phases = StartPhases::new();
         let torch = paths::torch()?;
         let mut cmd = Command::new(&opts.child_exe);
         let mut ld = torch.lib_dir.display().to_string();
@@ -373,6 +374,7 @@ impl Session {
         cmd.env("LD_LIBRARY_PATH", ld).env("PIVOT_FRONTEND", opts.frontend.env_value());
         let (ec, outputs) = catch(|| EvalContext::with_subprocess_command(cmd)).map_err(anyhow::Error::msg)?
             .map_err(|e| anyhow::anyhow!("cannot start the evcxr child process: {e}"))?;
+        phases.done("context");
         let mut ctx = CommandContext::with_eval_context(ec);
         let pump = Pump::start(outputs.stdout, outputs.stderr, sink);
         let process = ctx.process_handle();
@@ -404,6 +406,7 @@ impl Session {
             setup.push_str(&format!(":build_env {k}={v}\n"));
         }
         catch(|| ctx.execute(&setup)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
+        phases.done("settings");
         let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, startup: Duration::ZERO };
         if session.opts.preload {
             seed_cargo_lock(&session.opts.prelude_dir);
@@ -421,9 +424,13 @@ impl Session {
             if let Some(e) = r.error {
                 anyhow::bail!("loading the prelude failed: {}\n{}", e.evalue, strip_ansi(&e.traceback.join("\n")));
             }
+            phases.done("prelude_cell");
         }
         session.child_pid = child_pid(&session.ctx.process_handle());
         session.startup = started.elapsed();
+        if let Some(path) = std::env::var_os(CELL_STATS_ENV) {
+            phases.write(Path::new(&path));
+        }
         Ok(session)
     }
 
@@ -716,6 +723,46 @@ fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
     });
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         let _ = writeln!(f, "{line}");
+    }
+}
+
+/// Wall and CPU seconds of each phase of `Session::start`, for the `PIVOT_CELL_STATS` file (one
+/// line with `"cell": 0`): `context` is evcxr's context creation (its child process, its first
+/// build of `42`, rust-analyzer's first load), `settings` our fixed `:` commands, `prelude_cell`
+/// the `:dep pivot` cell (the dependency build, rust-analyzer loading the prelude's graph).
+struct StartPhases {
+    wall0: Instant,
+    last: (Instant, f64),
+    phases: Vec<(&'static str, f64, f64)>,
+}
+
+impl StartPhases {
+    fn new() -> Self {
+        let now = Instant::now();
+        StartPhases { wall0: now, last: (now, cpu_seconds()), phases: Vec::new() }
+    }
+
+    fn done(&mut self, name: &'static str) {
+        let (now, cpu) = (Instant::now(), cpu_seconds());
+        self.phases.push((name, (now - self.last.0).as_secs_f64(), cpu - self.last.1));
+        self.last = (now, cpu);
+    }
+
+    fn write(&self, path: &Path) {
+        use std::io::Write;
+        let mut phases = Map::new();
+        for (name, wall, cpu) in &self.phases {
+            phases.insert(name.to_string(), serde_json::json!({ "wall_s": wall, "engine_cpu_s": cpu }));
+        }
+        let line = serde_json::json!({
+            "pid": std::process::id(),
+            "cell": 0,
+            "start_wall_s": self.wall0.elapsed().as_secs_f64(),
+            "start_phases": phases,
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
     }
 }
 
