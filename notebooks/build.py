@@ -543,19 +543,19 @@ let launch_log: TrainLog = if ranks == 0 {
         format!("world = {{ seed = {seed}, samples = {n_train} }}")   // the ShapesWorld pairs `prefs` holds
     } else {
         // pivot-train reads the whole file (it has no sample limit): n_train does not apply here.
-        format!("preferences = {:?}\nimage_root = {:?}", std::path::absolute(&dpo_data)?, std::path::absolute(image_root_of(&dpo_data, &image_root))?)
+        format!("preferences = {:?}\\nimage_root = {:?}", std::path::absolute(&dpo_data)?, std::path::absolute(image_root_of(&dpo_data, &image_root))?)
     };
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / ranks).max(1);
     let config = format!(
-        "stage = \"dpo\"\nthreads = {threads}\ndevice = \"{}\"\n\n[model]\npretrained = {:?}\noutput = {:?}\nseed = {seed}\n\n[data]\n{data}\n\n\
-         [dpo]\nbeta = {beta:?}\n\n[dpo.train]\nmax_steps = {dpo_steps}\nbatch_size = {}\nlr = {dpo_lr:?}\nseed = {seed}\nlive = false\n\
-         checkpoint_every = {dpo_steps}\ncheckpoint_dir = {:?}\n",
+        "stage = \\"dpo\\"\\nthreads = {threads}\\ndevice = \\"{}\\"\\n\\n[model]\\npretrained = {:?}\\noutput = {:?}\\nseed = {seed}\\n\\n[data]\\n{data}\\n\\n\\
+         [dpo]\\nbeta = {beta:?}\\n\\n[dpo.train]\\nmax_steps = {dpo_steps}\\nbatch_size = {}\\nlr = {dpo_lr:?}\\nseed = {seed}\\nlive = false\\n\\
+         checkpoint_every = {dpo_steps}\\ncheckpoint_dir = {:?}\\n",
         if device.is_cuda() { "cuda" } else { "cpu" },
         std::path::absolute(&base_dir)?, launch_dir.join("out"), batch_size / ranks, launch_dir.join("ckpt"),
     );
     let config_path = launch_dir.join("dpo.toml");
     std::fs::write(&config_path, &config)?;
-    println!("{}:\n{config}", config_path.display());
+    println!("{}:\\n{config}", config_path.display());
     let run = Launch::new(&config_path, ranks).env("OMP_NUM_THREADS", threads.to_string()).run()?;
     println!("{} ranks (pids {:?}) ran {} steps", ranks, run.ranks, run.log.len());
     run.log
