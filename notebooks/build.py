@@ -563,7 +563,7 @@ let launch_log: TrainLog = if ranks == 0 {
 """),
         md("""
 Load the run back, twice: its final model (`Mllm::from_pretrained` of `[model] output`) and its last
-checkpoint (`load_checkpoint` into a copy of the base), which hold the same weights; then compare it with the
+checkpoint (`load_checkpoint` into the base as pivot-train loaded it), which hold the same weights; then compare it with the
 in-process DPO arm: loss per step, how far the tower moved, two-way choice accuracy.
 """),
         code("""
@@ -582,7 +582,9 @@ let (launch_ckpt_step, launch_same_weights, launch_loss_gap): (usize, bool, f64)
     (0, true, 0.0)
 } else {
     let dpo_ranks: Mllm = Mllm::from_pretrained(launch_dir.join("out"), device)?;
-    let from_ckpt: Mllm = base.clone();
+    // The run's architecture is the one pivot-train loaded (`Mllm::tiny` keeps an empty placeholder
+    // weight that a saved folder and the checkpoint do not have).
+    let from_ckpt: Mllm = Mllm::from_pretrained(&base_dir, device)?;
     let state = load_checkpoint(&from_ckpt, launch_dir.join("ckpt"))?;
     let pairs = [(dpo_ranks.tower.var_store(), from_ckpt.tower.var_store()), (dpo_ranks.projector.var_store(), from_ckpt.projector.var_store()), (dpo_ranks.lm.var_store(), from_ckpt.lm.var_store())];
     let same = pairs.iter().all(|(a, b)| {
