@@ -678,19 +678,19 @@ let launch_log: TrainLog = if ranks == 0 {
         format!("world = {{ seed = {seed}, samples = {n_train} }}")   // the ShapesWorld pairs `prefs` holds
     } else {
         // pivot-train reads the whole file (it has no sample limit): n_train does not apply here.
-        format!("preferences = {:?}\nimage_root = {:?}", std::path::absolute(&dpo_data)?, std::path::absolute(image_root_of(&dpo_data, &image_root))?)
+        format!("preferences = {:?}\\nimage_root = {:?}", std::path::absolute(&dpo_data)?, std::path::absolute(image_root_of(&dpo_data, &image_root))?)
     };
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / ranks).max(1);
     let config = format!(
-        "stage = \"dpo\"\nthreads = {threads}\ndevice = \"{}\"\n\n[model]\npretrained = {:?}\noutput = {:?}\nseed = {seed}\n\n[data]\n{data}\n\n\
-         [dpo]\nbeta = {beta:?}\n\n[dpo.train]\nmax_steps = {dpo_steps}\nbatch_size = {}\nlr = {dpo_lr:?}\nseed = {seed}\nlive = false\n\
-         checkpoint_every = {dpo_steps}\ncheckpoint_dir = {:?}\n",
+        "stage = \\"dpo\\"\\nthreads = {threads}\\ndevice = \\"{}\\"\\n\\n[model]\\npretrained = {:?}\\noutput = {:?}\\nseed = {seed}\\n\\n[data]\\n{data}\\n\\n\\
+         [dpo]\\nbeta = {beta:?}\\n\\n[dpo.train]\\nmax_steps = {dpo_steps}\\nbatch_size = {}\\nlr = {dpo_lr:?}\\nseed = {seed}\\nlive = false\\n\\
+         checkpoint_every = {dpo_steps}\\ncheckpoint_dir = {:?}\\n",
         if device.is_cuda() { "cuda" } else { "cpu" },
         std::path::absolute(&base_dir)?, launch_dir.join("out"), batch_size / ranks, launch_dir.join("ckpt"),
     );
     let config_path = launch_dir.join("dpo.toml");
     std::fs::write(&config_path, &config)?;
-    println!("{}:\n{config}", config_path.display());
+    println!("{}:\\n{config}", config_path.display());
     let run = Launch::new(&config_path, ranks).env("OMP_NUM_THREADS", threads.to_string()).run()?;
     println!("{} ranks (pids {:?}) ran {} steps", ranks, run.ranks, run.log.len());
     run.log
@@ -698,7 +698,7 @@ let launch_log: TrainLog = if ranks == 0 {
 """),
         md("""
 Load the run back, twice: its final model (`Mllm::from_pretrained` of `[model] output`) and its last
-checkpoint (`load_checkpoint` into a copy of the base), which hold the same weights; then compare it with the
+checkpoint (`load_checkpoint` into the base as pivot-train loaded it), which hold the same weights; then compare it with the
 in-process DPO arm: loss per step, how far the tower moved, two-way choice accuracy.
 """),
         code("""
@@ -717,7 +717,9 @@ let (launch_ckpt_step, launch_same_weights, launch_loss_gap): (usize, bool, f64)
     (0, true, 0.0)
 } else {
     let dpo_ranks: Mllm = Mllm::from_pretrained(launch_dir.join("out"), device)?;
-    let from_ckpt: Mllm = base.clone();
+    // The run's architecture is the one pivot-train loaded (`Mllm::tiny` keeps an empty placeholder
+    // weight that a saved folder and the checkpoint do not have).
+    let from_ckpt: Mllm = Mllm::from_pretrained(&base_dir, device)?;
     let state = load_checkpoint(&from_ckpt, launch_dir.join("ckpt"))?;
     let pairs = [(dpo_ranks.tower.var_store(), from_ckpt.tower.var_store()), (dpo_ranks.projector.var_store(), from_ckpt.projector.var_store()), (dpo_ranks.lm.var_store(), from_ckpt.lm.var_store())];
     let same = pairs.iter().all(|(a, b)| {
