@@ -1470,8 +1470,11 @@ of the base tower, most on vision-centric questions (here: colour, shape, count,
 wrong answer.
 """),
         code("""
-// The categories of the choice pairs (ShapesWorld's VQA_CATEGORIES, or the file's `category` values).
-let choice_categories: Vec<String> = prefs_val.samples.iter().map(|s| s.category.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+// The categories of the choice pairs (ShapesWorld's VQA_CATEGORIES, or the file's `category` values;
+// ChoiceEval counts pairs without one under "all").
+let choice_categories: Vec<String> = prefs_val.samples.iter()
+    .map(|s| if s.category.is_empty() { "all".to_string() } else { s.category.clone() })
+    .collect::<std::collections::BTreeSet<_>>().into_iter().collect();
 let transplant_runs: Runs = {
     let mut runs = Runs::new();
     for (name, m) in tower_names.iter().zip(&pivot_models) {
@@ -1492,7 +1495,7 @@ show(&transplant_runs);
 let transplant_bars: Figure = {
     let get = |r: &RunRecord, k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
     let mut groups = Vec::new();
-    for cat in std::iter::once("all").chain(choice_categories.iter().map(String::as_str)) {
+    for cat in std::iter::once("all").chain(choice_categories.iter().map(String::as_str).filter(|c| *c != "all")) {
         for r in transplant_runs.records() {
             let key = if cat == "all" { "choice_accuracy".to_string() } else { format!("choice_accuracy/{cat}") };
             groups.push(BarGroup::new(format!("{cat}: {}", r.provenance["tower"].trim_end_matches(" tower")), vec![get(r, &key)]));

@@ -11,6 +11,10 @@ with the file and the line named, before any training.
 Cost: three kernel starts and short cells. Measured 20 min 4 s on the 2-core machine at load 14-15
 (other helpers' builds; 975 s for 02 + 03, 157 s for the bad line, 39 s for the fixtures); expect a
 few minutes on a quiet box, where a warm kernel start takes about half a minute.
+
+04, 05 and 08 on the probe / evaluation formats (ImageFolder, ADE20K layout, caption JSONL, LLaVA JSON,
+PIVOT's DPO JSON) and a bad data parameter in 05 and 08: measured 1090 s for the three notebooks and 222 s
++ 247 s for the two bad parameters at load 10+ on the 2-core machine (each kernel start 99-123 s of it).
 """
 from __future__ import annotations
 
