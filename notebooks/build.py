@@ -406,7 +406,7 @@ let pretrained: Option<PretrainedTower> = if tower_path.is_empty() && pretrain_s
 };
 if let Some(t) = &pretrained { show(t); }
 // The tower and the LM from their folders (the projector is new and joins their widths), PIVOT's feature choice for the tower's family.
-let lm = if lm_path.is_empty() { LanguageModel::tiny(device) } else { LanguageModel::from_pretrained(existing("lm_path", &lm_path)?, device)? };
+let lm: LanguageModel = if lm_path.is_empty() { LanguageModel::tiny(device) } else { LanguageModel::from_pretrained(existing("lm_path", &lm_path)?, device)? };
 let mut base: Mllm = match &pretrained {
     Some(t) => t.mllm(lm)?,
     None => {
