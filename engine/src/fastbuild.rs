@@ -360,8 +360,15 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
 /// `$CARGO_HOME`). A fingerprint of all of it.
 fn metadata_key(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> String {
     let file = |p: &Path| std::fs::read(p).map(|b| format!("{:x}", fnv(&b))).unwrap_or_default();
+    // The folder of this shim on PATH differs between front ends (one per executable) and is
+    // nothing cargo uses: left out, so the kernel and the REPL share answers.
+    let me = std::env::current_exe().ok().and_then(|e| e.canonicalize().ok());
+    let not_shim = |d: &PathBuf| me.is_none() || d.join(SHIM_NAME).canonicalize().ok() != me;
     let env: BTreeMap<String, String> = std::env::vars_os()
-        .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
+        .map(|(k, v)| {
+            let v = if k == "PATH" { std::env::join_paths(std::env::split_paths(&v).filter(not_shim)).unwrap_or(v) } else { v };
+            (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned())
+        })
         .filter(|(k, _)| (k.starts_with("CARGO") || k.starts_with("RUST") || k == "PATH" || k == "HOME") && !DROPPED_ENV.iter().any(|d| k == d))
         .collect();
     let mut configs = BTreeMap::new();
