@@ -4,7 +4,7 @@
 //! events (`output`), cooperative interrupt, and the input scanner (`scan`).
 //!
 //! Front ends only translate `Event`s and `CellResult`s into their own vocabulary; none of the
-//! Jupyter wire protocol (zeromq, tokio, hmac) is linked here, so the REPL does not carry it.
+//! Jupyter wire protocol (libzmq, tokio, hmac) is linked here, so the REPL does not carry it.
 
 pub mod buildlog;
 pub mod child;
