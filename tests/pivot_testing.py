@@ -10,6 +10,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# How long a first cell may take: a cold build slot compiles the prelude (minutes on 2 cores).
+STARTUP_TIMEOUT = float(os.environ.get("PIVOT_TEST_STARTUP_TIMEOUT", "1500"))
+
 
 def built_binary(name: str, env_var: str) -> Path:
     """A binary of the kernel workspace: `$env_var` if set, else the first cargo target dir that has it

@@ -8,15 +8,10 @@ warm slot 0 (`pivot-kernel warm`) makes the first kernel start take seconds inst
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 from pivot_testing import built_binary, private_kernelspec
-
-# The first cell of a kernel in a warm slot waits for the prelude (seconds); a cold slot needs
-# minutes. Tests wait this long for their first reply.
-STARTUP_TIMEOUT = float(os.environ.get("PIVOT_TEST_STARTUP_TIMEOUT", "1500"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from conftest import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT
 
 # A 1x1 PNG, as a plot would produce.
 PNG = bytes.fromhex(

@@ -6,7 +6,7 @@ import unittest
 import jupyter_kernel_test as jkt
 from jupyter_client.manager import start_new_kernel
 
-from conftest import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT
 
 
 class PivotKernelTests(jkt.KernelTests):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 
-from conftest import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT
 
 GRACE_SECS = 3
 

@@ -16,10 +16,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pivot_testing import built_binary
+from pivot_testing import STARTUP_TIMEOUT, built_binary
 
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = float(os.environ.get("PIVOT_TEST_STARTUP_TIMEOUT", "1500"))
 CELL_TIMEOUT = 240.0
 
 
