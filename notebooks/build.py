@@ -675,7 +675,8 @@ let launch_log: TrainLog = if ranks == 0 {
     std::fs::create_dir_all(&launch_dir)?;
     // Paths absolute: pivot-train reads relative ones from the config's folder. `{:?}` quotes them.
     let data = if dpo_data.is_empty() {
-        format!("world = {{ seed = {seed}, samples = {n_train} }}")   // the ShapesWorld pairs `prefs` holds
+        // The rows `prefs` holds: the Stage2 part's balanced pairs (and their image-counterfactual form).
+        format!("world = {{ seed = {seed}, samples = {n_train}, part = \\"stage2\\", balanced = true, image_pairs = {image_pairs} }}")
     } else {
         // pivot-train reads the whole file (it has no sample limit): n_train does not apply here.
         format!("preferences = {:?}\\nimage_root = {:?}", std::path::absolute(&dpo_data)?, std::path::absolute(image_root_of(&dpo_data, &image_root))?)

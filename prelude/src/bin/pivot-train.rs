@@ -25,6 +25,10 @@
 //! preferences = "pairs.jsonl"  # DPO (`vqa` for SFT and stage 1's full step, `captions` for its first)
 //! image_root = "images"
 //! # world = { seed = 0, samples = 64 }
+//! # world = { seed = 0, samples = 64, part = "stage2", balanced = true, image_pairs = true }
+//! #   the study's rows, as notebooks 03 and 09 train on them: one scene stream of the world
+//! #   (`pretrain`, `stage1`, `stage2`, `eval`), balanced pairs (SFT: their chosen answers), and for
+//! #   DPO also each pair's image-counterfactual form (`image_rejected`)
 //!
 //! [train]                    # every TrainConfig field (SFT); DPO: [dpo] and [dpo.train];
 //! lr = 5e-6                  # stage 1: [stage1.projector] and [stage1.full]
@@ -131,6 +135,60 @@ struct WorldData {
     #[serde(default)]
     seed: u64,
     samples: usize,
+    #[serde(default)]
+    part: Option<PartName>,
+    #[serde(default)]
+    balanced: bool,
+    #[serde(default)]
+    image_pairs: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PartName {
+    Pretrain,
+    Stage1,
+    Stage2,
+    Eval,
+}
+
+impl From<PartName> for StudyPart {
+    fn from(p: PartName) -> Self {
+        match p {
+            PartName::Pretrain => StudyPart::Pretrain,
+            PartName::Stage1 => StudyPart::Stage1,
+            PartName::Stage2 => StudyPart::Stage2,
+            PartName::Eval => StudyPart::Eval,
+        }
+    }
+}
+
+impl WorldData {
+    fn world(&self) -> ShapesWorld {
+        let world = ShapesWorld::new(ShapesConfig { seed: self.seed, ..ShapesConfig::default() });
+        match self.part {
+            Some(p) => world.part(p.into()),
+            None => world,
+        }
+    }
+
+    /// The world's preference pairs: plain, or balanced (plus their image-counterfactual form).
+    fn preferences(&self, world: &ShapesWorld) -> Result<PreferenceDataset> {
+        if !self.balanced {
+            return Ok(world.preferences(Split::Train, self.samples));
+        }
+        let pairs = world.balanced_preferences(Split::Train, self.samples)?;
+        Ok(if self.image_pairs {
+            PreferenceDataset::new([pairs.samples, world.image_preferences(Split::Train, self.samples)?.samples].concat())
+        } else {
+            pairs
+        })
+    }
+
+    /// The world's VQA samples: plain, or the balanced pairs' chosen answers.
+    fn vqa(&self, world: &ShapesWorld) -> Result<VqaDataset> {
+        Ok(if self.balanced { world.balanced_preferences(Split::Train, self.samples)?.to_sft() } else { world.vqa(Split::Train, self.samples) })
+    }
 }
 
 /// `file:line:column: field `a.b`: message`, from toml's span of the offending key or value.
@@ -277,12 +335,12 @@ fn run(path: &Path) -> Result<()> {
     if cfg.model.dtype == DtypeName::Bf16 {
         mllm = mllm.to_kind(Kind::BFloat16);
     }
-    let shapes = cfg.data.world.as_ref().map(|w| (ShapesWorld::new(ShapesConfig { seed: w.seed, ..ShapesConfig::default() }), w.samples));
+    let shapes = cfg.data.world.as_ref().map(|w| (w.world(), w));
     let root = cfg.image_root();
     let vqa = || -> Result<VqaDataset> {
         match (&shapes, &cfg.data.vqa) {
             (_, Some(p)) => VqaDataset::from_llava_json(p, &root),
-            (Some((w, n)), None) => Ok(w.vqa(Split::Train, *n)),
+            (Some((w, spec)), None) => spec.vqa(w),
             (None, None) => unreachable!("checked in RunConfig::load"),
         }
     };
@@ -296,7 +354,7 @@ fn run(path: &Path) -> Result<()> {
         StageName::Dpo => {
             let data = match (&shapes, &cfg.data.preferences) {
                 (_, Some(p)) => PreferenceDataset::from_jsonl(p, &root)?,
-                (Some((w, n)), None) => w.preferences(Split::Train, *n),
+                (Some((w, spec)), None) => spec.preferences(w)?,
                 (None, None) => unreachable!("checked in RunConfig::load"),
             };
             let mut dpo = cfg.dpo.clone();
@@ -306,7 +364,7 @@ fn run(path: &Path) -> Result<()> {
         StageName::Stage1 => {
             let captions = match (&shapes, &cfg.data.captions) {
                 (_, Some(p)) => CaptionDataset::from_jsonl(p, &root)?,
-                (Some((w, n)), None) => w.captions(Split::Train, *n),
+                (Some((w, spec)), None) => w.captions(Split::Train, spec.samples),
                 (None, None) => unreachable!("checked in RunConfig::load"),
             };
             let mut s = cfg.stage1.clone();
