@@ -303,11 +303,53 @@ impl ProcessGroup {
     }
 }
 
+/// What both c10d shims' Rust sides share: the C ABI's conventions (an error is a strdup'ed
+/// string, freed here; tensors go as `at::Tensor*` arrays; ops as small integers).
+#[cfg(any(pivot_c10d_gloo, pivot_c10d_nccl))]
+mod shim {
+    use super::ReduceOp;
+    use crate::error::{PivotError, Result};
+    use std::ffi::{CStr, CString, c_char};
+    use tch::Tensor;
+    use torch_sys::C_tensor;
+
+    /// A shim call's result: null is success, else the error message it allocated.
+    pub(super) fn check(err: *mut c_char) -> Result<()> {
+        if err.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a NUL-terminated string from strdup, freed once here.
+        let msg = unsafe {
+            let m = CStr::from_ptr(err).to_string_lossy().into_owned();
+            libc::free(err.cast());
+            m
+        };
+        Err(PivotError::invalid(format!("c10d {msg}")))
+    }
+
+    pub(super) fn c_string(s: &str) -> Result<CString> {
+        CString::new(s).map_err(|_| PivotError::invalid(format!("`{s}` contains a NUL byte")))
+    }
+
+    pub(super) fn ptrs(tensors: &[&Tensor]) -> Vec<*const C_tensor> {
+        tensors.iter().map(|t| t.as_ptr()).collect()
+    }
+
+    /// The op's number in the shims' `allreduce` (csrc/c10d_*.cpp).
+    pub(super) fn op_code(op: ReduceOp) -> i32 {
+        match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+        }
+    }
+}
+
 #[cfg(pivot_c10d_gloo)]
 mod gloo {
     use super::ReduceOp;
-    use crate::error::{PivotError, Result};
-    use std::ffi::{CString, c_char, c_void};
+    use super::shim::{c_string, check, op_code, ptrs};
+    use crate::error::Result;
+    use std::ffi::{c_char, c_void};
     use tch::Tensor;
     use torch_sys::C_tensor;
 
@@ -340,23 +382,6 @@ mod gloo {
         fn pivot_gloo_all_gather(group: *mut c_void, output: *const C_tensor, input: *const C_tensor) -> *mut c_char;
     }
 
-    fn check(err: *mut c_char) -> Result<()> {
-        if err.is_null() {
-            return Ok(());
-        }
-        // SAFETY: a NUL-terminated string from strdup, freed once here.
-        let msg = unsafe {
-            let m = std::ffi::CStr::from_ptr(err).to_string_lossy().into_owned();
-            libc::free(err.cast());
-            m
-        };
-        Err(PivotError::invalid(format!("c10d {msg}")))
-    }
-
-    fn c_string(s: &str) -> Result<CString> {
-        CString::new(s).map_err(|_| PivotError::invalid(format!("`{s}` contains a NUL byte")))
-    }
-
     pub(super) fn usable() -> Result<()> {
         Ok(())
     }
@@ -369,19 +394,11 @@ mod gloo {
         Ok(Raw(out))
     }
 
-    fn ptrs(tensors: &[&Tensor]) -> Vec<*const C_tensor> {
-        tensors.iter().map(|t| t.as_ptr()).collect()
-    }
-
     impl super::Collectives for Raw {
         fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
             let p = ptrs(tensors);
-            let op = match op {
-                ReduceOp::Sum => 0,
-                ReduceOp::Max => 1,
-            };
             // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
-            check(unsafe { pivot_gloo_allreduce(self.0, p.as_ptr(), p.len() as i32, op) })
+            check(unsafe { pivot_gloo_allreduce(self.0, p.as_ptr(), p.len() as i32, op_code(op)) })
         }
 
         fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
@@ -433,6 +450,7 @@ mod gloo {
 #[cfg(pivot_c10d_nccl)]
 mod nccl {
     use super::ReduceOp;
+    use super::shim::{c_string, check, op_code, ptrs};
     use crate::error::{PivotError, Result};
     use std::ffi::{CStr, CString, c_char, c_int, c_void};
     use std::sync::OnceLock;
@@ -536,44 +554,22 @@ mod nccl {
         }
     }
 
-    fn check(err: *mut c_char) -> Result<()> {
-        if err.is_null() {
-            return Ok(());
-        }
-        // SAFETY: a NUL-terminated string from strdup, freed once here.
-        let msg = unsafe {
-            let m = CStr::from_ptr(err).to_string_lossy().into_owned();
-            libc::free(err.cast());
-            m
-        };
-        Err(PivotError::invalid(format!("c10d {msg}")))
-    }
-
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(host: &str, port: u16, is_server: bool, rank: usize, world: usize, prefix: &str, timeout_ms: u64, device: usize) -> Result<Raw> {
         usable(device)?;
         let api = load()?;
-        let c = |s: &str| CString::new(s).map_err(|_| PivotError::invalid(format!("`{s}` contains a NUL byte")));
-        let (host, prefix) = (c(host)?, c(prefix)?);
+        let (host, prefix) = (c_string(host)?, c_string(prefix)?);
         let mut out = std::ptr::null_mut();
         // SAFETY: valid C strings and an out-pointer that lives for the call.
         check(unsafe { (api.new)(host.as_ptr(), port, is_server, rank as i32, world as i32, prefix.as_ptr(), timeout_ms as i64, device as c_int, &mut out) })?;
         Ok(Raw(out))
     }
 
-    fn ptrs(tensors: &[&Tensor]) -> Vec<*const C_tensor> {
-        tensors.iter().map(|t| t.as_ptr()).collect()
-    }
-
     impl super::Collectives for Raw {
         fn all_reduce(&self, tensors: &[&Tensor], op: ReduceOp) -> Result<()> {
             let p = ptrs(tensors);
-            let op = match op {
-                ReduceOp::Sum => 0,
-                ReduceOp::Max => 1,
-            };
             // SAFETY: live tch tensors (`at::Tensor*`) borrowed for the call; the group is live.
-            check(unsafe { (load()?.allreduce)(self.0, p.as_ptr(), p.len() as i32, op) })
+            check(unsafe { (load()?.allreduce)(self.0, p.as_ptr(), p.len() as i32, op_code(op)) })
         }
 
         fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<()> {
