@@ -148,6 +148,13 @@ fn decode_check_catches_corruption_inside_a_complete_file() {
     assert_eq!((lax.len(), lax.skipped.count), (0, 1));
 }
 
+/// `image` written to `dir/img-{i}.png`, as a file source (so training decodes it on use).
+fn saved_as_file(image: &ImageSource, dir: &Path, i: usize) -> ImageSource {
+    let path = dir.join(format!("img-{i}.png"));
+    image.load().unwrap().save(&path).unwrap();
+    ImageSource::File(path)
+}
+
 /// Overwrites the middle of a PNG's compressed pixel data; its header and IEND stay intact, so
 /// the default load-time check (`ImageCheck::Header`) passes it and only decoding fails.
 fn corrupt_inside(path: &Path) {
@@ -166,11 +173,7 @@ fn a_corrupt_image_met_in_training_is_skipped_and_named_or_stops_the_run_naming_
         .samples
         .into_iter()
         .enumerate()
-        .map(|(i, s)| {
-            let path = dir.join(format!("img-{i}.png"));
-            s.image.load().unwrap().save(&path).unwrap();
-            VqaSample { image: ImageSource::File(path), ..s }
-        })
+        .map(|(i, s)| VqaSample { image: saved_as_file(&s.image, &dir, i), ..s })
         .collect();
     let bad = dir.join("img-3.png");
     corrupt_inside(&bad);
@@ -211,11 +214,7 @@ fn dpo_skips_a_pair_with_a_bad_image_in_the_reference_and_the_policy_pass_alike(
         .samples
         .into_iter()
         .enumerate()
-        .map(|(i, s)| {
-            let path = dir.join(format!("img-{i}.png"));
-            s.image.load().unwrap().save(&path).unwrap();
-            PreferenceSample { image: ImageSource::File(path), image_rejected: None, ..s }
-        })
+        .map(|(i, s)| PreferenceSample { image: saved_as_file(&s.image, &dir, i), image_rejected: None, ..s })
         .collect();
     let bad: Vec<PathBuf> = [3, 4, 5].iter().map(|i| dir.join(format!("img-{i}.png"))).collect();
     let intact: Vec<Vec<u8>> = bad.iter().map(|p| fs::read(p).unwrap()).collect();
