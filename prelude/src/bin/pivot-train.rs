@@ -243,6 +243,10 @@ impl RunConfig {
             }
             _ => {}
         }
+        if cfg.data.world.as_ref().is_some_and(|w| w.image_pairs && !w.balanced) {
+            // The image-counterfactual rows are made from the balanced pairs; unbalanced, they would be ignored.
+            return Err(PivotError::config(path.display().to_string(), "data.world.image_pairs", "needs `balanced = true`"));
+        }
         Ok(cfg)
     }
 
@@ -531,5 +535,7 @@ mod tests {
         assert!(err.contains("run.toml:1:") && err.contains("`stage`"), "{err}");
         let err = load("stage = \"dpo\"\n[data]\nvqa = \"x.json\"\n").unwrap_err().to_string();
         assert!(err.contains("data.preferences"), "{err}");
+        let err = load("stage = \"dpo\"\n[data]\nworld = { samples = 8, image_pairs = true }\n").unwrap_err().to_string();
+        assert!(err.contains("data.world.image_pairs") && err.contains("balanced"), "{err}");
     }
 }
