@@ -634,20 +634,17 @@ dpo.save_pretrained(format!("{out_dir}/dpo"))?;
 sft_log.save_csv(format!("{out_dir}/sft_log.csv"))?;
 dpo_log.save_csv(format!("{out_dir}/dpo_log.csv"))?;
 vqa_runs.save_csv(format!("{out_dir}/vqa_by_category.csv"))?;
-// How far each tower moved from the base (relative L2 over all tower weights).
-let (moved_sft, moved_dpo): (f64, f64) = {
-    let b = base.tower.var_store().variables();
-    let dist = |m: &Mllm| -> f64 {
-        let (mut num, mut den) = (0.0f64, 0.0f64);
-        for (k, v) in m.tower.var_store().variables() {
-            let w = &b[&k];
-            num += (&v - w).square().sum(Kind::Double).double_value(&[]);
-            den += w.square().sum(Kind::Double).double_value(&[]);
-        }
-        (num / den.max(1e-30)).sqrt()
-    };
-    (dist(&sft), dist(&dpo))
-};
+/// How far `m`'s tower moved from `from`'s: relative L2 change over all tower weights.
+fn tower_change(from: &Mllm, m: &Mllm) -> f64 {
+    let b = from.tower.var_store().variables();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (k, v) in m.tower.var_store().variables() {
+        num += (&v - &b[&k]).square().sum(Kind::Double).double_value(&[]);
+        den += b[&k].square().sum(Kind::Double).double_value(&[]);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+let (moved_sft, moved_dpo): (f64, f64) = (tower_change(&base, &sft), tower_change(&base, &dpo));
 println!("relative tower change from base: SFT {moved_sft:.2e}, DPO {moved_dpo:.2e}");
 """),
         md("""
@@ -703,16 +700,6 @@ checkpoint (`load_checkpoint` into the base as pivot-train loaded it), which hol
 in-process DPO arm: loss per step, how far the tower moved, two-way choice accuracy.
 """),
         code("""
-/// Relative L2 change of `m`'s tower weights from `from`'s.
-fn tower_change(from: &Mllm, m: &Mllm) -> f64 {
-    let b = from.tower.var_store().variables();
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (k, v) in m.tower.var_store().variables() {
-        num += (&v - &b[&k]).square().sum(Kind::Double).double_value(&[]);
-        den += b[&k].square().sum(Kind::Double).double_value(&[]);
-    }
-    (num / den.max(1e-30)).sqrt()
-}
 let (launch_ckpt_step, launch_same_weights, launch_loss_gap): (usize, bool, f64) = if ranks == 0 {
     println!("ranks = 0: nothing launched, nothing to load");
     (0, true, 0.0)
