@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 TIMEOUT = 240  # seconds per launch; a hung collective fails the test instead of the suite
 
@@ -190,10 +190,11 @@ def test_zero1_equals_plain_data_parallel(tmp_path):
 def test_zero1_checkpoints_reshard_between_two_ranks_and_one(tmp_path):
     """Saved at 2 ranks (ZeRO-1) and resumed alone, or saved alone and resumed at 2 ranks
     (ZeRO-1): both equal the uninterrupted run alone. Same samples per step throughout (4 pairs:
-    2 per rank, or 4 alone)."""
+    2 per rank, or 4 alone). The ZeRO-1 saves are per rank: each rank writes its shard of the
+    optimizer state and nothing gathers it."""
     ck = "checkpoint_every = 2\ncheckpoint_dir = \"{}\"\n"
     whole = ok(alone(str(write_config(tmp_path, "whole", "dpo", batch_size=4, grad_accum=1, steps=4, train=ck.format(tmp_path / "ck1")))))
-    ok(torchrun(2, str(write_config(tmp_path, "two", "dpo", batch_size=2, grad_accum=1, steps=4, train="zero_stage = 1\n" + ck.format(tmp_path / "ck2")))))
+    two = ok(torchrun(2, str(write_config(tmp_path, "two", "dpo", batch_size=2, grad_accum=1, steps=4, train="zero_stage = 1\n" + ck.format(tmp_path / "ck2")))))
     resume = "resume_from = \"{}\"\n"
     ok(alone(str(write_config(tmp_path, "2to1", "dpo", batch_size=4, grad_accum=1, steps=4, train=resume.format(tmp_path / "ck2/step-000002")))))
     one_to_two = ok(torchrun(2, str(write_config(tmp_path, "1to2", "dpo", batch_size=2, grad_accum=1, steps=4, train="zero_stage = 1\n" + resume.format(tmp_path / "ck1/step-000002")))))
@@ -202,9 +203,45 @@ def test_zero1_checkpoints_reshard_between_two_ranks_and_one(tmp_path):
     for resumed in ("2to1", "1to2"):
         np.testing.assert_allclose(losses(tmp_path / resumed), losses(tmp_path / "whole"), rtol=1e-5, atol=1e-6)
         assert_same_model(tmp_path / resumed, tmp_path / "whole")
-    # The saved optimizer state is whole (not a rank's chunk), whichever run wrote it.
-    o1, o2 = (load_file(str(tmp_path / f"ck{w}/step-000002/optimizer.safetensors")) for w in (1, 2))
-    assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
+    # Alone, the whole state in one file; at 2 ranks (ZeRO-1) one shard per rank, each holding its
+    # half of every flat buffer (padded to 2 ranks): together the elements of the whole state.
+    step2 = tmp_path / "ck2/step-000002"
+    assert not (step2 / "optimizer.safetensors").exists()
+    layout = json.loads((step2 / "optimizer_shards.json").read_text())
+    assert layout["world"] == 2 and [(s["rank"], s["file"]) for s in layout["shards"]] == [(r, f"optimizer-rank{r:05}-of-00002.safetensors") for r in (0, 1)]
+    shards = [load_file(str(step2 / s["file"])) for s in layout["shards"]]
+    whole_elems = sum(t.size for t in load_file(str(tmp_path / "ck1/step-000002/optimizer.safetensors")).values())
+    for i, seg in enumerate(layout["segments"]):
+        n, chunk = sum(k for _, k in seg["params"]), seg["chunk"]
+        assert chunk == (n + 1) // 2 and [s["ranges"][i] for s in layout["shards"]] == [[0, chunk], [chunk, 2 * chunk]], (seg, layout["shards"])
+        assert all(s[f"m.{i}"].shape == s[f"v.{i}"].shape == (chunk,) for s in shards)
+    assert sum(sum(t.size for t in s.values()) for s in shards) - whole_elems <= 2 * len(layout["segments"]), "the shards are not halves of the state"
+    # Nothing is gathered for a save: the weights' all-gather per step only (a gather of the moments
+    # at each of the 2 saves would add the model's size again per step) ...
+    model_bytes = 4 * sum(w.size for w in load_file(str(tmp_path / "two" / "model.safetensors")).values())
+    assert all(0.99 * model_bytes <= b <= 1.01 * model_bytes for b in sent_per_step(two, "all-gathered")), (sent_per_step(two, "all-gathered"), model_bytes)
+    # ... and each rank wrote its own files of both saves (steps 2 and 4), rank 1 its shards only.
+    written = {int(r): int(b) for r, b in re.findall(r"pivot-train rank (\d)/2: .* (\d+) bytes written to checkpoints", two.stdout)}
+    saves = [tmp_path / "ck2/step-000002", tmp_path / "ck2/step-000004"]
+    rank1 = sum((d / layout["shards"][1]["file"]).stat().st_size for d in saves)
+    everything = sum(f.stat().st_size for d in saves for f in d.iterdir())
+    assert written == {0: everything - rank1, 1: rank1}, (written, everything, rank1)
+    # A missing or mismatched shard is refused by name, rank and range.
+    resume_alone = lambda name, d: alone(str(write_config(tmp_path, name, "dpo", batch_size=4, grad_accum=1, steps=4, train=resume.format(d))))
+    shard1 = layout["shards"][1]["file"]
+    missing = tmp_path / "missing"
+    shutil.copytree(step2, missing)
+    (missing / shard1).unlink()
+    p = resume_alone("missing-run", missing)
+    assert p.returncode != 0 and f"optimizer shard {shard1} (rank 1 of 2, elements" in p.stderr and "is missing" in p.stderr, p.stderr
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(step2, mismatched)
+    save_file({k: v[:-1] for k, v in shards[1].items()}, str(mismatched / shard1), metadata={"format": "pt"})
+    manifest = json.loads((mismatched / "MANIFEST.json").read_text())
+    manifest["files"][shard1] = (mismatched / shard1).stat().st_size  # a size-only entry (format 1), so the check below is the layout's
+    (mismatched / "MANIFEST.json").write_text(json.dumps(manifest))
+    p = resume_alone("mismatched-run", mismatched)
+    assert p.returncode != 0 and shard1 in p.stderr and "rank 1 of 2" in p.stderr and "does not match optimizer_shards.json" in p.stderr, p.stderr
 
 
 def test_a_killed_rank_is_restarted_and_the_run_resumes_from_its_last_checkpoint(tmp_path):
@@ -237,9 +274,9 @@ def safetensors_header(path: Path) -> dict:
 def test_zero1_in_bf16_equals_plain_bit_for_bit_and_its_fp32_master_reshards(tmp_path):
     """bf16 weights, so AdamW keeps an fp32 master copy, sharded by ZeRO-1. Without clipping (the
     only place where chunked and whole gradient norms round differently) ZeRO-1 and plain data
-    parallel do the same arithmetic per element: bitwise-equal weights. A ZeRO-1 checkpoint (whole
-    fp32 master and moments, gathered from the chunks) resumes under plain data parallel, again
-    bit for bit."""
+    parallel do the same arithmetic per element: bitwise-equal weights. A ZeRO-1 checkpoint (each
+    rank's chunk of the fp32 master and moments) resumes under plain data parallel, where each rank
+    rebuilds the whole state from both shards, again bit for bit."""
     def cfg(name: str, zero: int, extra: str = "") -> Path:
         train = f"zero_stage = {zero}\nmax_grad_norm = 1e9\n" + extra
         return write_config(tmp_path, name, "dpo", batch_size=2, grad_accum=1, steps=3, train=train, dtype="bf16")
@@ -250,11 +287,16 @@ def test_zero1_in_bf16_equals_plain_bit_for_bit_and_its_fp32_master_reshards(tmp
     z, p, r = digests(zero), digests(plain), digests(resumed)
     assert set(z) == {0, 1} and len({*z.values(), *p.values(), *r.values()}) == 1, f"ZeRO-1 {z}, plain {p}, resumed {r}"
     assert all(b > 0 for b in sent_per_step(zero, "reduce-scattered")) and all(b == 0 for b in sent_per_step(plain, "reduce-scattered"))
-    model = safetensors_header(tmp_path / "ck/step-000002/model.safetensors")
-    state = safetensors_header(tmp_path / "ck/step-000002/optimizer.safetensors")
+    step = tmp_path / "ck/step-000002"
+    model = safetensors_header(step / "model.safetensors")
+    layout = json.loads((step / "optimizer_shards.json").read_text())
     name = "lm.model.embed_tokens.weight"
-    assert model[name]["dtype"] == "BF16" and state[f"master.{name}"]["dtype"] == "F32", (model[name], state.get(f"master.{name}"))
-    assert state[f"master.{name}"]["shape"] == state[f"m.{name}"]["shape"] == model[name]["shape"], "the saved state is whole, not a chunk"
+    i = next(i for i, seg in enumerate(layout["segments"]) if name in dict(seg["params"]))
+    assert model[name]["dtype"] == "BF16" and layout["segments"][i]["master"], (model[name], layout["segments"][i])
+    for shard in layout["shards"]:
+        state = safetensors_header(step / shard["file"])
+        chunk = layout["segments"][i]["chunk"]
+        assert state[f"master.{i}"]["dtype"] == "F32" and state[f"master.{i}"]["shape"] == state[f"m.{i}"]["shape"] == [chunk], state
 
 
 def test_nccl_names_a_missing_gpu_instead_of_crashing(tmp_path):

@@ -53,7 +53,7 @@
 //!
 //! A bad file stops before anything runs, naming the file, line and field. Every rank prints a
 //! digest of its final weights (equal digests: the ranks stayed in step) and the bytes it put into
-//! all-reduces per step.
+//! all-reduces per step, and the bytes of checkpoint files it wrote.
 
 use pivot::prelude::*;
 use pivot::train::dist;
@@ -398,13 +398,14 @@ fn run(path: &Path) -> Result<()> {
     let (scattered, gathered) = group.map_or((0, 0), |g| (g.bytes_reduce_scattered(), g.bytes_all_gathered()));
     let steps = log.len().max(1) as u64;
     let line = format!(
-        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {} bytes reduce-scattered and {} bytes all-gathered per step, {broadcast} bytes broadcast\n",
+        "pivot-train rank {rank}/{world}: {} steps, final loss {:.6}, weights digest {:016x}, {} bytes all-reduced per step, {} bytes reduce-scattered and {} bytes all-gathered per step, {broadcast} bytes broadcast, {} bytes written to checkpoints\n",
         log.len(),
         log.last().and_then(|r| r.get("loss")).unwrap_or(f64::NAN),
         weights_digest(&mllm),
         reduced / steps,
         scattered / steps,
         gathered / steps,
+        pivot::train::checkpoint::bytes_written(),
     );
     // One write, as for errors in `main`.
     std::io::Write::write_all(&mut std::io::stdout(), line.as_bytes()).map_err(|e| PivotError::invalid(format!("stdout: {e}")))?;

@@ -11,25 +11,109 @@
 //! a same-size corruption is refused with the name of the file. An interrupt (the prelude's
 //! interrupt flag) during a save abandons it and leaves the previous checkpoints untouched.
 //!
-//! Layout: `model.safetensors` (`tower.*`, `projector.*`, `lm.*` with HF names),
-//! `optimizer.safetensors` (`m.<param>`, `v.<param>`), `objective.safetensors` (optional),
-//! `trainer_state.json`, `MANIFEST.json`.
+//! Layout: `model.safetensors` (`tower.*`, `projector.*`, `lm.*` with HF names), the AdamW state,
+//! `objective.safetensors` (optional), `trainer_state.json`, `MANIFEST.json`. The AdamW state of an
+//! unsharded run is `optimizer.safetensors` (`m.<param>`, `v.<param>`, `master.<param>`); under
+//! ZeRO-1 every rank writes its own chunk of it, `optimizer-rank00001-of-00002.safetensors`
+//! (`m.<segment>`, ... : its flat range of each buffer), and rank 0 writes `optimizer_shards.json`
+//! (world size, each segment's parameters, each shard's file, rank and ranges) beside the model,
+//! so no rank ever holds or writes the whole state. Either loads at any number of ranks.
+//!
+//! A sharded save is a collective: rank 0 makes `<name>.tmp`, every rank writes and fsyncs its
+//! files into it, and only when all of them succeeded (an all-reduce of their outcomes) does rank
+//! 0 hash every file into the manifest and rename the directory into place. A rank that fails or
+//! dies leaves the previous checkpoints as they were and no partial one.
 //!
 //! RNG state: shuffling draws each epoch's order from a ChaCha stream seeded by (seed, epoch), so
 //! the seed and the step number *are* the RNG state and the data position; nothing else is random
 //! (the models have no dropout).
 
+use super::dist::{ProcessGroup, ReduceOp};
 use super::log::TrainLog;
-use super::optim::ParamGroup;
+use super::optim::{OptimizerState, ParamGroup, SavedState, ShardLayout};
 use crate::error::{PivotError, Result};
 use crate::model::{Checkpoint, Mllm, weights};
 use crate::runtime::check_interrupt;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use tch::Tensor;
 
 pub const MANIFEST: &str = "MANIFEST.json";
+/// The whole AdamW state of an unsharded run.
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// Under ZeRO-1: the layout of the ranks' optimizer shards.
+pub const SHARD_LAYOUT: &str = "optimizer_shards.json";
+
+/// Rank `rank`'s optimizer shard in a checkpoint written by `world` ranks.
+pub fn shard_file(rank: usize, world: usize) -> String {
+    format!("optimizer-rank{rank:05}-of-{world:05}.safetensors")
+}
+
+/// Bytes of checkpoint files this process has written (what each rank's share of a save costs).
+pub fn bytes_written() -> u64 {
+    BYTES_WRITTEN.load(Ordering::Relaxed)
+}
+
+static BYTES_WRITTEN: AtomicU64 = AtomicU64::new(0);
+
+/// `optimizer_shards.json`: the layout, and where each rank's chunks are.
+#[derive(Debug, Serialize, Deserialize)]
+struct ShardIndex {
+    #[serde(flatten)]
+    layout: ShardLayout,
+    shards: Vec<ShardEntry>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ShardEntry {
+    file: String,
+    rank: usize,
+    /// The element range `[start, end)` of each segment's buffers that this shard holds.
+    ranges: Vec<[i64; 2]>,
+}
+
+impl ShardIndex {
+    fn new(layout: ShardLayout) -> Self {
+        let shards = (0..layout.world)
+            .map(|rank| ShardEntry {
+                file: shard_file(rank, layout.world),
+                rank,
+                ranges: (0..layout.segments.len()).map(|i| layout.range(i, rank)).map(|r| [r.start, r.end]).collect(),
+            })
+            .collect();
+        ShardIndex { layout, shards }
+    }
+
+    /// Reads `dir`'s layout file, checking that it describes one shard per rank, in rank order,
+    /// with the ranges its segments imply.
+    fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(SHARD_LAYOUT);
+        let index: ShardIndex = serde_json::from_value(weights::read_json(&path)?)
+            .map_err(|e| PivotError::file(&path, format!("invalid optimizer shard layout: {e}")))?;
+        let world = index.layout.world;
+        if index.shards.len() != world {
+            return Err(PivotError::file(&path, format!("lists {} optimizer shards for a world of {world} ranks", index.shards.len())));
+        }
+        for (k, shard) in index.shards.iter().enumerate() {
+            let expected: Vec<[i64; 2]> = (0..index.layout.segments.len()).map(|i| index.layout.range(i, k)).map(|r| [r.start, r.end]).collect();
+            if shard.rank != k || shard.ranges != expected || shard.file.contains(['/', '\\']) {
+                return Err(PivotError::file(
+                    &path,
+                    format!("shard {k} (`{}`, rank {}, ranges {:?}) is not rank {k} of {world} with ranges {expected:?}", shard.file, shard.rank, shard.ranges),
+                ));
+            }
+        }
+        Ok(index)
+    }
+
+    /// "rank k of W, elements a..b of each buffer" (segment 0's range) for messages.
+    fn describe(&self, rank: usize) -> String {
+        let ranges: Vec<String> = self.shards[rank].ranges.iter().map(|[a, b]| format!("{a}..{b}")).collect();
+        format!("rank {rank} of {}, elements {} of its segments' buffers", self.layout.world, ranges.join(", "))
+    }
+}
 
 /// Everything but tensors that a continuation needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -126,46 +210,97 @@ fn hash_file(path: &Path) -> Result<String> {
     Ok(hasher.finalize().to_hex().to_string())
 }
 
-/// `optimizer`: [`AdamW::state_tensors`](super::optim::AdamW::state_tensors), whole (under
-/// ZeRO-1 gathered from every rank first), so that any number of ranks can resume from it.
+/// Saves a checkpoint at `path`. Every rank of `group` calls it (a collective): each writes its
+/// own part (rank 0 the model, objective, trainer state and, unsharded, the whole optimizer
+/// state; under ZeRO-1 every rank its optimizer shard), and rank 0 publishes the directory only
+/// once every rank's files are durable.
 pub(crate) fn save(
     path: &Path,
     mllm: &Mllm,
-    optimizer: &[(String, Tensor)],
+    optimizer: &OptimizerState,
     objective: &[(String, Tensor)],
     state: &TrainerState,
+    group: Option<&ProcessGroup>,
 ) -> Result<()> {
+    let rank = group.map_or(0, |g| g.rank());
     let tmp = with_suffix(path, ".tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| PivotError::file(&tmp, e))?;
+    let at = format!("checkpoint save of step {}", state.step);
+    // Rank 0 starts the directory afresh; the others write into it once it exists.
+    let ready = if rank == 0 { fresh_dir(&tmp) } else { Ok(()) };
+    all_succeeded(group, ready, &at)?;
+    let written = write_files(&tmp, rank, mllm, optimizer, objective, state);
+    // Committed only when every rank's files are durable.
+    let written = all_succeeded(group, written, &at);
+    if rank != 0 {
+        return written;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| PivotError::file(&tmp, e))?;
-    let written = write_files(&tmp, mllm, optimizer, objective, state);
-    if let Err(e) = written {
-        // An interrupt or a write error abandons the save: no partial directory stays behind.
+    if let Err(e) = written.and_then(|()| write_manifest(&tmp, state.step, &at)) {
+        // An interrupt or a write error (on any rank) abandons the save: no partial directory
+        // stays behind.
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
     install(&tmp, path)
 }
 
-/// Writes the checkpoint's files and, last, its manifest into `tmp`, checking for an interrupt
-/// between files (a save of a large model takes seconds).
-fn write_files(tmp: &Path, mllm: &Mllm, optimizer: &[(String, Tensor)], objective: &[(String, Tensor)], state: &TrainerState) -> Result<()> {
+/// An empty directory at `dir`, replacing what an abandoned save left there.
+fn fresh_dir(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| PivotError::file(dir, e))?;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| PivotError::file(dir, e))
+}
+
+/// Whether every rank's `local` succeeded (one small all-reduce; `local` itself alone). A rank
+/// that failed returns its own error, the others one saying that another rank failed.
+fn all_succeeded(group: Option<&ProcessGroup>, local: Result<()>, at: &str) -> Result<()> {
+    let Some(g) = group else { return local };
+    let failed = Tensor::from_slice(&[local.is_err() as i32 as f32]);
+    g.all_reduce(&[&failed], ReduceOp::Max)?;
+    local?;
+    if failed.double_value(&[0]) > 0.0 {
+        return Err(PivotError::invalid(format!("{at}: another rank failed to write its part; the save was abandoned")));
+    }
+    Ok(())
+}
+
+/// Writes one file of the checkpoint (between interrupt checks) and counts its bytes.
+fn write_counted(path: &Path, at: &str, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    check_interrupt(at)?;
+    write(path)?;
+    let size = std::fs::metadata(path).map_err(|e| PivotError::file(path, e))?.len();
+    BYTES_WRITTEN.fetch_add(size, Ordering::Relaxed);
+    Ok(())
+}
+
+/// This rank's files of the checkpoint, into `tmp`.
+fn write_files(tmp: &Path, rank: usize, mllm: &Mllm, optimizer: &OptimizerState, objective: &[(String, Tensor)], state: &TrainerState) -> Result<()> {
     let at = format!("checkpoint save of step {}", state.step);
-    check_interrupt(&at)?;
+    if let OptimizerState::Shard { layout, rank, tensors } = optimizer {
+        write_counted(&tmp.join(shard_file(*rank, layout.world)), &at, |p| weights::write_safetensors(tensors, p))?;
+    }
+    if rank != 0 {
+        return Ok(());
+    }
     let model: Vec<(String, Tensor)> =
         ParamGroup::ALL.iter().flat_map(|m| m.vars(mllm)).map(|(n, t)| (n, t.detach())).collect();
-    weights::write_safetensors(&model, &tmp.join("model.safetensors"))?;
-    check_interrupt(&at)?;
-    weights::write_safetensors(optimizer, &tmp.join("optimizer.safetensors"))?;
-    check_interrupt(&at)?;
+    write_counted(&tmp.join("model.safetensors"), &at, |p| weights::write_safetensors(&model, p))?;
+    match optimizer {
+        OptimizerState::Whole(tensors) => write_counted(&tmp.join(OPTIMIZER), &at, |p| weights::write_safetensors(tensors, p))?,
+        OptimizerState::Shard { layout, .. } => {
+            let index = serde_json::to_string_pretty(&ShardIndex::new(layout.clone())).map_err(PivotError::invalid)?;
+            write_counted(&tmp.join(SHARD_LAYOUT), &at, |p| weights::write_text_atomic(p, &index))?;
+        }
+    }
     if !objective.is_empty() {
-        weights::write_safetensors(objective, &tmp.join("objective.safetensors"))?;
-        check_interrupt(&at)?;
+        write_counted(&tmp.join("objective.safetensors"), &at, |p| weights::write_safetensors(objective, p))?;
     }
     let json = serde_json::to_string_pretty(state).map_err(PivotError::invalid)?;
-    weights::write_text_atomic(&tmp.join("trainer_state.json"), &json)?;
+    write_counted(&tmp.join("trainer_state.json"), &at, |p| weights::write_text_atomic(p, &json))
+}
+
+/// The manifest of every file in `tmp` (every rank's, durable by then), written last.
+fn write_manifest(tmp: &Path, step: usize, at: &str) -> Result<()> {
     let mut files = BTreeMap::new();
     for entry in std::fs::read_dir(tmp).map_err(|e| PivotError::file(tmp, e))? {
         let entry = entry.map_err(|e| PivotError::file(tmp, e))?;
@@ -174,11 +309,11 @@ fn write_files(tmp: &Path, mllm: &Mllm, optimizer: &[(String, Tensor)], objectiv
         let blake3 = hash_file(&p)?;
         files.insert(entry.file_name().to_string_lossy().into_owned(), serde_json::json!({ "size": size, "blake3": blake3 }));
     }
-    check_interrupt(&at)?;
-    let manifest = serde_json::json!({ "complete": true, "format": 2, "step": state.step, "files": files });
+    check_interrupt(at)?;
+    let manifest = serde_json::json!({ "complete": true, "format": 2, "step": step, "files": files });
     // The manifest write fsyncs `tmp` after renaming the manifest into it, and every file
     // before it was renamed: the directory is durable and complete before it gets its name.
-    weights::write_text_atomic(&tmp.join(MANIFEST), &manifest.to_string())
+    write_counted(&tmp.join(MANIFEST), at, |p| weights::write_text_atomic(p, &manifest.to_string()))
 }
 
 /// Moves the complete directory `tmp` to `path`, replacing a previous checkpoint of the same step
@@ -255,10 +390,23 @@ pub fn verify(dir: impl AsRef<Path>) -> Result<()> {
     }
     let m = weights::read_json(&manifest)?;
     let files = m.get("files").and_then(|f| f.as_object()).ok_or_else(|| incomplete(format!("{MANIFEST} lists no files")))?;
-    for required in ["model.safetensors", "optimizer.safetensors", "trainer_state.json"] {
+    for required in ["model.safetensors", "trainer_state.json"] {
         if !files.contains_key(required) {
             return Err(incomplete(format!("{MANIFEST} does not list {required}")));
         }
+    }
+    if files.contains_key(SHARD_LAYOUT) {
+        // Every rank's optimizer shard must be there: named with its rank and range when not.
+        let index = ShardIndex::read(dir)?;
+        for shard in &index.shards {
+            let listed = files.contains_key(&shard.file);
+            if !listed || !dir.join(&shard.file).is_file() {
+                let why = if listed { "is missing" } else { "is not in the manifest" };
+                return Err(incomplete(format!("optimizer shard {} ({}) {why}", shard.file, index.describe(shard.rank))));
+            }
+        }
+    } else if !files.contains_key(OPTIMIZER) {
+        return Err(incomplete(format!("{MANIFEST} lists neither {OPTIMIZER} nor {SHARD_LAYOUT}")));
     }
     for (name, entry) in files {
         // A manifest names files inside its own directory, nothing else.
@@ -294,7 +442,7 @@ pub fn verify(dir: impl AsRef<Path>) -> Result<()> {
 pub(crate) struct Loaded {
     pub state: TrainerState,
     pub model: Checkpoint,
-    pub optimizer: Checkpoint,
+    pub optimizer: SavedState,
     pub objective: Option<Checkpoint>,
 }
 
@@ -316,9 +464,41 @@ pub(crate) fn open(dir: &Path) -> Result<Loaded> {
     Ok(Loaded {
         state,
         model: Checkpoint::open(dir.join("model.safetensors"))?,
-        optimizer: Checkpoint::open(dir.join("optimizer.safetensors"))?,
+        optimizer: open_optimizer(&dir)?,
         objective: if obj.is_file() { Some(Checkpoint::open(&obj)?) } else { None },
     })
+}
+
+/// The optimizer state of the verified checkpoint `dir`: its one file, or its shards, each checked
+/// to hold its rank's range of every buffer (fp32, the layout's length).
+fn open_optimizer(dir: &Path) -> Result<SavedState> {
+    if !dir.join(SHARD_LAYOUT).is_file() {
+        return Ok(SavedState::Whole(Checkpoint::open(dir.join(OPTIMIZER))?));
+    }
+    let index = ShardIndex::read(dir)?;
+    let mut files = Vec::with_capacity(index.shards.len());
+    for shard in &index.shards {
+        let path = dir.join(&shard.file);
+        let ck = Checkpoint::open(&path)?;
+        for i in 0..index.layout.segments.len() {
+            let chunk = index.layout.segments[i].chunk;
+            for key in index.layout.keys(i) {
+                let found = ck.info(&key).map(|t| (t.dtype, t.shape.clone()));
+                if found != Some((safetensors::Dtype::F32, vec![chunk])) {
+                    return Err(PivotError::file(
+                        &path,
+                        format!(
+                            "optimizer shard of {} does not match {SHARD_LAYOUT}: `{key}` should be F32 [{chunk}], found {}",
+                            index.describe(shard.rank),
+                            found.map_or("nothing".to_string(), |(d, s)| format!("{d:?} {s:?}"))
+                        ),
+                    ));
+                }
+            }
+        }
+        files.push(ck);
+    }
+    Ok(SavedState::Shards { layout: index.layout, files })
 }
 
 /// Copies `prefix + name` tensors of `ckpt` into the MLLM's variables (bit-exact).

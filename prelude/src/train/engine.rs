@@ -482,10 +482,10 @@ impl<O> Loop<'_, O> {
         }
         self.obj.prepare(mllm, data, ck.objective.as_ref())?;
         checkpoint::load_model(mllm, &ck.model, "")?;
-        self.opt.load_state(|k| ck.optimizer.tensor(k))?;
-        self.opt.t = s.adam_t;
-        *log = s.log.clone();
-        Ok(s.step)
+        self.opt.load_state(ck.optimizer)?;
+        self.opt.t = ck.state.adam_t;
+        *log = ck.state.log;
+        Ok(ck.state.step)
     }
 
     fn run<S: Sync + ImageSample>(&mut self, mllm: &mut Mllm, data: &[S], log: &mut TrainLog) -> Result<()>
@@ -651,8 +651,9 @@ impl<O> Loop<'_, O> {
         Ok(row)
     }
 
-    /// Saves after every `checkpoint_every` steps (rank 0 writes the whole optimizer state,
-    /// which ZeRO-1's ranks gather first; all ranks learn if it failed).
+    /// Saves after every `checkpoint_every` steps: rank 0 writes the model and the trainer state,
+    /// each rank its shard of a ZeRO-1 optimizer state (else rank 0 the whole of it); all ranks
+    /// learn if any part failed.
     fn checkpoint<S>(&self, mllm: &Mllm, data_len: usize, step: usize, log: &TrainLog) -> Result<()>
     where
         O: Objective<S>,
@@ -662,26 +663,23 @@ impl<O> Loop<'_, O> {
             return Ok(());
         }
         let dir = c.checkpoint_dir.as_ref().ok_or_else(|| PivotError::config("trainer config", "checkpoint_dir", "checkpoint_every is set but checkpoint_dir is not"))?;
-        let optimizer = self.opt.state_tensors();
-        let saved = optimizer.and_then(|optimizer| if self.shard.rank == 0 {
-            let state = TrainerState {
-                format: 1,
-                objective: self.obj.name().to_string(),
-                step: step + 1,
-                total_steps: self.total,
-                steps_per_epoch: self.steps_per_epoch,
-                data_len,
-                batch_size: c.batch_size,
-                grad_accum: c.grad_accum,
-                world: self.shard.world,
-                seed: c.seed,
-                adam_t: self.opt.t,
-                log: log.clone(),
-            };
-            checkpoint::save(&checkpoint::checkpoint_path(dir, step + 1), mllm, &optimizer, &self.obj.state(), &state)
-        } else {
-            Ok(())
-        });
+        let state = TrainerState {
+            format: 1,
+            objective: self.obj.name().to_string(),
+            step: step + 1,
+            total_steps: self.total,
+            steps_per_epoch: self.steps_per_epoch,
+            data_len,
+            batch_size: c.batch_size,
+            grad_accum: c.grad_accum,
+            world: self.shard.world,
+            seed: c.seed,
+            adam_t: self.opt.t,
+            log: log.clone(),
+        };
+        let path = checkpoint::checkpoint_path(dir, step + 1);
+        let objective = if self.shard.rank == 0 { self.obj.state() } else { Vec::new() };
+        let saved = self.opt.checkpoint_state().and_then(|opt| checkpoint::save(&path, mllm, &opt, &objective, &state, self.group));
         self.agree(step, c.grad_accum - 1, saved.map_err(Stop::Failed))
     }
 }

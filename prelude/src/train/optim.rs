@@ -7,17 +7,22 @@
 //! of chunk r only (12 bytes per parameter become 12/W). A step reduce-scatters the gradients
 //! (rank r receives the sum of chunk r), updates its chunk, and all-gathers the weights. The
 //! arithmetic per element is plain AdamW's, so the weights equal plain data parallel's up to the
-//! rounding of the global gradient norm (summed from per-chunk norms). Checkpoints hold the whole
-//! state under the unsharded names (gathered at save), so a run saved at any W resumes at any
-//! other: each rank takes its chunk on load.
+//! rounding of the global gradient norm (summed from per-chunk norms). A checkpoint of a sharded
+//! run holds each rank's chunks as that rank wrote them ([`OptimizerState::Shard`], with the
+//! layout: world size and every segment's parameters and chunk length), so no rank ever holds
+//! the whole state; an unsharded run writes the whole state under per-parameter names. Either
+//! resumes at any W: each rank copies its new chunk out of the saved chunks that overlap it
+//! ([`SavedState`]), parameter by parameter, so even a different split into segments reads back.
 
 use super::dist::{ProcessGroup, ReduceOp};
 use crate::error::{PivotError, Result};
-use crate::model::Mllm;
+use crate::model::{Checkpoint, Mllm};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 /// The three parts of an MLLM, each its own parameter group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ParamGroup {
     Tower,
     Projector,
@@ -163,17 +168,112 @@ impl Segment {
         }
     }
 
-    /// A chunk of optimizer state made whole: every rank's chunk gathered in rank order
-    /// (itself when unsharded). A collective under ZeRO-1.
-    fn whole(&self, chunk: &Tensor, group: Option<&ProcessGroup>) -> Result<Tensor> {
-        match group {
-            Some(g) if self.grad_chunk.is_some() => {
-                let out = Tensor::zeros([self.len * g.world() as i64], (chunk.kind(), chunk.device()));
-                g.all_gather(&out, chunk)?;
-                Ok(out)
-            }
-            _ => Ok(chunk.shallow_clone()),
+    /// This rank's chunks of optimizer state, by checkpoint name: the moments and the master copy.
+    fn slots(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut slots = vec![("m", &self.m), ("v", &self.v)];
+        if let Some(master) = &self.master {
+            slots.push(("master", master));
         }
+        slots
+    }
+
+    /// The parameters that overlap this rank's chunk: (name, weights, where the parameter starts
+    /// in `flat`, the overlap `a..b` in `flat`'s coordinates).
+    fn overlaps(&self) -> Vec<(&str, &Tensor, i64, std::ops::Range<i64>)> {
+        let (lo, hi) = (self.lo, self.lo + self.len);
+        let mut out = Vec::new();
+        let mut start = 0;
+        for ((name, t), &n) in self.params.iter().zip(&self.numels) {
+            let (a, b) = (start.max(lo), (start + n).min(hi));
+            if a < b {
+                out.push((name.as_str(), t, start, a..b));
+            }
+            start += n;
+        }
+        out
+    }
+
+    /// Fills this rank's chunks from whole per-parameter tensors (`m.<param>`, `v.<param>`,
+    /// `master.<param>`), whatever the ranks that wrote them.
+    fn fill_from_whole(&self, pending: &[(String, Tensor)]) -> Result<()> {
+        let find = |key: &str| pending.iter().find(|(k, _)| k == key).map(|(_, t)| t);
+        for (slot, buf) in self.slots() {
+            for (name, weights, start, r) in self.overlaps() {
+                let key = format!("{slot}.{name}");
+                let src = match (find(&key), slot) {
+                    (Some(t), _) => t.shallow_clone(),
+                    // Checkpoints of fp32 models have no master copy: the weights are it.
+                    (None, "master") => weights.detach(),
+                    (None, _) => {
+                        return Err(PivotError::invalid(format!(
+                            "optimizer state `{key}` is missing from the checkpoint, but the loss reaches `{name}`"
+                        )));
+                    }
+                };
+                if src.size() != weights.size() {
+                    return Err(PivotError::invalid(format!(
+                        "optimizer state `{key}` has shape {:?}, the parameter has {:?}",
+                        src.size(),
+                        weights.size()
+                    )));
+                }
+                let src = src.reshape([-1]).narrow(0, r.start - start, r.end - r.start);
+                tch::no_grad(|| buf.narrow(0, r.start - self.lo, r.end - r.start).copy_(&src));
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills this rank's chunks from the shards of a ZeRO-1 checkpoint: each parameter's part of
+    /// the chunk is found in the saved segment that holds the parameter, and copied from the
+    /// saved ranks whose ranges overlap it. Only those ranks' buffers are read, one slot at a time.
+    fn fill_from_shards(&self, layout: &ShardLayout, files: &[Checkpoint]) -> Result<()> {
+        // Where each saved parameter lies: segment, offset in its flat buffers, elements.
+        let mut saved: HashMap<&str, (usize, i64, i64)> = HashMap::new();
+        for (i, seg) in layout.segments.iter().enumerate() {
+            let mut off = 0;
+            for (name, n) in &seg.params {
+                saved.insert(name.as_str(), (i, off, *n));
+                off += n;
+            }
+        }
+        for (slot, buf) in self.slots() {
+            let mut read: HashMap<(usize, usize), Tensor> = HashMap::new();
+            for (name, weights, start, r) in self.overlaps() {
+                let dst = buf.narrow(0, r.start - self.lo, r.end - r.start);
+                let n = weights.numel() as i64;
+                let found = saved.get(name).copied();
+                let Some((i, off, saved_n)) = found.filter(|&(i, _, _)| slot != "master" || layout.segments[i].master) else {
+                    if slot == "master" {
+                        // Saved from fp32 weights (no master copy): the weights are it.
+                        let w = weights.detach().reshape([-1]).narrow(0, r.start - start, r.end - r.start);
+                        tch::no_grad(|| dst.shallow_clone().copy_(&w));
+                        continue;
+                    }
+                    return Err(PivotError::invalid(format!(
+                        "optimizer state of `{name}` is missing from the checkpoint's shards, but the loss reaches it"
+                    )));
+                };
+                if saved_n != n {
+                    return Err(PivotError::invalid(format!(
+                        "optimizer state of `{name}` has {saved_n} elements in the checkpoint's shards, the parameter has {n}"
+                    )));
+                }
+                // Elements a..b of this parameter (in `flat`) are sa..sb of saved segment i.
+                let (sa, sb) = (off + r.start - start, off + r.end - start);
+                let chunk = layout.segments[i].chunk;
+                for k in (sa / chunk) as usize..=((sb - 1) / chunk) as usize {
+                    let src = match read.entry((k, i)) {
+                        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                        std::collections::hash_map::Entry::Vacant(e) => e.insert(files[k].tensor(&format!("{slot}.{i}"))?),
+                    };
+                    let (ka, kb) = (sa.max(k as i64 * chunk), sb.min((k as i64 + 1) * chunk));
+                    let part = src.narrow(0, ka - k as i64 * chunk, kb - ka);
+                    tch::no_grad(|| dst.narrow(0, ka - sa, kb - ka).copy_(&part));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `(name, view)` of a flat state tensor per parameter, shaped like the parameter.
@@ -188,6 +288,66 @@ impl Segment {
     }
 }
 
+/// The layout of a ZeRO-1 checkpoint's optimizer state: rank k of `world` saved elements
+/// `k·chunk .. (k+1)·chunk` of each segment's flat buffers (padded with zeros to `chunk × world`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ShardLayout {
+    pub world: usize,
+    pub segments: Vec<SavedSegment>,
+}
+
+/// One segment (module × dtype × device) of a sharded checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) struct SavedSegment {
+    pub module: ParamGroup,
+    /// Its parameters in flat order, with their element counts.
+    pub params: Vec<(String, i64)>,
+    /// Elements of each rank's range.
+    pub chunk: i64,
+    /// Whether an fp32 master copy of the weights was saved (bf16/f16 weights).
+    pub master: bool,
+}
+
+impl ShardLayout {
+    /// The buffers every shard holds for segment `i`: `m.i`, `v.i` and `master.i` if saved.
+    pub fn keys(&self, i: usize) -> Vec<String> {
+        let mut keys = vec![format!("m.{i}"), format!("v.{i}")];
+        if self.segments[i].master {
+            keys.push(format!("master.{i}"));
+        }
+        keys
+    }
+
+    /// Rank `rank`'s element range of segment `i`'s buffers.
+    pub fn range(&self, i: usize, rank: usize) -> std::ops::Range<i64> {
+        let chunk = self.segments[i].chunk;
+        rank as i64 * chunk..(rank as i64 + 1) * chunk
+    }
+}
+
+/// What one rank puts into a checkpoint.
+pub(crate) enum OptimizerState {
+    /// The whole state of an unsharded optimizer: `m.<param>`, `v.<param>`, `master.<param>`.
+    Whole(Vec<(String, Tensor)>),
+    /// ZeRO-1: this rank's chunks (`m.<segment>`, ...; see [`ShardLayout::keys`]) and the layout
+    /// of every rank's.
+    Shard { layout: ShardLayout, rank: usize, tensors: Vec<(String, Tensor)> },
+}
+
+/// The optimizer state of a checkpoint, opened: one file of whole tensors, or one file per rank
+/// of the run that wrote it (`files[k]` is rank k's), their shapes checked against the layout.
+pub(crate) enum SavedState {
+    Whole(Checkpoint),
+    Shards { layout: ShardLayout, files: Vec<Checkpoint> },
+}
+
+/// State read from a checkpoint before the segments exist (they are built at the first update).
+enum Pending {
+    None,
+    Whole(Vec<(String, Tensor)>),
+    Shards { layout: ShardLayout, files: Vec<Checkpoint> },
+}
+
 /// AdamW with decoupled weight decay and bias correction (torch.optim.AdamW semantics; like
 /// torch it leaves alone the parameters the loss never reaches, e.g. SigLIP's unused head).
 pub struct AdamW {
@@ -197,7 +357,7 @@ pub struct AdamW {
     /// Built at the first update, when the gradients show which parameters the loss reaches.
     segments: Vec<Segment>,
     /// Moments (and master weights) read from a checkpoint before the segments exist.
-    pending: Vec<(String, Tensor)>,
+    pending: Pending,
     pub(crate) lrs: [f64; 3],
     pub betas: (f64, f64),
     pub eps: f64,
@@ -248,7 +408,7 @@ impl AdamW {
             return bad("weight_decay", format!("{weight_decay} is not a finite value >= 0"));
         }
         let fused = cfg!(pivot_fused_optim);
-        Ok(AdamW { params, shard: None, segments: Vec::new(), pending: Vec::new(), lrs, betas, eps, weight_decay, t: 0, fused })
+        Ok(AdamW { params, shard: None, segments: Vec::new(), pending: Pending::None, lrs, betas, eps, weight_decay, t: 0, fused })
     }
 
     /// ZeRO-1 over `group`: from the first update on, this rank keeps the optimizer state of its
@@ -284,42 +444,10 @@ impl AdamW {
             }
         }
         self.segments = runs.into_iter().map(|(module, _, _, params)| Segment::new(module, params, rank, world)).collect();
-        if !self.pending.is_empty() {
-            let pending = std::mem::take(&mut self.pending);
-            let find = |key: &str| pending.iter().find(|(k, _)| k == key).map(|(_, t)| t);
-            for seg in &self.segments {
-                let mut slots = vec![("m", &seg.m), ("v", &seg.v)];
-                if let Some(master) = &seg.master {
-                    slots.push(("master", master));
-                }
-                for (prefix, chunk) in slots {
-                    // The checkpoint holds whole tensors (whatever the ranks that wrote it): made
-                    // flat like `flat`, padded, and cut to this rank's chunk.
-                    let whole = Tensor::zeros([seg.flat.numel() as i64], (Kind::Float, seg.flat.device()));
-                    for (name, dst) in seg.views(&whole) {
-                        let key = format!("{prefix}.{name}");
-                        let src = match (find(&key), prefix) {
-                            (Some(t), _) => t.shallow_clone(),
-                            // Checkpoints of fp32 models have no master copy: the weights are it.
-                            (None, "master") => seg.params.iter().find(|(n, _)| *n == name).map(|(_, t)| t.detach()).unwrap(),
-                            (None, _) => {
-                                return Err(PivotError::invalid(format!(
-                                    "optimizer state `{key}` is missing from the checkpoint, but the loss reaches `{name}`"
-                                )));
-                            }
-                        };
-                        if src.size() != dst.size() {
-                            return Err(PivotError::invalid(format!(
-                                "optimizer state `{key}` has shape {:?}, the parameter has {:?}",
-                                src.size(),
-                                dst.size()
-                            )));
-                        }
-                        tch::no_grad(|| dst.shallow_clone().copy_(&src));
-                    }
-                    tch::no_grad(|| chunk.shallow_clone().copy_(&whole.narrow(0, seg.lo, seg.len)));
-                }
-            }
+        match std::mem::replace(&mut self.pending, Pending::None) {
+            Pending::None => {}
+            Pending::Whole(pending) => self.segments.iter().try_for_each(|seg| seg.fill_from_whole(&pending))?,
+            Pending::Shards { layout, files } => self.segments.iter().try_for_each(|seg| seg.fill_from_shards(&layout, &files))?,
         }
         Ok(())
     }
@@ -509,40 +637,71 @@ impl AdamW {
     }
 
     /// Moments under `m.<param>` / `v.<param>` names, and `master.<param>` for bf16/f16
-    /// parameters (for checkpoints): whole tensors, whatever the sharding, so under ZeRO-1 a
-    /// collective that every rank must join (each gets the whole state).
+    /// parameters: whole tensors, so only where the state is not sharded.
     pub(crate) fn state_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.shard.is_some() {
+            return Err(PivotError::invalid("AdamW::state_tensors: the optimizer state is sharded (ZeRO-1); each rank holds a chunk of it"));
+        }
         if self.segments.is_empty() {
-            return Ok(self.pending.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect());
+            return match &self.pending {
+                Pending::None => Ok(Vec::new()),
+                Pending::Whole(p) => Ok(p.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()),
+                Pending::Shards { .. } => Err(PivotError::invalid("a checkpoint before the first update of a run resumed from a sharded checkpoint")),
+            };
         }
         let mut out = Vec::new();
         for s in &self.segments {
-            let (m, v) = (s.whole(&s.m, self.shard)?, s.whole(&s.v, self.shard)?);
-            let masters = match &s.master {
-                Some(master) => s.views(&s.whole(master, self.shard)?),
-                None => Vec::new(),
-            };
-            for ((name, m), (_, v)) in s.views(&m).into_iter().zip(s.views(&v)) {
+            for ((name, m), (_, v)) in s.views(&s.m).into_iter().zip(s.views(&s.v)) {
                 out.push((format!("m.{name}"), m));
                 out.push((format!("v.{name}"), v));
             }
-            out.extend(masters.into_iter().map(|(name, t)| (format!("master.{name}"), t)));
+            if let Some(master) = &s.master {
+                out.extend(s.views(master).into_iter().map(|(name, t)| (format!("master.{name}"), t)));
+            }
         }
         Ok(out)
     }
 
+    /// What this rank writes into a checkpoint: the whole state when it is not sharded; under
+    /// ZeRO-1 its own chunks and the layout of every rank's (the same on every rank, so no
+    /// collective: nothing is gathered).
+    pub(crate) fn checkpoint_state(&self) -> Result<OptimizerState> {
+        let Some(g) = self.shard else { return Ok(OptimizerState::Whole(self.state_tensors()?)) };
+        if self.segments.is_empty() {
+            return Err(PivotError::invalid("a ZeRO-1 checkpoint before the first update: the optimizer state's shards do not exist yet"));
+        }
+        let mut segments = Vec::new();
+        let mut tensors = Vec::new();
+        for (i, s) in self.segments.iter().enumerate() {
+            segments.push(SavedSegment {
+                module: s.module,
+                params: s.params.iter().map(|(n, _)| n.clone()).zip(s.numels.iter().copied()).collect(),
+                chunk: s.len,
+                master: s.master.is_some(),
+            });
+            tensors.extend(s.slots().into_iter().map(|(slot, t)| (format!("{slot}.{i}"), t.shallow_clone())));
+        }
+        Ok(OptimizerState::Shard { layout: ShardLayout { world: g.world(), segments }, rank: g.rank(), tensors })
+    }
+
     /// Reads the state a checkpoint holds for our parameters; it is applied (and checked) at
     /// the first update, when the parameters the loss reaches are known.
-    pub(crate) fn load_state(&mut self, get: impl Fn(&str) -> Result<Tensor>) -> Result<()> {
-        self.pending.clear();
-        for p in &self.params {
-            for prefix in ["m", "v", "master"] {
-                let key = format!("{prefix}.{}", p.name);
-                if let Ok(t) = get(&key) {
-                    self.pending.push((key, t));
+    pub(crate) fn load_state(&mut self, saved: SavedState) -> Result<()> {
+        self.pending = match saved {
+            SavedState::Whole(ck) => {
+                let mut pending = Vec::new();
+                for p in &self.params {
+                    for prefix in ["m", "v", "master"] {
+                        let key = format!("{prefix}.{}", p.name);
+                        if ck.contains(&key) {
+                            pending.push((key.clone(), ck.tensor(&key)?));
+                        }
+                    }
                 }
+                Pending::Whole(pending)
             }
-        }
+            SavedState::Shards { layout, files } => Pending::Shards { layout, files },
+        };
         Ok(())
     }
 }
