@@ -22,6 +22,7 @@ pub fn swiglu_hidden(hidden_size: i64, mlp_ratio: f64) -> i64 {
     ((h * 2 / 3) + 7) / 8 * 8
 }
 
+#[derive(Clone)]
 enum Mlp {
     Gelu { fc1: Linear, fc2: Linear, act: Activation },
     /// `weights_in` holds the gate (first half of its rows) and the up projection (second half).
@@ -58,6 +59,20 @@ struct Dinov2Layer {
     lambda2: Tensor,
 }
 
+/// Clones share the weights (a clone is what a recomputed layer keeps).
+impl Clone for Dinov2Layer {
+    fn clone(&self) -> Self {
+        Dinov2Layer {
+            norm1: self.norm1.clone(),
+            attention: self.attention.clone(),
+            lambda1: self.lambda1.shallow_clone(),
+            norm2: self.norm2.clone(),
+            mlp: self.mlp.clone(),
+            lambda2: self.lambda2.shallow_clone(),
+        }
+    }
+}
+
 impl Dinov2Layer {
     fn new(p: nn::Path, cfg: &VisionConfig) -> Self {
         let d = cfg.hidden_size;
@@ -89,6 +104,8 @@ pub(crate) struct Dinov2 {
     layers: Vec<Dinov2Layer>,
     layernorm: LayerNorm,
     patch_size: i64,
+    /// Activation checkpointing of the encoder layers (`VisionTower::set_recompute`).
+    pub(crate) recompute: std::sync::atomic::AtomicBool,
 }
 
 impl Dinov2 {
@@ -114,6 +131,7 @@ impl Dinov2 {
             layers: (0..cfg.num_hidden_layers).map(|i| Dinov2Layer::new(&layers_path / i, cfg)).collect(),
             layernorm: LayerNorm::new(&root / "layernorm", d, cfg.layer_norm_eps),
             patch_size: cfg.patch_size,
+            recompute: Default::default(),
         }
     }
 
@@ -145,6 +163,10 @@ impl Dinov2 {
         self.layers.len()
     }
     pub(crate) fn layer(&self, i: usize, x: &Tensor) -> Tensor {
+        if self.recompute.load(std::sync::atomic::Ordering::Relaxed) {
+            let layer = self.layers[i].clone();
+            return super::recompute::recompute(x, move |x| layer.forward(x));
+        }
         self.layers[i].forward(x)
     }
     pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {

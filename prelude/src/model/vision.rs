@@ -762,23 +762,19 @@ impl VisionTower {
         &mut self.vs
     }
     /// Activation checkpointing: with `on`, a training forward keeps each encoder layer's input
-    /// only and recomputes the layer in backward (same gradients, less memory). CLIP and SigLIP
-    /// towers; others say so.
-    pub fn set_recompute(&self, on: bool) -> Result<()> {
-        match &self.body {
-            Body::ClipSiglip(m) => {
-                m.recompute.store(on, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
-            }
-            _ if !on => Ok(()),
-            _ => Err(PivotError::invalid(format!(
-                "activation recompute is implemented for CLIP and SigLIP towers, not for the {:?} tower `{}`",
-                self.cfg.family, self.cfg.name
-            ))),
-        }
+    /// only and recomputes the layer in backward (same gradients, less memory). Every family.
+    pub fn set_recompute(&self, on: bool) {
+        self.recompute_flag().store(on, std::sync::atomic::Ordering::Relaxed);
     }
     pub fn recomputes(&self) -> bool {
-        matches!(&self.body, Body::ClipSiglip(m) if m.recompute.load(std::sync::atomic::Ordering::Relaxed))
+        self.recompute_flag().load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn recompute_flag(&self) -> &std::sync::atomic::AtomicBool {
+        match &self.body {
+            Body::ClipSiglip(m) => &m.recompute,
+            Body::Dinov2(m) => &m.recompute,
+            Body::Vit(m) => &m.recompute,
+        }
     }
 
     pub fn num_layers(&self) -> usize {

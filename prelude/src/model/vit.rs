@@ -16,7 +16,8 @@ use crate::error::{PivotError, Result};
 use tch::{Kind, Tensor, nn};
 
 /// HF's ViT self-attention (`attention.attention.{query,key,value}`, `attention.output.dense`);
-/// DINOv2 uses the same layout.
+/// DINOv2 uses the same layout. Clones share the weights.
+#[derive(Clone)]
 pub(crate) struct VitAttention {
     query: Linear,
     key: Linear,
@@ -77,6 +78,8 @@ pub(crate) fn needs_interpolation(positions: i64, patches: i64, height: i64, wid
     !(positions == patches && height == width)
 }
 
+/// Clones share the weights (a clone is what a recomputed layer keeps).
+#[derive(Clone)]
 struct VitLayer {
     layernorm_before: LayerNorm,
     attention: VitAttention,
@@ -116,6 +119,8 @@ pub(crate) struct Vit {
     layernorm: LayerNorm,
     pooler: Option<Linear>,
     patch_size: i64,
+    /// Activation checkpointing of the encoder layers (`VisionTower::set_recompute`).
+    pub(crate) recompute: std::sync::atomic::AtomicBool,
 }
 
 impl Vit {
@@ -145,6 +150,7 @@ impl Vit {
             layernorm: LayerNorm::new(&root / "layernorm", d, cfg.layer_norm_eps),
             pooler: cfg.use_pooler.then(|| Linear::new(&root / "pooler" / "dense", d, d, true)),
             patch_size: cfg.patch_size,
+            recompute: Default::default(),
         }
     }
 
@@ -167,6 +173,10 @@ impl Vit {
         self.layers.len()
     }
     pub(crate) fn layer(&self, i: usize, x: &Tensor) -> Tensor {
+        if self.recompute.load(std::sync::atomic::Ordering::Relaxed) {
+            let layer = self.layers[i].clone();
+            return super::recompute::recompute(x, move |x| layer.forward(x));
+        }
         self.layers[i].forward(x)
     }
     pub(crate) fn final_norm(&self, x: &Tensor) -> Tensor {

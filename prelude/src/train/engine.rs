@@ -87,7 +87,7 @@ pub struct TrainConfig {
     /// 1/ranks of the parameters (gradients reduce-scattered, weights all-gathered). Results
     /// equal stage 0's up to float rounding; checkpoints resume at any number of ranks.
     pub zero_stage: u8,
-    /// Activation checkpointing of the tower's (CLIP/SigLIP) and of the LM's layers: each keeps
+    /// Activation checkpointing of the tower's (any family) and of the LM's layers: each keeps
     /// its input only and is recomputed in backward. Same gradients, less memory (see
     /// docs/memory.md), about one more forward of those layers per step.
     pub recompute_tower: bool,
@@ -345,7 +345,7 @@ pub(crate) fn run<S: Sync + ImageSample, O: Objective<S>>(
     let mut log = TrainLog::new(label);
     let result = (|| {
         mllm.lm.set_recompute(cfg.recompute_lm);
-        mllm.tower.set_recompute(cfg.recompute_tower).map_err(|e| PivotError::config("trainer config", "recompute_tower", e.to_string()))?;
+        mllm.tower.set_recompute(cfg.recompute_tower);
         let (nan_at, interrupt_at, kill_at) = (fault::nan_step(shard.rank)?, fault::interrupt_step(shard.rank)?, fault::kill_step(shard.rank)?);
         let mut opt = AdamW::new(mllm, cfg.group_lrs(), cfg.betas, cfg.eps, cfg.weight_decay)?;
         if let (Some(g), 1) = (group, cfg.zero_stage) {
@@ -357,7 +357,7 @@ pub(crate) fn run<S: Sync + ImageSample, O: Objective<S>>(
     for (t, f) in flags {
         let _ = t.set_requires_grad(f);
     }
-    let _ = mllm.tower.set_recompute(recomputed.0);
+    mllm.tower.set_recompute(recomputed.0);
     mllm.lm.set_recompute(recomputed.1);
     hooks.last_log = Some(log.clone());
     result.map(|()| log)
