@@ -6,7 +6,7 @@
 //! and pooling (CLIP: post-LN class token; SigLIP: MAP head).
 
 use super::layers::{Activation, LayerNorm, Linear, normal_init};
-use super::vision::{VisionConfig, VisionFamily};
+use super::vision_config::{VisionConfig, VisionFamily};
 use tch::{Tensor, nn};
 
 /// The CLIP / SigLIP body: embeddings, encoder layers, post-LN and (SigLIP) the MAP head.

@@ -10,7 +10,7 @@
 //! not the same numbers even when upsampling).
 
 use super::layers::{Activation, ConfigReader, LayerNorm, Linear, normal_init};
-use super::vision::{VisionConfig, VisionFamily};
+use super::vision_config::{VisionConfig, VisionFamily};
 use super::vit::{VitAttention, interpolate_pos_embed, needs_interpolation};
 use crate::error::Result;
 use tch::{Tensor, nn};

@@ -16,6 +16,7 @@ pub mod recompute;
 pub mod timm;
 pub mod tokenizer;
 pub mod vision;
+pub mod vision_config;
 pub mod vit;
 pub mod weights;
 
@@ -24,11 +25,11 @@ pub use encoder::{Pooling, Provenance, Stage, VisionEncoder};
 pub use layers::Activation;
 pub use mllm::{Mllm, MllmConfig, MllmOutput};
 pub use preprocess::{ImageProcessor, ResizeMode, Resample};
-pub use timm::TimmConfig;
 pub use projector::{Projector, ProjectorConfig};
 pub use qwen2::{KvCache, LanguageModel, LmOutput, Qwen2Config};
 pub use tokenizer::Tokenizer;
-pub use vision::{FeatureSelect, VisionConfig, VisionFamily, VisionOutput, VisionTower};
+pub use vision::{FeatureSelect, VisionOutput, VisionTower};
+pub use vision_config::{TimmConfig, VisionConfig, VisionFamily};
 pub use weights::Checkpoint;
 
 use tch::nn::VarStore;

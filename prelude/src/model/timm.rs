@@ -14,22 +14,12 @@
 
 use super::layers::ConfigReader;
 use super::preprocess::ImageProcessor;
-use super::vision::{VisionConfig, VisionFamily};
+pub use super::vision_config::TimmConfig;
+use super::vision_config::{VisionConfig, VisionFamily};
 use super::weights::{Checkpoint, copy_into};
 use crate::error::{PivotError, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tch::{Tensor, nn::VarStore};
-
-/// What a timm `config.json` says beyond the shapes (written back unchanged on save).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct TimmConfig {
-    pub architecture: String,
-    /// Classifier outputs (`head.*`); 0 for a feature extractor.
-    pub num_classes: i64,
-    pub model_args: Value,
-    pub pretrained_cfg: Value,
-}
 
 /// Widths of timm's named ViT sizes: (embed_dim, depth, num_heads, mlp_ratio).
 fn named_size(size: &str) -> Option<(i64, i64, i64, f64)> {

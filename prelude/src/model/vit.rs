@@ -11,7 +11,7 @@
 //! `interpolate_pos_encoding=True` (bicubic to the new grid, no antialias, in the weights' dtype).
 
 use super::layers::{Activation, ConfigReader, LayerNorm, Linear, normal_init};
-use super::vision::{VisionConfig, VisionFamily};
+use super::vision_config::{VisionConfig, VisionFamily};
 use crate::error::{PivotError, Result};
 use tch::{Kind, Tensor, nn};
 
