@@ -96,6 +96,12 @@ impl ShardIndex {
         if index.shards.len() != world {
             return Err(PivotError::file(&path, format!("lists {} optimizer shards for a world of {world} ranks", index.shards.len())));
         }
+        for (i, seg) in index.layout.segments.iter().enumerate() {
+            let n: i64 = seg.params.iter().map(|(_, n)| n).sum();
+            if seg.chunk < 0 || seg.chunk * (world as i64) < n {
+                return Err(PivotError::file(&path, format!("segment {i}: {world} ranges of {} elements cannot hold its {n}", seg.chunk)));
+            }
+        }
         for (k, shard) in index.shards.iter().enumerate() {
             let expected: Vec<[i64; 2]> = (0..index.layout.segments.len()).map(|i| index.layout.range(i, k)).map(|r| [r.start, r.end]).collect();
             if shard.rank != k || shard.ranges != expected || shard.file.contains(['/', '\\']) {

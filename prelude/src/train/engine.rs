@@ -13,7 +13,8 @@
 //! Under a process group ([`dist`]) each rank collates only its shard of every global
 //! micro-batch, gradients are averaged over the ranks, and the ranks agree on every stop (an
 //! interrupt, a non-finite loss or a failure on one rank stops all of them at the same point);
-//! rank 0 alone shows progress and saves checkpoints.
+//! rank 0 alone shows progress and writes the model into checkpoints (under ZeRO-1 each rank writes
+//! its own shard of the optimizer state beside it).
 
 use super::checkpoint::{self, TrainerState};
 use super::dist::{self, ProcessGroup, ReduceOp};
