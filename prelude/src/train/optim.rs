@@ -882,6 +882,73 @@ mod tests {
         matches_torch(Kind::BFloat16, true);
     }
 
+    /// bf16 parameters of `sizes` (so the segment keeps an fp32 master), with defined gradients as
+    /// after a backward, named `lm.p<i>` for i in `ids`.
+    fn bf16_params(sizes: &[i64], ids: std::ops::Range<usize>) -> Vec<(String, Tensor)> {
+        ids.map(|i| {
+            let t = Tensor::zeros([sizes[i]], (Kind::BFloat16, tch::Device::Cpu)).set_requires_grad(true);
+            t.sum(Kind::Float).backward();
+            (format!("lm.p{i}"), t)
+        })
+        .collect()
+    }
+
+    /// ZeRO-1 shards written at W ranks read back at W' ranks (1 to 4 each way, 23 elements so that
+    /// most splits pad), and into another split of the parameters into segments: every rank gets
+    /// exactly its new range of every buffer, each element from where the writer kept it (m holds
+    /// its index in the saved flat buffer, v minus that, the master copy that plus a half), and
+    /// zeros in its padding (the writers' padding, which holds values too, is never read).
+    #[test]
+    fn shards_reshard_to_any_number_of_ranks() {
+        let sizes = [5i64, 7, 3, 1, 7];
+        let n: i64 = sizes.iter().sum();
+        let dir = std::env::temp_dir().join(format!("pivot-optim-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for world in 1..=4usize {
+            let mut files = Vec::new();
+            let mut layout = None;
+            for rank in 0..world {
+                let seg = Segment::new(ParamGroup::Lm, bf16_params(&sizes, 0..sizes.len()), rank, world);
+                let index = Tensor::arange_start(seg.lo, seg.lo + seg.len, (Kind::Float, tch::Device::Cpu));
+                let _ = seg.m.shallow_clone().copy_(&index);
+                let _ = seg.v.shallow_clone().copy_(&(-&index));
+                let _ = seg.master.as_ref().unwrap().shallow_clone().copy_(&(&index + 0.5));
+                let tensors: Vec<(String, Tensor)> = seg.slots().into_iter().map(|(slot, t)| (format!("{slot}.0"), t.shallow_clone())).collect();
+                let path = dir.join(format!("w{world}-r{rank}.safetensors"));
+                crate::model::weights::write_safetensors(&tensors, &path).unwrap();
+                files.push(Checkpoint::open(&path).unwrap());
+                let params = seg.params.iter().map(|(p, _)| p.clone()).zip(seg.numels.iter().copied()).collect();
+                layout = Some(ShardLayout { world, segments: vec![SavedSegment { module: ParamGroup::Lm, params, chunk: seg.len, master: true }] });
+            }
+            let layout = layout.unwrap();
+            // One segment as saved, and parameters 0..2 and 2..5 as two.
+            for split in [vec![0..sizes.len()], vec![0..2, 2..sizes.len()]] {
+                for world2 in 1..=4usize {
+                    for rank2 in 0..world2 {
+                        for ids in &split {
+                            let seg = Segment::new(ParamGroup::Lm, bf16_params(&sizes, ids.clone()), rank2, world2);
+                            seg.fill_from_shards(&layout, &files).unwrap();
+                            // Each element's index in the saved flat buffer, then this segment's padding.
+                            let first: i64 = sizes[..ids.start].iter().sum();
+                            let elems: i64 = sizes[ids.clone()].iter().sum();
+                            let pad = seg.flat.numel() as i64 - elems;
+                            let want = Tensor::cat(&[Tensor::arange_start(first, first + elems, (Kind::Float, tch::Device::Cpu)), Tensor::full([pad], f64::NAN, (Kind::Float, tch::Device::Cpu))], 0)
+                                .narrow(0, seg.lo, seg.len);
+                            let real = want.isfinite();
+                            let at = format!("saved at {world}, read at rank {rank2} of {world2}, parameters {ids:?}");
+                            for (got, expect) in [(&seg.m, want.shallow_clone()), (&seg.v, -&want), (seg.master.as_ref().unwrap(), &want + 0.5)] {
+                                assert!(got.masked_select(&real).equal(&expect.masked_select(&real)), "{at}: {got} != {expect}");
+                                assert_eq!(got.masked_select(&real.logical_not()).abs().sum(Kind::Float).double_value(&[]), 0.0, "{at}: padding read");
+                            }
+                        }
+                    }
+                }
+            }
+            assert!(n <= layout.segments[0].chunk * world as i64);
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The CI build must compile the kernel in: without it the tests above would silently cover
     /// only the fallback.
     #[test]
