@@ -9,7 +9,13 @@
 //!    `EVCXR_ERROR_OCCURRED` line to stdout, which it consumes and then reports success. The
 //!    relay sees that line first and emits a marker carrying the error text.
 //!
-//! Two hazards make that capture hard, and the relay is built around them:
+//! Three hazards make that capture hard, and the relay is built around them:
+//! - The two streams are read apart, so data of both that one wakeup finds has no known order. A
+//!   cell that prints (a progress update) and then fails has both its last stdout line and the
+//!   error's text waiting when the relay runs late; forwarding held stderr before that stdout
+//!   line, as for lines that come later, sent the error's text out as plain stderr and left
+//!   evcxr's notification an empty marker (`Error` with no message, seen after 2-rank launches).
+//!   An ordinary stdout line therefore forwards only stderr read in earlier wakeups.
 //! - Processes the cell starts inherit fds 1 and 2 and write to them at any time. Their bytes
 //!   must never be glued to the child's own: a subprocess's unfinished line in front of
 //!   `EVCXR_ERROR_OCCURRED` hides the line from evcxr and from us. So fds 1 and 2 are Unix
@@ -195,9 +201,12 @@ pub(crate) struct Relay {
     err_buf: Vec<u8>,
     /// Other processes' unfinished lines, by stream and writer pid.
     others: HashMap<(Stream, i32), Pending>,
-    /// This process's stderr lines not yet forwarded: held so that a `?` error's text can be
-    /// taken out of the stream and reported as the error instead of as stray stderr.
-    held_err: Vec<String>,
+    /// This process's stderr lines not yet forwarded, with the wakeup (`batch`) that read them:
+    /// held so that a `?` error's text can be taken out of the stream and reported as the error
+    /// instead of as stray stderr.
+    held_err: Vec<(u64, String)>,
+    /// Counts the relay's wakeups. Data of both streams read in one wakeup has no known order.
+    batch: u64,
     /// The cell thread's state when this process last wrote to stderr.
     err_mark: Option<ThreadState>,
     last_out_data: Instant,
@@ -220,6 +229,7 @@ impl Relay {
             err_buf: Vec::new(),
             others: HashMap::new(),
             held_err: Vec::new(),
+            batch: 0,
             err_mark: None,
             last_out_data: Instant::now(),
             last_err_data: Instant::now(),
@@ -253,6 +263,7 @@ impl Relay {
                 }
                 break;
             }
+            self.batch += 1;
             let mut outgoing = Vec::new();
             // stderr first: when both are ready, the stderr bytes were usually written first
             // (a panic message or `?` error precedes evcxr's stdout notification).
@@ -271,7 +282,7 @@ impl Relay {
             }
             if !self.err_buf.is_empty() && err_age >= PARTIAL_AFTER && self.cell_thread_moved_on(err_age) {
                 let text = String::from_utf8_lossy(&std::mem::take(&mut self.err_buf)).into_owned();
-                self.held_err.push(text);
+                self.held_err.push((self.batch, text));
                 self.flush_err(&mut outgoing);
             }
             // `print!` + flush without a newline (progress dots): show it without waiting for
@@ -282,7 +293,9 @@ impl Relay {
                 && !self.out_buf.starts_with(b"EVCXR_")
             {
                 let text = String::from_utf8_lossy(&std::mem::take(&mut self.out_buf)).into_owned();
-                self.flush_err(&mut outgoing);
+                if self.cell_thread_moved_on(err_age) {
+                    self.flush_err(&mut outgoing);
+                }
                 partial_line(&mut outgoing, &text);
             }
             // Other processes' unfinished lines (progress bars): shown after a pause, as the
@@ -392,12 +405,23 @@ impl Relay {
     fn split_err_lines(&mut self) {
         while let Some(pos) = self.err_buf.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.err_buf.drain(..=pos).collect();
-            self.held_err.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+            self.held_err.push((self.batch, String::from_utf8_lossy(&line[..line.len() - 1]).into_owned()));
         }
     }
 
     fn flush_err(&mut self, outgoing: &mut Vec<u8>) {
-        for line in self.held_err.drain(..) {
+        for (_, line) in self.held_err.drain(..) {
+            relayed_stderr(outgoing, &line);
+        }
+    }
+
+    /// Forwards the held stderr lines known to precede a stdout line of this wakeup: those read
+    /// in earlier wakeups. Lines read in this one may have been written after it (the relay reads
+    /// stderr first), such as a `?` error's text after a progress line the cell printed just
+    /// before failing, with evcxr's notification still to come.
+    fn flush_err_before_this_batch(&mut self, outgoing: &mut Vec<u8>) {
+        let earlier = self.held_err.iter().take_while(|(b, _)| *b < self.batch).count();
+        for (_, line) in self.held_err.drain(..earlier) {
             relayed_stderr(outgoing, &line);
         }
     }
@@ -411,15 +435,19 @@ impl Relay {
             }
             if !self.err_buf.is_empty() {
                 let rest = String::from_utf8_lossy(&std::mem::take(&mut self.err_buf)).into_owned();
-                self.held_err.push(rest);
+                self.held_err.push((self.batch, rest));
             }
-            let lines = std::mem::take(&mut self.held_err);
+            let lines: Vec<String> = std::mem::take(&mut self.held_err).into_iter().map(|(_, l)| l).collect();
             self.trace(|| format!("{line}: marker with {} line(s) {lines:?}", lines.len()));
             let marker = if line == USER_ERROR_OCCURRED { Marker::QuestionMarkError { lines } } else { Marker::PanicNotice { lines } };
             outgoing.extend_from_slice(marker.to_line().as_bytes());
             outgoing.push(b'\n');
-        } else {
+        } else if line.starts_with("EVCXR_") {
+            // evcxr's runtime writes these after the cell's code has run (its end, its value):
+            // every stderr line of the cell comes before them.
             self.flush_err(outgoing);
+        } else {
+            self.flush_err_before_this_batch(outgoing);
         }
         outgoing.extend_from_slice(line.as_bytes());
         outgoing.push(b'\n');
@@ -575,6 +603,51 @@ mod tests {
         assert_eq!(qerr_lines(&relayed), vec![vec![ERROR_TEXT.to_string()]], "{relayed:?}");
         assert!(!relayed.contains(STDERR_PREFIX), "the error's text was also relayed as stderr: {relayed:?}");
         assert!(relayed.lines().any(|l| l == USER_ERROR_OCCURRED), "{relayed:?}");
+    }
+
+    /// Starts a relay on channels that already hold everything the cell wrote, so that its first
+    /// wakeup reads both streams at once (a relay thread that ran late).
+    fn relay_after(writes: &[(bool, &str)], then: impl FnOnce(&OwnedFd)) -> String {
+        let (out_r, out_w) = output_channel().unwrap();
+        let (err_r, err_w) = output_channel().unwrap();
+        // SAFETY: fresh descriptors that nothing else owns.
+        let (out_w, err_w) = unsafe { (OwnedFd::from_raw_fd(out_w), OwnedFd::from_raw_fd(err_w)) };
+        for (to_stdout, text) in writes {
+            write(if *to_stdout { &out_w } else { &err_w }, text);
+        }
+        let mut sink = tempfile_in_target();
+        let writer = sink.try_clone().unwrap();
+        let descheduled = ThreadState { cpu_ns: Some(1_000), waiting_elsewhere: false };
+        let relay = std::thread::spawn(move || Relay::new(writer, Box::new(move || descheduled)).run(out_r, err_r));
+        then(&out_w);
+        drop((out_w, err_w));
+        relay.join().unwrap();
+        let mut text = String::new();
+        use std::io::Seek;
+        sink.seek(std::io::SeekFrom::Start(0)).unwrap();
+        sink.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn a_line_printed_just_before_the_error_does_not_push_the_error_text_out() {
+        // The launcher's last progress update, then the `?` error: the relay woke after both.
+        let progress = Marker::Clear { wait: true }.to_line();
+        let writes = [(true, format!("{progress}\n")), (false, format!("{ERROR_TEXT}\n"))];
+        let writes: Vec<(bool, &str)> = writes.iter().map(|(o, t)| (*o, t.as_str())).collect();
+        // The notification in the same wakeup...
+        let mut all = writes.clone();
+        let note = format!("{USER_ERROR_OCCURRED}\n");
+        all.push((true, &note));
+        let relayed = relay_after(&all, |_| {});
+        assert_eq!(qerr_lines(&relayed), vec![vec![ERROR_TEXT.to_string()]], "{relayed:?}");
+        assert!(relayed.starts_with(&progress), "{relayed:?}");
+        // ...or in a later one.
+        let relayed = relay_after(&writes, |out_w| {
+            std::thread::sleep(Duration::from_millis(200));
+            write(out_w, &note);
+        });
+        assert_eq!(qerr_lines(&relayed), vec![vec![ERROR_TEXT.to_string()]], "{relayed:?}");
     }
 
     #[test]
