@@ -313,18 +313,28 @@ impl Claim {
             let _ = std::fs::remove_file(&sock);
             let _ = std::fs::remove_file(&json_path);
         };
+        // A spare that is told to stop before it is adopted removes its socket first; the front
+        // end installs its own handlers after the adoption.
+        set_stop_handlers(true);
         eprintln!("pivot spare: waiting on {} (key {}, idle timeout {} s)", sock.display(), self.key, idle.as_secs());
         let since = Instant::now();
         loop {
             let left = idle.saturating_sub(since.elapsed());
+            let sig = STOP.load(Ordering::SeqCst);
+            if sig != 0 {
+                cleanup();
+                eprintln!("pivot spare: stopped by signal {sig} before anyone adopted it");
+                return Ok(None);
+            }
             if left.is_zero() {
                 cleanup();
                 eprintln!("pivot spare: nobody adopted this engine in {} s; exiting", idle.as_secs());
                 return Ok(None);
             }
             let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+            // Short slices: a stop signal may land on another thread and not interrupt this poll.
             // SAFETY: one pollfd we own.
-            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+            let r = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(500) as i32) };
             if r <= 0 {
                 continue;
             }
@@ -334,6 +344,7 @@ impl Claim {
                 Ok((args, pid, fds)) => {
                     // One adoption per spare: nobody else may connect from here on.
                     cleanup();
+                    set_stop_handlers(false);
                     let reply = json!({"adopted": true, "pid": std::process::id()}).to_string() + "\n";
                     if (&stream).write_all(reply.as_bytes()).is_err() {
                         eprintln!("pivot spare: the launcher went away during the handover; exiting");
@@ -348,12 +359,24 @@ impl Claim {
                             libc::close(fd);
                         }
                     }
+                    // The handshake's timeouts are the socket's, shared by every clone: the
+                    // watcher below must block for the kernel's whole life.
+                    stream.set_read_timeout(None)?;
+                    stream.set_write_timeout(None)?;
                     let watch = stream.try_clone()?;
                     *HANDOVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
                     std::thread::Builder::new().name("pivot-spare-watch".into()).spawn(move || {
                         let mut b = [0u8; 64];
                         let mut w = watch;
-                        while matches!(w.read(&mut b), Ok(n) if n > 0) {}
+                        loop {
+                            match w.read(&mut b) {
+                                Ok(0) => break,
+                                Ok(_) => {}
+                                Err(e) if matches!(e.kind(), std::io::ErrorKind::Interrupted | std::io::ErrorKind::WouldBlock) => {}
+                                Err(_) => break,
+                            }
+                        }
+                        eprintln!("pivot: the launched process (pid {pid}) is gone; this adopted engine exits");
                         on_orphaned();
                         std::process::exit(1);
                     })?;
@@ -397,6 +420,28 @@ impl Claim {
         let args = req.get("args").and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default();
         let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
         Ok((args, pid, [fds[0], fds[1], fds[2]]))
+    }
+}
+
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn note_stop(sig: libc::c_int) {
+    STOP.store(sig, Ordering::SeqCst);
+}
+
+const STOPPING: &[libc::c_int] = &[libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// While waiting (`on`): SIGTERM, SIGINT and SIGHUP end the wait (checked between polls). Off:
+/// their default dispositions again.
+fn set_stop_handlers(on: bool) {
+    for &sig in STOPPING {
+        // SAFETY: the handler only stores into an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = if on { note_stop as extern "C" fn(libc::c_int) as usize } else { libc::SIG_DFL };
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
 }
 
@@ -600,6 +645,10 @@ fn mismatches(dir: &Path, config: &Config, frontend: Frontend) -> Option<String>
         }
         let other = Config { fields };
         let pid = v.get("pid").and_then(Value::as_i64).unwrap_or(0);
+        // SAFETY: signal 0 only checks that the process exists.
+        if pid <= 0 || unsafe { libc::kill(pid as i32, 0) } != 0 {
+            continue; // left by a spare that was killed
+        }
         let diff = config.differences(&other);
         found.push(format!("spare pid {pid} differs in {}", diff.join(", ")));
     }
