@@ -614,11 +614,21 @@ fn handover(stream: &UnixStream, key: &str, args: &[String]) -> anyhow::Result<i
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     let req = json!({"key": key, "args": args, "pid": std::process::id()}).to_string() + "\n";
     send_with_fds(stream, req.as_bytes(), &[0, 1, 2])?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    if line.is_empty() {
-        anyhow::bail!("the spare closed the connection");
+    // Byte by byte: a buffered reader could swallow the exit line of a spare that ends at once,
+    // which `proxy` must read.
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut s = stream;
+    while line.last() != Some(&b'\n') {
+        match s.read(&mut byte)? {
+            0 => anyhow::bail!("the spare closed the connection"),
+            _ => line.push(byte[0]),
+        }
+        if line.len() > 1 << 16 {
+            anyhow::bail!("the spare's reply is too long");
+        }
     }
+    let line = String::from_utf8_lossy(&line);
     let reply: Value = serde_json::from_str(&line)?;
     if reply.get("adopted").and_then(Value::as_bool) != Some(true) {
         anyhow::bail!("refused: {}", reply.get("reason").and_then(Value::as_str).unwrap_or("no reason given"));
