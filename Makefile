@@ -65,8 +65,12 @@ kernel: venv rust-src
 # The study: every notebooks/NN_*.ipynb in order on the "pivot" kernel, in one folder (OUT), sharing
 # checkpoints through `out_dir`, then an HTML report (OUT/index.html). Re-running skips notebooks
 # already done with the same source; STUDY_ARGS=--force runs them all (see tools/run_study.py).
+# PIVOT_SPARE_ENGINE=1: each notebook's kernel, once its engine is up, starts a spare engine for the
+# next notebook (engine/src/spare.rs), which adopts it instead of starting its own. PIVOT_SPARE_ENGINE=0
+# turns it off; the last spare exits after PIVOT_SPARE_IDLE_SECS (default 1200) unadopted.
+PIVOT_SPARE_ENGINE ?= 1
 demo: papermill kernel train-bin
-	$(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
+	PIVOT_SPARE_ENGINE=$(PIVOT_SPARE_ENGINE) $(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
 
 # The prelude's tests build into the kernel's warm build slot 0 with the flags evcxr uses there
 # (Cargo.toml's [profile.dev] is evcxr's; -Cprefer-dynamic and an explicit --target are added

@@ -16,6 +16,11 @@ Measures, for the "pivot" kernel installed from the built binary into a private 
 Writes benches/results/kernel-latency-<label>-<time>.json with machine details. It reports; it never
 fails on speed.
 
+--spare (with our kernel, or with --repl) first starts a spare engine (`pivot-kernel spare`,
+`pivot-repl --spare`) with the launch's configuration, waits until it is ready, then measures the
+launch that adopts it; the start's CPU-s are then the spare's CPU from the launch to the first
+result (the spare's own start, paid before, is reported apart as spare_start_s).
+
 Stock `evcxr_jupyter` side by side (built outside the repository, e.g.
 `cargo install evcxr_jupyter@0.22.0 --locked --root /tmp/stock-evcxr`):
 
@@ -45,7 +50,7 @@ from jupyter_client import KernelManager
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from pivot_testing import built_binary  # noqa: E402
+from pivot_testing import Spare, built_binary, kernel_launch_env  # noqa: E402
 
 
 TENSOR_CELL = "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)"
@@ -123,25 +128,33 @@ def pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def repl_warm_start(binary: Path, out_dir: str) -> None:
+def repl_warm_start(binary: Path, out_dir: str, spare: bool = False) -> None:
     """`pivot-repl SCRIPT` on a script whose first cell is the parameters cell: the REPL's own
-    timing line gives engine start and start -> that cell done (PIVOT_REPL_TIMINGS=1)."""
+    timing line gives engine start and start -> that cell done (PIVOT_REPL_TIMINGS=1; with a
+    spare, from the handover)."""
     import re
 
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "params.rs"
         script.write_text(PARAMS_CELL + "\n// %%\nsteps * 2 + 1\n")
+        env = dict(os.environ, PIVOT_REPL_TIMINGS="1", NO_COLOR="1")
+        sp, spare_start = None, None
+        if spare:
+            t = time.perf_counter()
+            sp = Spare([str(binary), "--spare"], env, cwd=tmp)
+            spare_start = time.perf_counter() - t
         t0 = time.perf_counter()
-        r = subprocess.run([str(binary), str(script)], capture_output=True, text=True, cwd=tmp,
-                           env=dict(os.environ, PIVOT_REPL_TIMINGS="1", NO_COLOR="1"), timeout=3600)
+        r = subprocess.run([str(binary), str(script)], capture_output=True, text=True, cwd=tmp, env=env, timeout=3600)
         wall = time.perf_counter() - t0
+        if sp is not None:
+            sp.stop()
     m = re.search(r"engine ready ([0-9.]+) s, first result ([0-9.]+) s", r.stderr)
     if r.returncode != 0 or not m:
         raise RuntimeError(f"pivot-repl failed ({r.returncode}):\n{r.stderr}")
-    res = {"kernel": "pivot-repl", "engine_ready_s": float(m.group(1)), "start_to_params_cell_done_s": float(m.group(2)),
-           "process_wall_s": wall, "timing_lines": [l for l in r.stderr.splitlines() if "[timings]" in l],
+    res = {"kernel": "pivot-repl" + ("-spare" if spare else ""), "engine_ready_s": float(m.group(1)), "start_to_params_cell_done_s": float(m.group(2)),
+           "process_wall_s": wall, "spare_start_s": spare_start, "timing_lines": [l for l in r.stderr.splitlines() if "[timings]" in l],
            "machine": {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()}}
-    print(f"pivot-repl: engine ready {res['engine_ready_s']:.2f} s, warm start to the parameters cell done "
+    print(f"{res['kernel']}: engine ready {res['engine_ready_s']:.2f} s, warm start to the parameters cell done "
           f"{res['start_to_params_cell_done_s']:.2f} s (whole script {wall:.2f} s)")
     os.makedirs(out_dir, exist_ok=True)
     path = Path(out_dir) / f"repl-warm-start-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
@@ -161,9 +174,10 @@ def main() -> None:
     ap.add_argument("--with-prelude", action="store_true", help="stock kernel: first run our start-up settings and `:dep pivot`")
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
     ap.add_argument("--repl", default=None, help="measure the warm start of this pivot-repl binary instead")
+    ap.add_argument("--spare", action="store_true", help="start a spare engine first and measure the launch that adopts it")
     a = ap.parse_args()
     if a.repl:
-        repl_warm_start(Path(a.repl), a.out)
+        repl_warm_start(Path(a.repl), a.out, a.spare)
         return
 
     env_path = None
@@ -190,6 +204,15 @@ def main() -> None:
         subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
         os.environ["JUPYTER_PATH"] = str(env_path)
 
+    spare, spare_start, spare_cpu0 = None, None, None
+    if a.spare:
+        label = a.label or a.kernel_name + "-spare"
+        env, exe = kernel_launch_env(dict(os.environ))
+        t = time.perf_counter()
+        spare = Spare([exe, "spare"], env, cwd=os.getcwd())
+        spare_start = time.perf_counter() - t
+        spare_cpu0 = cpu_seconds(spare.pid)
+
     t0 = time.perf_counter()
     km = KernelManager(kernel_name=a.kernel_name)
     km.start_kernel()
@@ -209,6 +232,16 @@ def main() -> None:
 
     pid = getattr(getattr(km, "provisioner", None), "process", None)
     pid = getattr(pid, "pid", None)
+    # CPU of the start on the critical path: the kernel process and its children from launch to
+    # the first result, or with a spare the spare's CPU over that time plus the launcher's.
+    launcher_cpu = cpu_seconds(pid) if pid else None
+    if spare is not None:
+        assert spare.adopted(), "the kernel did not adopt the spare:\n" + "".join(spare.log)
+        c = cpu_seconds(spare.pid)
+        start_cpu = (c - spare_cpu0) + (launcher_cpu or 0.0) if None not in (c, spare_cpu0) else None
+        pid = spare.pid
+    else:
+        start_cpu = launcher_cpu
     load_before = os.getloadavg()
 
     def timed(cells: list[str]) -> tuple[list[float], float | None]:
@@ -223,6 +256,8 @@ def main() -> None:
     tensor, tensor_cpu = timed([TENSOR_CELL] * a.tensor_cells) if with_tensor else ([], None)
     kc.stop_channels()
     km.shutdown_kernel(now=True)
+    if spare is not None:
+        spare.stop()
 
     res = {
         "kernel": label,
@@ -231,6 +266,8 @@ def main() -> None:
         "setup_cell_s": t_setup,
         "start_to_kernel_info_s": t_info,
         "start_to_first_result_s": t_first,
+        "start_cpu_s": start_cpu,
+        "spare_start_s": spare_start,
         "params_cell": PARAMS_CELL,
         "trivial_cell": "N * 2 + 1",
         "let_cell": "let xN = N; xN + 1",
@@ -261,7 +298,8 @@ def main() -> None:
     tensor_p50 = "-" if not tensor else f"{res['tensor_p50_s']:.3f} s"
     cpu = lambda c: "-" if c is None else f"{c:.3f} s"  # noqa: E731
     tensor_p95 = "-" if not tensor else f"{res['tensor_p95_s']:.3f} s"
-    print(f"{label}: kernel_info {t_info:.2f} s, warm start to the parameters cell done {t_first:.2f} s; p50 / p95 (CPU per cell): "
+    start_cpu_text = "-" if start_cpu is None else f"{start_cpu:.1f}"
+    print(f"{label}: kernel_info {t_info:.2f} s, warm start to the parameters cell done {t_first:.2f} s ({start_cpu_text} CPU-s); p50 / p95 (CPU per cell): "
           f"trivial {res['trivial_p50_s']:.3f} / {res['trivial_p95_s']:.3f} s ({cpu(trivial_cpu)}), "
           f"let {res['let_p50_s']:.3f} / {res['let_p95_s']:.3f} s ({cpu(let_cpu)}), "
           f"tensor {tensor_p50} / {tensor_p95} ({cpu(tensor_cpu)}); n={len(trivial)}/{len(lets)}/{len(tensor)}; "

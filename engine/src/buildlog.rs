@@ -12,11 +12,22 @@ use std::sync::Mutex;
 use crate::output::{Event, Sink, StreamName};
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+/// The descriptor `install` copies fd 2 to (-1 before it ran): an adopted spare engine puts its
+/// launcher's stderr there.
+static ORIGINAL_STDERR: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// Where this process's stderr really goes: the build log's copy of fd 2, else fd 2.
+pub fn original_stderr() -> RawFd {
+    match ORIGINAL_STDERR.load(std::sync::atomic::Ordering::SeqCst) {
+        fd if fd >= 0 => fd,
+        _ => 2,
+    }
+}
 
 /// Must run before other threads start (it replaces fd 2).
 pub fn install() {
     let mut orig: Option<std::fs::File> = None;
-    redirect_fd2(move |line, fd| {
+    let saved = redirect_fd2(move |line, fd| {
         // SAFETY: `fd` is the saved original stderr, open for the life of the process.
         let out = orig.get_or_insert_with(|| unsafe { std::fs::File::from_raw_fd(fd) });
         let _ = out.write_all(line);
@@ -28,6 +39,9 @@ pub fn install() {
             }
         }
     });
+    if let Some(fd) = saved {
+        ORIGINAL_STDERR.store(fd, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Puts a pipe on fd 2 and hands every line written there (newline included) to `on_line`, with

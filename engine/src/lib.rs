@@ -14,6 +14,7 @@ pub mod paths;
 pub mod scan;
 pub mod session;
 pub mod slots;
+pub mod spare;
 
 pub use output::{Event, Sink, StreamName};
 pub use session::{prepare_process_env, prepare_process_env_for, CellError, CellResult, Frontend, InterruptOutcome, Interrupter, Session, SessionOptions};

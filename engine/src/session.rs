@@ -22,7 +22,7 @@ pub enum Frontend {
 }
 
 impl Frontend {
-    fn env_value(self) -> &'static str {
+    pub(crate) fn env_value(self) -> &'static str {
         match self {
             Frontend::Jupyter => "jupyter",
             Frontend::Repl => "repl",
@@ -767,7 +767,7 @@ impl StartPhases {
 }
 
 /// User + system CPU of this process and its reaped children, in seconds.
-fn cpu_seconds() -> f64 {
+pub(crate) fn cpu_seconds() -> f64 {
     let secs = |who| {
         // SAFETY: getrusage fills the struct we pass.
         let mut u: libc::rusage = unsafe { std::mem::zeroed() };

@@ -4,6 +4,7 @@
 //!   pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name N]
 //!   pivot-kernel uninstall [same location flags]
 //!   pivot-kernel warm [--slot K]                 build the prelude into a slot (default 0)
+//!   pivot-kernel spare                           start an engine and wait for a kernel to adopt it
 //!   pivot-kernel run NB.ipynb [--allow-errors] [-p name=value]... [--output OUT.ipynb]
 
 use std::path::PathBuf;
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     }
     pivot_engine::fastbuild::wrapper_hook();
     evcxr::runtime_hook();
+    engine::spare::snapshot_env();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match real_main(args) {
         Ok(code) => code,
@@ -35,6 +37,7 @@ const USAGE: &str = "usage: pivot-kernel kernel --connection-file FILE
        pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
        pivot-kernel uninstall [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
        pivot-kernel warm [--slot K]
+       pivot-kernel spare
        pivot-kernel run NOTEBOOK.ipynb [--allow-errors] [-p NAME=RUST_EXPR]... [--output OUT.ipynb]";
 
 fn take_value(args: &[String], i: &mut usize, flag: &str) -> anyhow::Result<String> {
@@ -68,6 +71,84 @@ fn take_slot(want: Option<usize>) -> anyhow::Result<slots::Slot> {
     Ok(slot)
 }
 
+/// The `kernel` command's options: the connection file's path and contents.
+fn kernel_args(rest: &[String]) -> anyhow::Result<(String, server::ConnectionInfo)> {
+    let mut file = None;
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i].as_str() {
+            // -f is what `jupyter console --existing` style tooling passes; --control_file
+            // is evcxr_jupyter's spelling, accepted so old kernelspecs keep working.
+            "--connection-file" | "-f" | "--control_file" => file = Some(take_value(rest, &mut i, "--connection-file")?),
+            other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+        }
+        i += 1;
+    }
+    let file = file.ok_or_else(|| anyhow::anyhow!("--connection-file is required\n{USAGE}"))?;
+    let conn = server::ConnectionInfo::load(std::path::Path::new(&file))?;
+    Ok((file, conn))
+}
+
+/// `pivot-kernel spare`: starts an engine as `kernel` would (same slot choice, same session, its
+/// build log on the same pipe), makes rust-analyzer do its first inference, and waits for a
+/// `pivot-kernel kernel` of the same configuration to hand itself over (`engine::spare`). Then
+/// it is that kernel.
+fn spare() -> anyhow::Result<ExitCode> {
+    let Some(claim) = engine::spare::claim(engine::Frontend::Jupyter)? else {
+        eprintln!("pivot-kernel spare: a spare engine for this configuration is already running");
+        return Ok(ExitCode::SUCCESS);
+    };
+    buildlog::install();
+    let slot = take_slot(None)?;
+    slot.seed_if_cold();
+    let switch = engine::spare::SinkSwitch::default();
+    let session = engine::Session::start(engine::SessionOptions::new(engine::Frontend::Jupyter)?, switch.sink())?;
+    slot.mark_warm();
+    let ready = std::time::Instant::now();
+    let warm = engine::spare::warm_up(session)?;
+    eprintln!(
+        "pivot-kernel spare: engine ready in {:.1} s (slot {}); rust-analyzer warm-up {:.1} s, {:.1} CPU-s",
+        warm.session.startup.as_secs_f64(),
+        slot.index,
+        warm.wall_s,
+        warm.cpu_s
+    );
+    let session = warm.session;
+    let interrupter = session.interrupter();
+    let Some(adoption) = claim.wait(engine::spare::idle_timeout(), buildlog::original_stderr(), move || interrupter.kill_child())? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let (file, conn) = match adoption.args.split_first() {
+        Some((cmd, rest)) if cmd == "kernel" => match kernel_args(rest) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("pivot-kernel: {e:#}");
+                engine::spare::exit(1);
+            }
+        },
+        _ => {
+            eprintln!("pivot-kernel: a spare engine was handed {:?}, not a kernel command", adoption.args);
+            engine::spare::exit(2);
+        }
+    };
+    eprintln!(
+        "pivot-kernel: adopted spare engine pid {} for {file} (launcher pid {}; engine ready {:.1} s before, handover {:.0} ms) with build slot {} ({})",
+        std::process::id(),
+        adoption.launcher_pid,
+        ready.elapsed().as_secs_f64(),
+        adoption.handover.as_secs_f64() * 1e3,
+        slot.index,
+        slot.dir.display()
+    );
+    engine::spare::record_adoption(&adoption, session.startup, warm.cpu_s);
+    let served = server::run(conn, slot, Some(server::Prestarted { session, switch }));
+    if let Err(e) = served {
+        eprintln!("pivot-kernel: {e:#}");
+        engine::spare::exit(1);
+    }
+    engine::spare::exit(0)
+}
+
 fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
     let Some(cmd) = args.first().map(String::as_str) else {
         println!("{USAGE}");
@@ -76,24 +157,26 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
     let rest = &args[1..];
     match cmd {
         "kernel" => {
-            let mut file = None;
-            let mut i = 0;
-            while i < rest.len() {
-                match rest[i].as_str() {
-                    // -f is what `jupyter console --existing` style tooling passes; --control_file
-                    // is evcxr_jupyter's spelling, accepted so old kernelspecs keep working.
-                    "--connection-file" | "-f" | "--control_file" => file = Some(take_value(rest, &mut i, "--connection-file")?),
-                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
-                }
-                i += 1;
+            let (file, conn) = kernel_args(rest)?;
+            // A spare engine of this exact configuration serves this kernel if one waits; this
+            // process then only stands in for it (signals, exit status). Before the slot lock:
+            // the spare holds its own.
+            let log = |m: &str| eprintln!("pivot-kernel: {m}");
+            if let Some(adopted) = engine::spare::try_adopt(engine::Frontend::Jupyter, &args, &log) {
+                eprintln!("pivot-kernel: handed {file} over to the spare engine pid {}", adopted.spare_pid);
+                adopted.proxy();
             }
-            let file = file.ok_or_else(|| anyhow::anyhow!("--connection-file is required\n{USAGE}"))?;
-            let conn = server::ConnectionInfo::load(std::path::Path::new(&file))?;
             buildlog::install();
             let slot = take_slot(None)?;
             eprintln!("pivot-kernel: serving {} with build slot {} ({})", file, slot.index, slot.dir.display());
-            server::run(conn, slot)?;
+            server::run(conn, slot, None)?;
             Ok(ExitCode::SUCCESS)
+        }
+        "spare" => {
+            if let Some(other) = rest.first() {
+                anyhow::bail!("unknown option {other}\n{USAGE}");
+            }
+            spare()
         }
         "install" => {
             let (loc, name) = location(rest)?;

@@ -58,6 +58,23 @@ impl Engine {
         Engine { state, tx, started, ready_after, pending }
     }
 
+    /// Serves a session a spare engine started before this REPL was launched.
+    pub fn adopt(slot: slots::Slot, session: Session) -> Engine {
+        let state = Arc::new((Mutex::new(State::Ready(session.interrupter())), Condvar::new()));
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let ready_after = Arc::new(Mutex::new(Some(Duration::ZERO)));
+        let started = Instant::now();
+        let pending = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        std::thread::Builder::new()
+            .name("pivot-engine".into())
+            .spawn(move || {
+                serve(session, rx);
+                drop(slot);
+            })
+            .expect("spawn engine thread");
+        Engine { state, tx, started, ready_after, pending }
+    }
+
     pub fn is_ready(&self) -> bool {
         matches!(*self.state.0.lock().unwrap_or_else(|e| e.into_inner()), State::Ready(_))
     }
@@ -153,6 +170,11 @@ fn run(
         let code = "let _pivot_warmup = 1u8;\n_pivot_warm";
         let _ = session.complete(code, code.len());
     }
+    serve(session, rx);
+    drop(slot);
+}
+
+fn serve(mut session: Session, rx: Receiver<Request>) {
     for req in rx {
         match req {
             Request::Execute(code, reply) => {
@@ -164,8 +186,6 @@ fn run(
             }
         }
     }
-    drop(session);
-    drop(slot);
 }
 
 /// Answers `evcxr_input` prompts from our own stdin (the terminal is in cooked mode while a cell

@@ -61,13 +61,70 @@ fn main() -> ExitCode {
     }
     pivot_engine::fastbuild::wrapper_hook();
     evcxr::runtime_hook();
-    match real_main() {
+    pivot_engine::spare::snapshot_env();
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let result = if argv.first().map(String::as_str) == Some("--spare") {
+        if argv.len() > 1 {
+            Err(anyhow::anyhow!("--spare takes no other arguments"))
+        } else {
+            spare()
+        }
+    } else {
+        real_main(argv, None)
+    };
+    let code = match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("pivot-repl: {e:#}");
             ExitCode::FAILURE
         }
+    };
+    if pivot_engine::spare::adopted() {
+        // The launcher exits with this status.
+        pivot_engine::spare::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
     }
+    code
+}
+
+/// A session a spare engine started before this REPL was launched.
+struct Prestarted {
+    session: pivot_engine::Session,
+    switch: pivot_engine::spare::SinkSwitch,
+    slot: slots::Slot,
+}
+
+/// `pivot-repl --spare`: starts an engine as the REPL would (same slot choice, same session),
+/// makes rust-analyzer do its first inference, and waits for a `pivot-repl` of the same
+/// configuration to hand over its terminal and arguments (`pivot_engine::spare`); then it is
+/// that REPL.
+fn spare() -> anyhow::Result<ExitCode> {
+    use pivot_engine::spare;
+    let Some(claim) = spare::claim(pivot_engine::Frontend::Repl)? else {
+        eprintln!("pivot-repl --spare: a spare engine for this configuration is already running");
+        return Ok(ExitCode::SUCCESS);
+    };
+    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
+    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    pivot_engine::prepare_process_env(&slot.dir);
+    slot.seed_if_cold();
+    let switch = spare::SinkSwitch::default();
+    let session = pivot_engine::Session::start(pivot_engine::SessionOptions::new(pivot_engine::Frontend::Repl)?, switch.sink())?;
+    slot.mark_warm();
+    let warm = spare::warm_up(session)?;
+    eprintln!(
+        "pivot-repl --spare: engine ready in {:.1} s (slot {}); rust-analyzer warm-up {:.1} s, {:.1} CPU-s",
+        warm.session.startup.as_secs_f64(),
+        slot.index,
+        warm.wall_s,
+        warm.cpu_s
+    );
+    let session = warm.session;
+    let interrupter = session.interrupter();
+    let Some(adoption) = claim.wait(spare::idle_timeout(), 2, move || interrupter.kill_child())? else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    spare::record_adoption(&adoption, session.startup, warm.cpu_s);
+    real_main(adoption.args, Some(Prestarted { session, switch, slot }))
 }
 
 /// ", N builds, code ran T s" for the timing notes: where a cell's time went.
@@ -84,9 +141,8 @@ struct Args {
     script: Option<PathBuf>,
 }
 
-fn parse_args() -> anyhow::Result<Option<Args>> {
+fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
     let mut a = Args { vi: false, no_color: false, script: None };
-    let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -117,8 +173,8 @@ fn parse_args() -> anyhow::Result<Option<Args>> {
     Ok(Some(a))
 }
 
-fn real_main() -> anyhow::Result<ExitCode> {
-    let Some(args) = parse_args()? else { return Ok(ExitCode::SUCCESS) };
+fn real_main(argv: Vec<String>, prestarted: Option<Prestarted>) -> anyhow::Result<ExitCode> {
+    let Some(args) = parse_args(&argv)? else { return Ok(ExitCode::SUCCESS) };
     let interactive = args.script.is_none() && std::io::stdin().is_terminal();
     let script_src = match &args.script {
         Some(p) if p.as_os_str() != "-" => {
@@ -127,12 +183,27 @@ fn real_main() -> anyhow::Result<ExitCode> {
         _ => None,
     };
 
-    // Still single-threaded: lock a build slot and export it to evcxr.
-    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
-    let slot = slots::acquire(&paths::cache_dir(), want)?;
-    pivot_engine::prepare_process_env(&slot.dir);
+    if prestarted.is_none() {
+        // A spare engine of this exact configuration runs this REPL on our terminal if one
+        // waits; this process then only stands in for it (signals, exit status).
+        let log = |m: &str| eprintln!("pivot-repl: {m}");
+        if let Some(adopted) = pivot_engine::spare::try_adopt(pivot_engine::Frontend::Repl, &argv, &log) {
+            adopted.proxy();
+        }
+    }
+    let (slot, prestarted) = match prestarted {
+        Some(p) => (p.slot, Some((p.session, p.switch))),
+        None => {
+            // Still single-threaded: lock a build slot and export it to evcxr.
+            let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
+            let slot = slots::acquire(&paths::cache_dir(), want)?;
+            pivot_engine::prepare_process_env(&slot.dir);
+            (slot, None)
+        }
+    };
+    let adopted = prestarted.is_some();
     let out = Arc::new(Out::new(args.no_color));
-    if interactive {
+    if interactive && !adopted {
         let o = out.clone();
         sys::capture_stderr(move |line| o.note(&line));
     }
@@ -146,7 +217,18 @@ fn real_main() -> anyhow::Result<ExitCode> {
         Arc::new(move |m: &str| if interactive || std::io::stderr().is_terminal() { out.note(m) })
     };
     let slot_index = slot.index;
-    let engine = Arc::new(Engine::spawn(slot, sink, progress, interactive));
+    let engine = Arc::new(match prestarted {
+        Some((session, switch)) => {
+            switch.set(sink);
+            if interactive || std::io::stderr().is_terminal() {
+                out.note(&format!("adopted a spare engine (pid {}, build slot {slot_index})", std::process::id()));
+            } else {
+                eprintln!("pivot-repl: adopted spare engine pid {} (build slot {slot_index})", std::process::id());
+            }
+            Engine::adopt(slot, session)
+        }
+        None => Engine::spawn(slot, sink, progress, interactive),
+    });
     let repl_state = Arc::new(AtomicBool::new(false)); // a cell is running
     {
         let engine = engine.clone();
@@ -165,7 +247,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     }
                 }
             } else if !interactive && engine.is_ready() {
-                std::process::exit(130);
+                pivot_engine::spare::exit(130);
             }
         });
     }
@@ -173,8 +255,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
 
     if interactive {
         repl.out.note(&format!(
-            "PIVOT Lab REPL {} — starting the engine in the background (build slot {slot_index}); type ahead. :help for help, Ctrl-D to exit.",
-            env!("CARGO_PKG_VERSION")
+            "PIVOT Lab REPL {} — {}; type ahead. :help for help, Ctrl-D to exit.",
+            env!("CARGO_PKG_VERSION"),
+            if adopted { format!("engine ready (a spare, build slot {slot_index})") } else { format!("starting the engine in the background (build slot {slot_index})") }
         ));
         return interactive::run(&mut repl, args.vi);
     }

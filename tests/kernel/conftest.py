@@ -8,10 +8,12 @@ warm slot 0 (`pivot-kernel warm`) makes the first kernel start take seconds inst
 """
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
-from pivot_testing import built_binary, private_kernelspec
+from pivot_testing import Spare, built_binary, kernel_launch_env, private_kernelspec
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,3 +26,38 @@ def pivot_kernelspec() -> Path:
 @pytest.fixture(scope="session")
 def kernel_bin_path() -> Path:
     return built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def adopt_spares(pivot_kernelspec):
+    """PIVOT_TEST_SPARE=1: every "pivot" kernel a test starts (KernelManager.start_kernel) first
+    gets a spare engine of its configuration (`pivot-kernel spare`) and must adopt it, so these
+    tests check that an adopted kernel behaves as a normal one. Restarts start normally."""
+    if os.environ.get("PIVOT_TEST_SPARE") != "1":
+        yield
+        return
+    from jupyter_client.manager import KernelManager
+
+    original = KernelManager.start_kernel
+    spares: list[Spare] = []
+
+    def start_kernel(self, **kw):
+        if self.kernel_name != "pivot":
+            return original(self, **kw)
+        env, exe = kernel_launch_env(dict(kw.get("env") or os.environ))
+        spare = Spare([exe, "spare"], env, cwd=str(kw.get("cwd") or os.getcwd()))
+        spares.append(spare)
+        r = original(self, **kw)
+        deadline = time.time() + 30
+        while not spare.adopted() and time.time() < deadline:
+            time.sleep(0.05)
+        assert spare.adopted(), "the kernel did not adopt its spare:\n" + "".join(spare.log)
+        return r
+
+    KernelManager.start_kernel = start_kernel
+    try:
+        yield
+    finally:
+        KernelManager.start_kernel = original
+        for s in spares:
+            s.stop()

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pivot_testing import STARTUP_TIMEOUT, built_binary
+from pivot_testing import STARTUP_TIMEOUT, Spare, built_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 CELL_TIMEOUT = 240.0
@@ -29,8 +29,22 @@ def repl_bin() -> Path:
 BIN = repl_bin()
 
 
+# PIVOT_TEST_SPARE=1: every REPL here first gets a spare engine of its configuration (`pivot-repl
+# --spare`) and must adopt it, so these tests check that an adopted REPL behaves as a normal one.
+WITH_SPARE = os.environ.get("PIVOT_TEST_SPARE") == "1"
+
+
 def run_repl(args, tmp_path: Path, stdin: str | None = None, **extra_env: str):
     env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(tmp_path / "figs"), **extra_env)
+    if WITH_SPARE:
+        spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
+        try:
+            r = subprocess.run([str(BIN), *args], input=stdin if stdin is not None else "", capture_output=True, text=True,
+                               timeout=STARTUP_TIMEOUT, cwd=tmp_path, env=env)
+            assert f"adopted spare engine pid {spare.pid}" in r.stderr, r.stderr
+            return r
+        finally:
+            spare.stop()
     return subprocess.run(
         [str(BIN), *args],
         input=stdin if stdin is not None else "",
@@ -184,11 +198,16 @@ def tmux_repl(tmp_path: Path):
             env[k] = os.environ[k]
     assign = " ".join(f"{k}='{v}'" for k, v in env.items())
     # `; sleep` keeps the pane (and its last screen) after the REPL exits.
+    spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path)) if WITH_SPARE else None
     t = Tmux(f"env -i {assign} {BIN}; echo REPL-EXITED-$?; sleep 600", tmp_path)
     try:
         yield t, hist, tmp_path
+        if spare is not None:
+            assert "adopted a spare engine" in t.screen(), t.screen()
     finally:
         t.close()
+        if spare is not None:
+            spare.stop()
 
 
 def test_interactive_session(tmux_repl):

@@ -178,14 +178,22 @@ impl Shared {
     }
 }
 
+/// A session started ahead of time by a spare engine (`pivot-kernel spare`), adopted by this
+/// kernel: its events reach the kernel's sink through `switch`.
+pub struct Prestarted {
+    pub session: Session,
+    pub switch: engine::spare::SinkSwitch,
+}
+
 /// Runs the kernel until shutdown. `slot` must already be locked and exported to the
-/// environment (see `engine::prepare_process_env`).
-pub fn run(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
+/// environment (see `engine::prepare_process_env`). With `prestarted`, the kernel serves that
+/// session instead of starting one.
+pub fn run(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<()> {
     // The runtime only carries the guard's relays (plain tokio I/O, no blocking locks), so the
     // two workers of a 2-core machine suffice. The zeromq crate's blocking `peer_disconnected`
     // lock, which stopped a two-worker runtime for good under connection churn, is gone with it.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    rt.block_on(serve(conn, slot))
+    rt.block_on(serve(conn, slot, prestarted))
 }
 
 /// Largest frame libzmq accepts from a peer; a frame header declaring more drops the peer
@@ -227,7 +235,7 @@ impl Sockets {
     }
 }
 
-async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
+async fn serve(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<()> {
     let signer = Signer::new(&conn.signature_scheme, &conn.key)?;
     if conn.key.is_empty() && conn.reachable_beyond_loopback() {
         eprintln!(
@@ -277,7 +285,7 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
         let shared = shared.clone();
         std::thread::Builder::new()
             .name("pivot-engine".into())
-            .spawn(move || engine_thread(shared, jobs_rx, slot))?;
+            .spawn(move || engine_thread(shared, jobs_rx, slot, prestarted))?;
     }
 
     // SIGTERM (a front end giving up on shutdown_request) ends the kernel the same way.
@@ -291,8 +299,8 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot) -> anyhow::Result<()> {
     }
     drop(private);
     // The engine thread may be inside a long cell; exiting the process ends it, and the lock on
-    // the build slot goes with the process.
-    std::process::exit(0)
+    // the build slot goes with the process. An adopted spare tells its launcher first.
+    engine::spare::exit(0)
 }
 
 /// Messages read from one socket per round before the others get their turn: a peer flooding
@@ -593,12 +601,29 @@ fn engine_sink(shared: &Arc<Shared>) -> engine::Sink {
     })
 }
 
-fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, slot: slots::Slot) {
+/// With `PIVOT_SPARE_ENGINE=1`, once this kernel's engine is up: a spare for the next kernel.
+fn keep_a_spare() {
+    if std::env::var(engine::spare::ENABLE_ENV).is_ok_and(|v| v == "1") {
+        match engine::spare::spawn(Frontend::Jupyter, &["spare"]) {
+            Ok(pid) => eprintln!("pivot-kernel: started spare engine pid {pid} for the next kernel ({}=1)", engine::spare::ENABLE_ENV),
+            Err(e) => eprintln!("pivot-kernel: could not start a spare engine: {e:#}"),
+        }
+    }
+}
+
+fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, slot: slots::Slot, prestarted: Option<Prestarted>) {
     let sink = engine_sink(&shared);
     buildlog::set_sink(Some(sink.clone()));
     slot.seed_if_cold();
     let mut session: Option<Session> = None;
     let mut start_error: Option<String> = None;
+    if let Some(p) = prestarted {
+        p.switch.set(sink.clone());
+        *lock(&shared.interrupter) = Some(p.session.interrupter());
+        session = Some(p.session);
+        shared.ready.store(true, Ordering::SeqCst);
+        keep_a_spare();
+    }
     let start = |session: &mut Option<Session>, start_error: &mut Option<String>| {
         let opts = match SessionOptions::new(Frontend::Jupyter) {
             Ok(o) => o,
@@ -622,7 +647,12 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
         }
         shared.ready.store(true, Ordering::SeqCst);
     };
-    start(&mut session, &mut start_error);
+    if session.is_none() {
+        start(&mut session, &mut start_error);
+        if session.is_some() {
+            keep_a_spare();
+        }
+    }
 
     let mut backlog: VecDeque<Job> = VecDeque::new();
     loop {
