@@ -23,8 +23,8 @@
 //! 0.345 (large 0.414, tag accuracy 0.892; 227 CPU-s with the probe); 4,000 steps 0.362 (large
 //! 0.414, tag accuracy 0.888, loss 0.128; 445 CPU-s): the training loss keeps falling while the
 //! held-out scores stop, i.e. 4,096 scenes are overfitted, so more distinct scenes (untested) are
-//! the next lever. The default is 2,000 steps (about 3.5 CPU-min, cached): still below the
-//! 0.4–0.75 band for seed 0; seed 1 was not run at 2,000 steps (0.352 at 600).
+//! the next lever. The default is 2,000 steps (about 3.5 CPU-min, cached): seed 0 0.345, seed 1
+//! 0.367 (large 0.381, tag accuracy 0.900; 211 CPU-s), both still below the 0.4–0.75 band.
 //!
 //! [`TowerPretrain::load_or_run`] caches the tower in a folder with a manifest of every
 //! setting (and the tower's shape); a changed setting trains afresh. A run is deterministic on
