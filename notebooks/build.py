@@ -372,7 +372,7 @@ let vqa_data = String::new();      // instruction step: LLaVA conversation JSON;
 let vqa_eval_data = String::new(); // held-out VQA: LLaVA conversation JSON; "" = ShapesWorld
 let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 // The embedded default's tower pretraining (when tower_path is empty), cached in {out_dir}/tower
-let pretrain_steps: usize = 600;   // 0 = no pretraining: a random tiny tower
+let pretrain_steps: usize = 2000;  // 0 = no pretraining: a random tiny tower (about 3.5 CPU-min, then cached)
 let pretrain_batch: usize = 32;
 let pretrain_scenes: usize = 4096; // distinct Pretrain-part scenes, cycled
 let n_probe: usize = 400;          // embedded data only: linear probe of the tower on n_probe + n_probe Eval scenes; 0 = skip
@@ -505,11 +505,11 @@ curves, read TRL's DPO metrics (`rewards/chosen`, `rewards/rejected`, `rewards/a
 The base comes from `{out_dir}/base` (02); if it is not there, a short stage 1 builds it.
 """),
         params(COMMON + """
-let n_train: usize = 64;
+let n_train: usize = 128;          // stage-2 rows, the same for both arms (48 steps × 8 = 3 epochs)
 let n_eval: usize = 24;            // exact-match VQA questions
 let n_choice: usize = 64;          // two-way choice questions
-let sft_steps: usize = 6;
-let dpo_steps: usize = 6;
+let sft_steps: usize = 48;
+let dpo_steps: usize = 48;
 let batch_size: usize = 8;
 let sft_lr: f64 = 1e-4;            // PIVOT: 5e-6 (pretrained 0.5B+ models, global batch 256)
 let dpo_lr: f64 = 2e-5;            // PIVOT: 1e-6; the paper's SFT:DPO ratio 5:1
@@ -1591,8 +1591,9 @@ when the Holm-adjusted interval lies above 0; *contradicted* when it lies below 
 (equivalence: the paper's effect is excluded); *inconclusive* otherwise. Before the runs, a power table says
 what effect this design can detect at 80 % power, from a pilot's seed-to-seed SD.
 
-Exact match is left out by default: after 6 steps no model writes a whole reference sentence (03 shows 0
-for base, SFT and DPO), so it would only add zeros; set `n_eval = 24` to include it.
+Exact match is left out by default: a few dozen stage-2 steps on the tiny random LM write no whole
+reference sentence (03 showed 0 for base, SFT and DPO), so it would only add zeros; set `n_eval = 24` to
+include it.
 """),
         params(COMMON + """
 let n_seeds: usize = 8;            // paired seeds seed, seed + 1, ... (at least 2)
@@ -1602,9 +1603,9 @@ let alpha: f64 = 0.05;             // family-wise error rate (Holm over the head
 let bootstrap_resamples: usize = 10000;
 let pilot_csv = String::new();     // a pilot's summary_per_seed.csv for the power table; "" = {out_dir}'s from an earlier run, else the built-in 3-seed pilot
 // Stage 2 per seed (03's defaults)
-let n_train: usize = 64;
-let sft_steps: usize = 6;
-let dpo_steps: usize = 6;
+let n_train: usize = 128;
+let sft_steps: usize = 48;
+let dpo_steps: usize = 48;
 let batch_size: usize = 8;
 let sft_lr: f64 = 1e-4;
 let dpo_lr: f64 = 2e-5;            // SFT:DPO 5:1, as the paper

@@ -6,11 +6,14 @@
 //! ```text
 //! cargo run --release -p pivot --example study_pilot -- [key=value ...]
 //!   cache=DIR            pretrained-tower cache (default target/study-pilot/tower)
-//!   pretrain_steps, scenes, batch, lr: TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
+//!   pretrain_steps, scenes, batch, lr, categorical (0/1): TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
 //!   probe_train=600      probe_val=600          linear probe on Eval-part scenes
 //!   s1_captions=1024     s1_vqa=2048   proj_steps=100   full_steps=400   s1_batch=16
 //!   proj_lr=1e-3         full_lr=1e-3  tower_lr_div=5
-//!   choice=400           eval pairs    seed=0   threads=N   skip=probe,stage1
+//!   choice=400           eval pairs    seed=0   threads=N   skip=probe,stage1,stage2
+//!   hidden=96 layers=4 heads=4   the tower's shape (VisionConfig::tiny's unless given)
+//!   base_cache=DIR       save the stage-1 base there, and load it from there when it exists
+//!   s2_steps=6 s2_batch=8 s2_n=64 sft_lr=1e-4 dpo_lr=2e-5 beta=0.1   stage 2 as 03 / 09 train it
 //! ```
 
 use pivot::prelude::*;
@@ -37,6 +40,7 @@ fn main() -> Result<()> {
         scenes: num("scenes", d.scenes),
         batch_size: num("batch", d.batch_size),
         lr: float("lr", d.lr),
+        categorical_groups: num("categorical", d.categorical_groups as usize) == 1,
         // As 02 runs it: the world and the initialisation both follow `seed`.
         world_seed: seed,
         seed,
@@ -44,7 +48,16 @@ fn main() -> Result<()> {
         ..d
     };
     let t = Instant::now();
-    let tower = pre.load_or_run(VisionConfig::tiny(), &cache, device)?;
+    let tiny = VisionConfig::tiny();
+    let hidden = num("hidden", tiny.hidden_size as usize) as i64;
+    let config = VisionConfig {
+        hidden_size: hidden,
+        intermediate_size: 4 * hidden,
+        num_hidden_layers: num("layers", tiny.num_hidden_layers as usize) as i64,
+        num_attention_heads: num("heads", tiny.num_attention_heads as usize) as i64,
+        ..tiny
+    };
+    let tower = pre.load_or_run(config, &cache, device)?;
     println!("{tower}");
     println!("pretrain wall {:.1} s (training alone {:.1} s), threads {}", t.elapsed().as_secs_f64(), tower.seconds, tch::get_num_threads());
     let losses = tower.log.get("loss");
@@ -93,32 +106,94 @@ fn main() -> Result<()> {
         return Ok(());
     }
 
-    let mut base = tower.mllm(LanguageModel::tiny(device))?;
-    let caps = stage1_world.captions(Split::Train, num("s1_captions", 1024));
-    let vqa = pairs_s1.to_sft();
-    let full_lr = float("full_lr", 1e-3);
-    let mut stage1 = Stage1::default().seed(seed);
-    stage1.projector = stage1.projector.max_steps(num("proj_steps", 100)).batch_size(num("s1_batch", 16)).lr(float("proj_lr", 1e-3)).quiet();
-    stage1.full = stage1.full.max_steps(num("full_steps", 400)).batch_size(num("s1_batch", 16)).lr(full_lr).quiet();
-    stage1.full.tower_lr = Some(full_lr / float("tower_lr_div", 5.0));
-    let t = Instant::now();
-    let log = stage1.run(&mut base, &caps, &vqa)?;
-    println!(
-        "stage 1: projector {} steps (loss {:.3} -> {:.3}), full {} steps (loss {:.3} -> {:.3}) in {:.1} s",
-        log.projector.len(),
-        log.projector.mean_first("loss", 5),
-        log.projector.mean_last("loss", 5),
-        log.full.len(),
-        log.full.mean_first("loss", 5),
-        log.full.mean_last("loss", 5),
-        t.elapsed().as_secs_f64()
-    );
+    let base_cache = get("base_cache", "");
+    let base = if !base_cache.is_empty() && std::path::Path::new(&base_cache).join("config.json").is_file() {
+        println!("stage 1: base loaded from {base_cache}");
+        Mllm::from_pretrained(&base_cache, device)?
+    } else {
+        let mut base = tower.mllm(LanguageModel::tiny(device))?;
+        let caps = stage1_world.captions(Split::Train, num("s1_captions", 1024));
+        let vqa = pairs_s1.to_sft();
+        let full_lr = float("full_lr", 1e-3);
+        let mut stage1 = Stage1::default().seed(seed);
+        stage1.projector = stage1.projector.max_steps(num("proj_steps", 100)).batch_size(num("s1_batch", 16)).lr(float("proj_lr", 1e-3)).quiet();
+        stage1.full = stage1.full.max_steps(num("full_steps", 400)).batch_size(num("s1_batch", 16)).lr(full_lr).quiet();
+        stage1.full.tower_lr = Some(full_lr / float("tower_lr_div", 5.0));
+        let t = Instant::now();
+        let log = stage1.run(&mut base, &caps, &vqa)?;
+        println!(
+            "stage 1: projector {} steps (loss {:.3} -> {:.3}), full {} steps (loss {:.3} -> {:.3}) in {:.1} s",
+            log.projector.len(),
+            log.projector.mean_first("loss", 5),
+            log.projector.mean_last("loss", 5),
+            log.full.len(),
+            log.full.mean_first("loss", 5),
+            log.full.mean_last("loss", 5),
+            t.elapsed().as_secs_f64()
+        );
+        if !base_cache.is_empty() {
+            base.save_pretrained(&base_cache)?;
+        }
+        base
+    };
     let t = Instant::now();
     let use_ = ChoiceEval::default().quiet().image_use(&base, &pairs_eval)?;
-    println!("{use_} ({:.1} s)", t.elapsed().as_secs_f64());
+    println!("base {use_} ({:.1} s)", t.elapsed().as_secs_f64());
     println!("{}", use_.with_image);
     let image_pairs = eval.image_preferences(Split::Test, num("choice", 400))?;
     let r = ChoiceEval::default().quiet().run(&base, &image_pairs)?;
     println!("image-counterfactual choice (right image vs changed image): {:.3}", r.accuracy());
+    if skip.contains("stage2") {
+        return Ok(());
+    }
+
+    // Stage 2 as 03 / 09 train it: both arms on the same balanced Stage2 rows, DPO also on their
+    // image-counterfactual form; then how far each tower moved and the measures the pilot can
+    // afford (probe top-1 on the Eval scenes, choice accuracy minus blank).
+    let stage2 = ShapesWorld::new(ShapesConfig::default().seed(seed)).part(StudyPart::Stage2);
+    let n2 = num("s2_n", 64);
+    let pairs = stage2.balanced_preferences(Split::Train, n2)?;
+    let cfg = |lr: f64| TrainConfig::default().max_steps(num("s2_steps", 6)).batch_size(num("s2_batch", 8)).lr(lr).seed(seed).quiet();
+    let probe_sets = (!skip.contains("probe")).then(|| (eval.classification(Split::Train, num("probe_train", 600)), eval.classification(Split::Val, num("probe_val", 600))));
+    let base_probe = match &probe_sets {
+        Some((tr, va)) => LinearProbe::default().fit(&base.encoder(), tr, va)?.report.top1,
+        None => f64::NAN,
+    };
+    println!("base: probe top-1 {base_probe:.3}, choice gain {:.3}", use_.gain());
+    for arm in ["SFT", "DPO"] {
+        let t = Instant::now();
+        let mut m = base.clone();
+        let log = if arm == "DPO" {
+            let prefs = PreferenceDataset::new([pairs.samples.clone(), stage2.image_preferences(Split::Train, n2)?.samples].concat());
+            DpoTrainer::new(DpoConfig { beta: float("beta", 0.1), train: cfg(float("dpo_lr", 2e-5)), ..Default::default() }).run(&mut m, &prefs)?
+        } else {
+            SftTrainer::new(cfg(float("sft_lr", 1e-4))).run(&mut m, &pairs.to_sft())?
+        };
+        let train_s = t.elapsed().as_secs_f64();
+        let u = ChoiceEval::default().quiet().image_use(&m, &pairs_eval)?;
+        let top1 = match &probe_sets {
+            Some((tr, va)) => LinearProbe::default().fit(&m.encoder(), tr, va)?.report.top1,
+            None => f64::NAN,
+        };
+        println!(
+            "stage 2 {arm}: {} steps (loss {:.4} -> {:.4}) in {train_s:.1} s; relative tower change {:.3e}; probe top-1 {top1:.3}; {u}; gain {:.3}",
+            log.len(),
+            log.mean_first("loss", 3),
+            log.mean_last("loss", 3),
+            tower_change(&base, &m),
+            u.gain()
+        );
+    }
     Ok(())
+}
+
+/// How far `m`'s tower moved from `from`'s: relative L2 change over all tower weights (03's).
+fn tower_change(from: &Mllm, m: &Mllm) -> f64 {
+    let b = from.tower.var_store().variables();
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (k, v) in m.tower.var_store().variables() {
+        num += (&v - &b[&k]).square().sum(Kind::Double).double_value(&[]);
+        den += b[&k].square().sum(Kind::Double).double_value(&[]);
+    }
+    (num / den.max(1e-30)).sqrt()
 }

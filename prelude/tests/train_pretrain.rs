@@ -1,6 +1,6 @@
 //! Tower pretraining (issue 14): deterministic for a seed on the CPU, cached in a folder with a
 //! manifest of its settings (a changed setting trains afresh), and the tags it learns are the
-//! scene's. One test: the run seeds the global torch generator. Five runs of 3 or 4 steps on 8
+//! scene's. One test: the run seeds the global torch generator. Eight runs of 3 or 4 steps on 8
 //! scenes.
 
 use pivot::prelude::*;
@@ -82,4 +82,25 @@ fn pretraining_is_deterministic_cached_and_retrained_when_a_setting_changes() {
         assert_eq!(*tag == 1.0, expected, "tag {name}");
     }
     assert!(TowerPretrain { batch_size: 64, scenes: 32, ..TowerPretrain::default() }.run(VisionConfig::tiny(), Device::Cpu).is_err());
+    // Every one-hot group has exactly one true tag per scene, and a top-1 score after a run.
+    for group in ONE_HOT_GROUPS {
+        let on = names.iter().zip(&tags).filter(|(n, t)| n.split_once(':').unwrap().0 == group && **t == 1.0).count();
+        assert_eq!(on, 1, "group {group}");
+    }
+    assert_eq!(first.val_group_top1.iter().map(|(g, _)| g.as_str()).collect::<Vec<_>>(), ONE_HOT_GROUPS);
+    assert!(first.val_group_top1.iter().all(|(_, a)| (0.0..=1.0).contains(a)));
+    // The categorical objective is another loss from the same start (step 1's loss differs), and
+    // another setting of the cache.
+    let categorical = TowerPretrain { categorical_groups: true, ..settings.clone() };
+    let cat = categorical.run(VisionConfig::tiny(), Device::Cpu).unwrap();
+    assert_ne!(cat.log.get("loss")[0], first.log.get("loss")[0]);
+    assert!(cat.log.get("loss").iter().all(|l| l.is_finite() && *l > 0.0));
+    let dir = std::env::temp_dir().join(format!("pivot-test-pretrain-cat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!settings.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap().from_cache);
+    assert!(!categorical.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap().from_cache);
+    let again = categorical.load_or_run(VisionConfig::tiny(), &dir, Device::Cpu).unwrap();
+    assert!(again.from_cache);
+    assert!(again.val_group_top1.iter().zip(&cat.val_group_top1).all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-12));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,10 +33,12 @@ CELL_TIMEOUT = int(os.environ.get("PIVOT_NOTEBOOK_CELL_TIMEOUT", "1500"))
 # CI sizes where a notebook's default is the real design: 09's default is 8 paired seeds (+ a control
 # arm each); CI runs the smallest paired design, 2 seeds, with the same per-seed settings.
 CI_PARAMS = {
-    # 02's defaults pretrain the tower (600 steps) and run stage 1 at the study's size: CI runs a few steps.
+    # 02's defaults pretrain the tower (2,000 steps) and run stage 1 at the study's size: CI runs a few steps.
     "02_base_mllm": {"pretrain_steps": "20usize", "n_probe": "120usize", "n_choice": "64usize", "n_captions": "64usize",
                      "n_vqa": "64usize", "proj_steps": "6usize", "full_steps": "6usize", "batch_size": "8usize"},
-    "09_summary": {"n_seeds": "2usize"},
+    # 03's and 09's defaults train stage 2 for 48 steps on 128 rows per arm: CI keeps the 6 steps on 64.
+    "03_sft_vs_dpo": {"n_train": "64usize", "sft_steps": "6usize", "dpo_steps": "6usize"},
+    "09_summary": {"n_seeds": "2usize", "n_train": "64usize", "sft_steps": "6usize", "dpo_steps": "6usize"},
 }
 
 
