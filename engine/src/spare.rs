@@ -215,9 +215,30 @@ pub const WARMUP_COMPLETIONS: &[&str] = &[
     "let lr = 3e-4;\nlet steps: usize = 20;\nlet run_name = String::from(\"warm\");\nlet p = std::path::PathBuf::from(&run_name);\nrun_name.",
 ];
 
+/// A spare's engine: the session started in `slot` for `frontend` and warmed up, with the switch
+/// that later points its output at the adopting front end. `program` names the spare in the
+/// readiness line on stderr. The kernel's and the REPL's `spare` commands share it.
+pub fn start_warm(frontend: Frontend, slot: &crate::slots::Slot, program: &str) -> anyhow::Result<(Warm, SinkSwitch)> {
+    slot.seed_if_cold();
+    let switch = SinkSwitch::default();
+    let session = Session::start(crate::session::SessionOptions::new(frontend)?, switch.sink())?;
+    slot.mark_warm();
+    let warm = warm_up(session)?;
+    eprintln!(
+        "{program}: engine ready in {:.1} s (slot {}); rust-analyzer warm-up {:.1} s, {:.1} CPU-s",
+        warm.session.startup.as_secs_f64(),
+        slot.index,
+        warm.wall_s,
+        warm.cpu_s
+    );
+    Ok((warm, switch))
+}
+
 /// A session after the warm-up, with what the warm-up cost.
 pub struct Warm {
     pub session: Session,
+    /// When the session was up and the warm-up began.
+    pub ready_at: Instant,
     pub wall_s: f64,
     pub cpu_s: f64,
 }
@@ -233,7 +254,7 @@ pub fn warm_up(mut session: Session) -> anyhow::Result<Warm> {
     if !vars.is_empty() {
         anyhow::bail!("the warm-up left variables behind: {vars:?}");
     }
-    Ok(Warm { session, wall_s: t0.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c0 })
+    Ok(Warm { session, ready_at: t0, wall_s: t0.elapsed().as_secs_f64(), cpu_s: cpu_seconds() - c0 })
 }
 
 /// Appends the adoption to the `PIVOT_CELL_STATS` file, as a `"cell": 0` line with `adopted`

@@ -100,19 +100,7 @@ fn spare() -> anyhow::Result<ExitCode> {
     };
     buildlog::install();
     let slot = take_slot(None)?;
-    slot.seed_if_cold();
-    let switch = engine::spare::SinkSwitch::default();
-    let session = engine::Session::start(engine::SessionOptions::new(engine::Frontend::Jupyter)?, switch.sink())?;
-    slot.mark_warm();
-    let ready = std::time::Instant::now();
-    let warm = engine::spare::warm_up(session)?;
-    eprintln!(
-        "pivot-kernel spare: engine ready in {:.1} s (slot {}); rust-analyzer warm-up {:.1} s, {:.1} CPU-s",
-        warm.session.startup.as_secs_f64(),
-        slot.index,
-        warm.wall_s,
-        warm.cpu_s
-    );
+    let (warm, switch) = engine::spare::start_warm(engine::Frontend::Jupyter, &slot, "pivot-kernel spare")?;
     let session = warm.session;
     let interrupter = session.interrupter();
     let Some(adoption) = claim.wait(engine::spare::idle_timeout(), buildlog::original_stderr(), move || interrupter.kill_child())? else {
@@ -135,7 +123,7 @@ fn spare() -> anyhow::Result<ExitCode> {
         "pivot-kernel: adopted spare engine pid {} for {file} (launcher pid {}; engine ready {:.1} s before, handover {:.0} ms) with build slot {} ({})",
         std::process::id(),
         adoption.launcher_pid,
-        ready.elapsed().as_secs_f64(),
+        warm.ready_at.elapsed().as_secs_f64(),
         adoption.handover.as_secs_f64() * 1e3,
         slot.index,
         slot.dir.display()

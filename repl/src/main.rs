@@ -106,18 +106,7 @@ fn spare() -> anyhow::Result<ExitCode> {
     let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
     let slot = slots::acquire(&paths::cache_dir(), want)?;
     pivot_engine::prepare_process_env(&slot.dir);
-    slot.seed_if_cold();
-    let switch = spare::SinkSwitch::default();
-    let session = pivot_engine::Session::start(pivot_engine::SessionOptions::new(pivot_engine::Frontend::Repl)?, switch.sink())?;
-    slot.mark_warm();
-    let warm = spare::warm_up(session)?;
-    eprintln!(
-        "pivot-repl --spare: engine ready in {:.1} s (slot {}); rust-analyzer warm-up {:.1} s, {:.1} CPU-s",
-        warm.session.startup.as_secs_f64(),
-        slot.index,
-        warm.wall_s,
-        warm.cpu_s
-    );
+    let (warm, switch) = spare::start_warm(pivot_engine::Frontend::Repl, &slot, "pivot-repl --spare")?;
     let session = warm.session;
     let interrupter = session.interrupter();
     let Some(adoption) = claim.wait(spare::idle_timeout(), 2, move || interrupter.kill_child())? else {
