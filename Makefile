@@ -66,11 +66,14 @@ kernel: venv rust-src
 # checkpoints through `out_dir`, then an HTML report (OUT/index.html). Re-running skips notebooks
 # already done with the same source; STUDY_ARGS=--force runs them all (see tools/run_study.py).
 # PIVOT_SPARE_ENGINE=1: each notebook's kernel, once its engine is up, starts a spare engine for the
-# next notebook (engine/src/spare.rs), which adopts it instead of starting its own. PIVOT_SPARE_ENGINE=0
-# turns it off; the last spare exits after PIVOT_SPARE_IDLE_SECS (default 1200) unadopted.
+# next notebook (engine/src/spare.rs), which adopts it instead of starting its own, waiting up to
+# PIVOT_SPARE_WAIT_SECS for it when it is still warming up (run_study.py gives a kernel 1800 s to
+# answer). PIVOT_SPARE_ENGINE=0 turns it off; the last spare exits after PIVOT_SPARE_IDLE_SECS
+# (default 1200) unadopted.
 PIVOT_SPARE_ENGINE ?= 1
+PIVOT_SPARE_WAIT_SECS ?= 600
 demo: papermill kernel train-bin
-	PIVOT_SPARE_ENGINE=$(PIVOT_SPARE_ENGINE) $(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
+	PIVOT_SPARE_ENGINE=$(PIVOT_SPARE_ENGINE) PIVOT_SPARE_WAIT_SECS=$(PIVOT_SPARE_WAIT_SECS) $(PY) tools/run_study.py --out $(OUT) $(STUDY_ARGS)
 
 # The prelude's tests build into the kernel's warm build slot 0 with the flags evcxr uses there
 # (Cargo.toml's [profile.dev] is evcxr's; -Cprefer-dynamic and an explicit --target are added

@@ -110,3 +110,87 @@ def kernel_launch_env(env: dict[str, str]) -> tuple[dict[str, str], str]:
 
     spec = json.loads((Path(os.environ["JUPYTER_PATH"]) / "kernels" / "pivot" / "kernel.json").read_text())
     return {**env, **spec.get("env", {})}, spec["argv"][0]
+
+
+class SpareChain:
+    """`make demo`'s chain of spare engines for a run of notebooks in one test module: with
+    PIVOT_SPARE_ENGINE=1 the first "pivot" kernel, once its engine is up, starts a spare of its own
+    configuration; the next kernel adopts it (waiting for its warm-up if it is not ready), and each
+    adopted engine is recycled into the spare again when its kernel shuts down. `adoptions()`
+    reads the adoptions from PIVOT_CELL_STATS; `stop()` ends the spare left after the last one."""
+
+    def __init__(self, wait_s: int = 300, idle_s: int = 600):
+        import uuid
+
+        self.marker = uuid.uuid4().hex
+        self.stats = os.environ.get("PIVOT_CELL_STATS") or str(Path(tempfile.mkdtemp(prefix="pivot-chain-")) / "cells.jsonl")
+        self.stats_from = Path(self.stats).stat().st_size if Path(self.stats).exists() else 0
+        self.env = {
+            "PIVOT_SPARE_ENGINE": "1",
+            "PIVOT_SPARE_WAIT_SECS": str(wait_s),
+            "PIVOT_SPARE_IDLE_SECS": str(idle_s),
+            "PIVOT_CELL_STATS": self.stats,
+            # Part of every chained kernel's configuration (so of its spare's key): `stop` finds them by it.
+            "PIVOT_TEST_CHAIN": self.marker,
+        }
+
+    def adoptions(self) -> list[dict]:
+        import json
+
+        if not Path(self.stats).exists():
+            return []
+        with open(self.stats, "rb") as f:
+            f.seek(self.stats_from)
+            lines = [json.loads(l) for l in f.read().decode().splitlines() if l.strip()]
+        return [l["adopted"] for l in lines if l.get("cell") == 0 and "adopted" in l]
+
+    def spare_pids(self) -> list[int]:
+        """Processes of this chain that are still spares (`pivot-kernel spare`, `pivot-repl --spare`)."""
+        pids = []
+        needle = f"PIVOT_TEST_CHAIN={self.marker}".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"spare" not in argv and b"--spare" not in argv:
+                    continue
+                if needle in (proc / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+        return pids
+
+    def stop(self) -> None:
+        import signal
+        import time
+
+        pids = self.spare_pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.time() + 30
+        while pids and time.time() < deadline:
+            pids = [p for p in pids if Path(f"/proc/{p}").exists() and b"(Z" not in Path(f"/proc/{p}/stat").read_bytes()[:64]]
+            time.sleep(0.2)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def spare_chain(**kw):
+    """A `SpareChain` whose variables are in os.environ (so every kernel a client starts gets them)
+    for the duration; its last spare is stopped at the end."""
+    chain = SpareChain(**kw)
+    old = {k: os.environ.get(k) for k in chain.env}
+    os.environ.update(chain.env)
+    try:
+        yield chain
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        chain.stop()

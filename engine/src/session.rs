@@ -234,6 +234,15 @@ impl Interrupter {
         InterruptOutcome::Requested
     }
 
+    /// Forgets the last session's interrupts (a recycled session).
+    fn reset(&self) {
+        let s = &self.inner;
+        for flag in [&s.requested, &s.killed, &s.warned] {
+            flag.store(false, Ordering::SeqCst);
+        }
+        s.variables.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// Ends the child process now (kernel shutdown).
     pub fn kill_child(&self) {
         if let Some(pid) = child_pid(&self.inner.process) {
@@ -288,6 +297,15 @@ fn interrupt_warning(since: Duration, wait: Duration, vars: &[String], again: &s
         since.as_secs_f64(),
         wait.as_secs_f64()
     )
+}
+
+/// Whether process `pid` has a handler for `sig` (the `SigCgt` mask of /proc/PID/status).
+fn catches(pid: u32, sig: libc::c_int) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("SigCgt:").map(|m| m.trim().to_string())))
+        .and_then(|m| u64::from_str_radix(&m, 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
 }
 
 fn child_pid(process: &Arc<Mutex<std::process::Child>>) -> Option<u32> {
@@ -347,6 +365,8 @@ pub struct Session {
     opts: SessionOptions,
     child_pid: Option<u32>,
     cell: u64,
+    /// The fixed evcxr settings (`start`), applied again by `recycle`.
+    settings: String,
     /// Time the start took (context creation + prelude build).
     pub startup: Duration,
 }
@@ -407,23 +427,9 @@ impl Session {
         }
         catch(|| ctx.execute(&setup)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
         phases.done("settings");
-        let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, startup: Duration::ZERO };
+        let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, settings: setup, startup: Duration::ZERO };
         if session.opts.preload {
-            seed_cargo_lock(&session.opts.prelude_dir);
-            let code = format!(
-                ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
-                session.opts.prelude_dir.display().to_string()
-            );
-            let mut r = session.execute(&code, &|_, _| String::new());
-            if r.error.as_ref().is_some_and(|e| e.evalue.contains("--offline") || e.traceback.iter().any(|l| l.contains("--offline"))) {
-                // Some crate of the prelude's dependency graph is not in cargo's local cache
-                // (`cargo fetch` in the workspace prevents this): resolve once online.
-                let _ = catch(|| session.ctx.execute(":offline 0"));
-                r = session.execute(&code, &|_, _| String::new());
-            }
-            if let Some(e) = r.error {
-                anyhow::bail!("loading the prelude failed: {}\n{}", e.evalue, strip_ansi(&e.traceback.join("\n")));
-            }
+            session.load_prelude()?;
             phases.done("prelude_cell");
         }
         session.child_pid = child_pid(&session.ctx.process_handle());
@@ -432,6 +438,65 @@ impl Session {
             phases.write(Path::new(&path));
         }
         Ok(session)
+    }
+
+    /// `:dep pivot` and the prelude cell (`use pivot::prelude::*`, the panic hook).
+    fn load_prelude(&mut self) -> anyhow::Result<()> {
+        seed_cargo_lock(&self.opts.prelude_dir);
+        let code = format!(
+            ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
+            self.opts.prelude_dir.display().to_string()
+        );
+        let mut r = self.execute(&code, &|_, _| String::new());
+        if r.error.as_ref().is_some_and(|e| e.evalue.contains("--offline") || e.traceback.iter().any(|l| l.contains("--offline"))) {
+            // Some crate of the prelude's dependency graph is not in cargo's local cache
+            // (`cargo fetch` in the workspace prevents this): resolve once online.
+            let _ = catch(|| self.ctx.execute(":offline 0"));
+            r = self.execute(&code, &|_, _| String::new());
+        }
+        if let Some(e) = r.error {
+            anyhow::bail!("loading the prelude failed: {}\n{}", e.evalue, strip_ansi(&e.traceback.join("\n")));
+        }
+        Ok(())
+    }
+
+    /// Makes this session what `start` returns, for the next front end, keeping what is slow to
+    /// rebuild: rust-analyzer's analysis of the crate graph (evcxr reloads it only when the cell
+    /// crate's Cargo.toml changes, and the prelude's `:dep` writes the same one) and the build
+    /// slot's artefacts. The child process is restarted (a fresh process: no variable, thread,
+    /// file or torch state survives), evcxr's state (variables, items, `use`s, dependencies) is
+    /// cleared and its settings reset to ours (a `:opt` or `:fmt` of the last user is gone), the
+    /// prelude is loaded again, and cells count from the start. Fails, leaving the session
+    /// unusable, if anything of the last session is still visible.
+    pub fn recycle(&mut self) -> anyhow::Result<()> {
+        let (started, cpu0) = (Instant::now(), cpu_seconds());
+        self.ctx.reset_config();
+        catch(|| self.ctx.execute(":clear")).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!(":clear failed: {e}"))?;
+        let settings = self.settings.clone();
+        catch(|| self.ctx.execute(&settings)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
+        self.interrupter.reset();
+        self.cell = 0;
+        if self.opts.preload {
+            self.load_prelude()?;
+        }
+        let vars = self.variables();
+        let items: Vec<String> = self.ctx.defined_item_names().map(str::to_string).collect();
+        if !vars.is_empty() || !items.is_empty() {
+            anyhow::bail!("the recycled session still shows the last one's variables {vars:?} or items {items:?}");
+        }
+        self.child_pid = child_pid(&self.ctx.process_handle());
+        if let Some(path) = std::env::var_os(CELL_STATS_ENV) {
+            let line = serde_json::json!({
+                "pid": std::process::id(),
+                "cell": 0,
+                "recycled": {"wall_s": started.elapsed().as_secs_f64(), "engine_cpu_s": cpu_seconds() - cpu0},
+            });
+            if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(&path) {
+                use std::io::Write;
+                let _ = writeln!(f, "{line}");
+            }
+        }
+        Ok(())
     }
 
     pub fn interrupter(&self) -> Interrupter {
@@ -457,8 +522,10 @@ impl Session {
         st.warned.store(false, Ordering::SeqCst);
         *st.variables.lock().unwrap_or_else(|e| e.into_inner()) = vars_before.clone();
         st.generation.fetch_add(1, Ordering::SeqCst);
-        if let Some(pid) = child_pid(&st.process) {
-            // Clears a request left from an earlier cell that never polled the flag.
+        if let Some(pid) = child_pid(&st.process).filter(|&p| catches(p, libc::SIGUSR1)) {
+            // Clears a request left from an earlier cell that never polled the flag. A child that
+            // does not catch SIGUSR1 yet was just (re)started by evcxr and has no flag to clear;
+            // the signal's default action would kill it.
             // SAFETY: kill with a pid we own.
             unsafe { libc::kill(pid as i32, libc::SIGUSR1) };
         }
@@ -868,6 +935,19 @@ pub fn strip_ansi(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_is_seen_to_catch_a_signal_only_once_it_has_a_handler() {
+        let me = std::process::id();
+        // SAFETY: setting SIGUSR2's disposition in this test process.
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_DFL) };
+        assert!(!catches(me, libc::SIGUSR2));
+        extern "C" fn ignore(_: libc::c_int) {}
+        unsafe { libc::signal(libc::SIGUSR2, ignore as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+        assert!(catches(me, libc::SIGUSR2));
+        unsafe { libc::signal(libc::SIGUSR2, libc::SIG_DFL) };
+        assert!(!catches(u32::MAX, libc::SIGUSR2), "no such process");
+    }
 
     #[test]
     fn ansi_is_stripped() {

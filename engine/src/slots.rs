@@ -67,6 +67,33 @@ pub fn acquire(root: &Path, want: Option<usize>) -> anyhow::Result<Slot> {
     anyhow::bail!("all {MAX_SLOTS} build slots under {} are in use", slots.display())
 }
 
+/// For a spare engine, which has time to spare: a free warm slot, waiting up to `patience` for one
+/// (the kernel whose notebook just ended frees its slot within seconds) before `acquire` takes the
+/// first free slot, which may be new. A new slot is a copy of a warm one (gigabytes) and, when the
+/// prelude changed since, another build of it.
+pub fn acquire_warm(root: &Path, want: Option<usize>, patience: std::time::Duration) -> anyhow::Result<Slot> {
+    if want.is_some() {
+        return acquire(root, want);
+    }
+    let slots = root.join("slots");
+    let t0 = std::time::Instant::now();
+    loop {
+        for k in 0..MAX_SLOTS {
+            let dir = slots.join(k.to_string());
+            if !dir.join(WARM_MARK).exists() {
+                continue;
+            }
+            if let Some(lock) = try_lock(&dir)? {
+                return Ok(Slot { index: k, dir, _lock: lock });
+            }
+        }
+        if t0.elapsed() >= patience {
+            return acquire(root, None);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+}
+
 /// Copies a warm slot's build products into a fresh one. cargo's fingerprints decide what is
 /// still valid, so a bad copy costs a rebuild, never a wrong result.
 fn seed_from_warm(slots: &Path, slot: &Slot) {
@@ -107,6 +134,27 @@ mod tests {
         drop(a);
         let c = acquire(&root, None).unwrap();
         assert_eq!(c.index, ai);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn a_spare_waits_for_a_warm_slot_rather_than_open_a_new_one() {
+        let root = std::env::temp_dir().join(format!("pivot-slots-warm-{}", std::process::id()));
+        let a = acquire(&root, None).unwrap();
+        a.mark_warm();
+        let (ai, held) = (a.index, std::sync::Arc::new(std::sync::Mutex::new(Some(a))));
+        let h = held.clone();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            h.lock().unwrap().take();
+        });
+        let b = acquire_warm(&root, None, std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(b.index, ai, "took the warm slot once it was free");
+        release.join().unwrap();
+        drop(b);
+        let c = acquire(&root, None).unwrap();
+        let d = acquire_warm(&root, None, std::time::Duration::from_millis(100)).unwrap();
+        assert_ne!(c.index, d.index, "no free warm slot within the patience: a new one");
         let _ = std::fs::remove_dir_all(&root);
     }
 }

@@ -26,9 +26,18 @@
 //!   (no spare, a stale socket, a dead spare, a refused or broken handover) falls back to a
 //!   normal start with one line on stderr saying why: never a hang, never a wrong environment.
 //!   A spare takes one adoption: it removes its socket before it answers.
-//! - One spare per key: the spare holds an flock on `<key>.lock` for its life, binds the socket
-//!   only once it is warm (under a temporary name, then renamed), and exits after an idle timeout
-//!   (`PIVOT_SPARE_IDLE_SECS`, default 20 min). It holds its build slot's lock like any session.
+//! - One spare per key: the spare holds an flock on `<key>.lock` (which holds its pid) until it is
+//!   adopted or exits, binds the socket only once it is warm (under a temporary name, then
+//!   renamed), and exits after an idle timeout (`PIVOT_SPARE_IDLE_SECS`, default 20 min). It holds
+//!   its build slot's lock like any session. Adoption releases the key's lock, so the adopted
+//!   engine can start the spare for the next launch of the same configuration (`make demo`'s
+//!   chain of notebooks).
+//! - A launch that finds the key locked but no socket yet meets a spare that is still warming up.
+//!   It waits for it (up to `PIVOT_SPARE_WAIT_SECS`, default 40 s, inside the 60 s Jupyter clients
+//!   give a kernel to answer) rather than start a second engine of the same configuration beside
+//!   it: the spare began earlier and does the same work, so it is ready first, and two engines
+//!   warming on the same cores would both be late. If it is not ready by then, the launch starts
+//!   normally and the spare stays for the next one.
 //! - The folder is `<cache>/spares`, mode 0700; sockets are 0600, and the spare also checks the
 //!   peer's uid (SO_PEERCRED): only the same user can hand it a terminal or a connection file.
 //!
@@ -62,11 +71,18 @@ pub const DISABLE_ENV: &str = "PIVOT_NO_SPARE";
 /// Seconds a spare waits to be adopted before it exits (default 1200).
 pub const IDLE_ENV: &str = "PIVOT_SPARE_IDLE_SECS";
 pub const DEFAULT_IDLE_SECS: u64 = 1200;
+/// Seconds a launch waits for a spare of its configuration that is still warming up (default 40;
+/// 0: never wait).
+pub const WAIT_ENV: &str = "PIVOT_SPARE_WAIT_SECS";
+pub const DEFAULT_WAIT_SECS: u64 = 40;
 const PROTOCOL: &str = "pivot-spare-1";
+/// How long a spare waits for a warm build slot to come free (`slots::acquire_warm`).
+pub const SLOT_PATIENCE: Duration = Duration::from_secs(30);
 
 /// Variables left out of the key: they describe one launch, not the engine, and differ between
-/// two kernels of the same configuration (Jupyter's per-kernel bookkeeping, the shell's own), or
-/// they only control spares. An adopted engine's evcxr child was started with the spare's values
+/// two kernels of the same configuration (Jupyter's per-kernel bookkeeping, the shell's own,
+/// pytest's name of the test that is running when a test starts a kernel), or they only control
+/// spares. An adopted engine's evcxr child was started with the spare's values
 /// of these; nothing in the engine or the prelude reads them.
 const PER_LAUNCH_VARS: &[&str] = &[
     "JPY_PARENT_PID",
@@ -75,9 +91,11 @@ const PER_LAUNCH_VARS: &[&str] = &[
     "_",
     "OLDPWD",
     "SHLVL",
+    "PYTEST_CURRENT_TEST",
     ENABLE_ENV,
     DISABLE_ENV,
     IDLE_ENV,
+    WAIT_ENV,
 ];
 
 static ORIGINAL: OnceLock<(Vec<(OsString, OsString)>, Option<PathBuf>)> = OnceLock::new();
@@ -205,6 +223,10 @@ impl SinkSwitch {
     pub fn set(&self, sink: Sink) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
+    /// Back to the spare's log (a recycled engine between two front ends).
+    pub fn clear(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
 }
 
 /// The code whose completion makes rust-analyzer infer `let`s of common types (std, tch, the
@@ -259,7 +281,7 @@ pub fn warm_up(mut session: Session) -> anyhow::Result<Warm> {
 
 /// Appends the adoption to the `PIVOT_CELL_STATS` file, as a `"cell": 0` line with `adopted`
 /// (the line of the start itself was written when the spare started).
-pub fn record_adoption(a: &Adoption, startup: Duration, warm_up_cpu_s: f64) {
+pub fn record_adoption(a: &Adoption, startup: Duration, warm_up_cpu_s: f64, served: u64) {
     let Some(path) = std::env::var_os(crate::session::CELL_STATS_ENV) else { return };
     let line = json!({
         "pid": std::process::id(),
@@ -268,8 +290,10 @@ pub fn record_adoption(a: &Adoption, startup: Duration, warm_up_cpu_s: f64) {
             "launcher_pid": a.launcher_pid,
             "waited_s": a.waited.as_secs_f64(),
             "handover_s": a.handover.as_secs_f64(),
+            "launcher_waited_s": a.launcher_waited.as_secs_f64(),
             "spare_start_wall_s": startup.as_secs_f64(),
             "warm_up_cpu_s": warm_up_cpu_s,
+            "kernel_of_this_engine": served,
         },
     });
     if let Ok(mut f) = File::options().create(true).append(true).open(path) {
@@ -290,12 +314,36 @@ pub fn claim(frontend: Frontend) -> anyhow::Result<Option<Claim>> {
     let config = Config::current(frontend);
     let key = config.key();
     let dir = spares_dir()?;
-    let lock = File::options().create(true).truncate(false).write(true).open(dir.join(format!("{key}.lock")))?;
+    claim_in(&dir, config, key)
+}
+
+fn claim_in(dir: &Path, config: Config, key: String) -> anyhow::Result<Option<Claim>> {
+    let mut lock = File::options().create(true).truncate(false).write(true).open(dir.join(format!("{key}.lock")))?;
+    // A few tries: a launch's `warming_spare` holds a shared lock for a moment while it looks.
+    let mut tries = 0;
     // SAFETY: flock on an open descriptor.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Ok(None);
+    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        tries += 1;
+        if tries == 5 {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Some(Claim { config, key, dir, _lock: lock }))
+    // The pid, for a launch that finds this spare warming (`warming_spare`).
+    lock.set_len(0)?;
+    lock.write_all(std::process::id().to_string().as_bytes())?;
+    Ok(Some(Claim { config, key, dir: dir.to_path_buf(), _lock: lock }))
+}
+
+/// The pid of the spare that holds `key`'s lock (one that is warming up, or waiting), if any.
+fn warming_spare(dir: &Path, key: &str) -> Option<i32> {
+    let path = dir.join(format!("{key}.lock"));
+    let f = File::open(&path).ok()?;
+    // SAFETY: flock on an open descriptor; a lock we get is released when `f` closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return None;
+    }
+    Some(std::fs::read_to_string(&path).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0))
 }
 
 /// A front end handed over to this process.
@@ -307,9 +355,18 @@ pub struct Adoption {
     pub waited: Duration,
     /// Time from the launcher's connect to the fds being in place.
     pub handover: Duration,
+    /// How long the launcher waited for this spare's warm-up to finish.
+    pub launcher_waited: Duration,
 }
 
 static HANDOVER: Mutex<Option<UnixStream>> = Mutex::new(None);
+/// This process's own stdin, stdout and stderr (the spare's log) while a launcher's are in their
+/// place, and the descriptor that stderr goes back to.
+static OWN_FDS: Mutex<Option<([RawFd; 3], RawFd)>> = Mutex::new(None);
+/// Adoptions so far, and the last one whose launcher the engine let go on purpose
+/// (`release_launcher`): that adoption's watcher must not end the process.
+static ADOPTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static RELEASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Claim {
     fn sock(&self) -> PathBuf {
@@ -318,9 +375,10 @@ impl Claim {
 
     /// Binds the socket (the session must be warm by now) and waits for a launcher. `Ok(None)`
     /// after `idle` without one. On adoption the launcher's stdin/stdout/stderr are on fds 0, 1
-    /// and `stderr_fd` (2, or where the build log copies fd 2 to), and `on_orphaned` runs (then
-    /// the process exits) when the launcher goes away.
-    pub fn wait(&self, idle: Duration, stderr_fd: RawFd, on_orphaned: impl FnOnce() + Send + 'static) -> anyhow::Result<Option<Adoption>> {
+    /// and `stderr_fd` (2, or where the build log copies fd 2 to), `on_orphaned` runs (then the
+    /// process exits) when the launcher goes away, and the key's lock is released: the adopted
+    /// engine may start the next spare of its configuration.
+    pub fn wait(self, idle: Duration, stderr_fd: RawFd, on_orphaned: impl FnOnce() + Send + 'static) -> anyhow::Result<Option<Adoption>> {
         let sock = self.sock();
         let tmp = self.dir.join(format!("{}.sock.{}", self.key, std::process::id()));
         let _ = std::fs::remove_file(&tmp);
@@ -362,7 +420,7 @@ impl Claim {
             let Ok((stream, _)) = listener.accept() else { continue };
             let t0 = Instant::now();
             match self.handshake(&stream) {
-                Ok((args, pid, fds)) => {
+                Ok((args, pid, launcher_waited, fds)) => {
                     // One adoption per spare: nobody else may connect from here on.
                     cleanup();
                     set_stop_handlers(false);
@@ -371,8 +429,14 @@ impl Claim {
                         eprintln!("pivot spare: the launcher went away during the handover; exiting");
                         return Ok(None);
                     }
-                    // SAFETY: descriptors received from the launcher, placed on our standard fds.
+                    // SAFETY: descriptors received from the launcher, placed on our standard fds;
+                    // our own are kept for `release_launcher` (a recycled engine's log).
                     unsafe {
+                        let own = [libc::dup(0), libc::dup(1), libc::dup(stderr_fd)];
+                        for fd in own {
+                            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                        }
+                        *OWN_FDS.lock().unwrap_or_else(|e| e.into_inner()) = Some((own, stderr_fd));
                         libc::dup2(fds[0], 0);
                         libc::dup2(fds[1], 1);
                         libc::dup2(fds[2], stderr_fd);
@@ -385,6 +449,7 @@ impl Claim {
                     stream.set_read_timeout(None)?;
                     stream.set_write_timeout(None)?;
                     let watch = stream.try_clone()?;
+                    let adoption = ADOPTIONS.fetch_add(1, Ordering::SeqCst) + 1;
                     *HANDOVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
                     std::thread::Builder::new().name("pivot-spare-watch".into()).spawn(move || {
                         let mut b = [0u8; 64];
@@ -397,11 +462,15 @@ impl Claim {
                                 Err(_) => break,
                             }
                         }
+                        if RELEASED.load(Ordering::SeqCst) >= adoption {
+                            return; // the engine let its launcher go to serve the next one
+                        }
                         eprintln!("pivot: the launched process (pid {pid}) is gone; this adopted engine exits");
                         on_orphaned();
                         std::process::exit(1);
                     })?;
-                    return Ok(Some(Adoption { args, launcher_pid: pid, waited: since.elapsed(), handover: t0.elapsed() }));
+                    drop(self);
+                    return Ok(Some(Adoption { args, launcher_pid: pid, waited: since.elapsed(), handover: t0.elapsed(), launcher_waited }));
                 }
                 Err(e) => {
                     eprintln!("pivot spare: refused a handover: {e:#}");
@@ -412,7 +481,7 @@ impl Claim {
         }
     }
 
-    fn handshake(&self, stream: &UnixStream) -> anyhow::Result<(Vec<String>, i32, [RawFd; 3])> {
+    fn handshake(&self, stream: &UnixStream) -> anyhow::Result<(Vec<String>, i32, Duration, [RawFd; 3])> {
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         let peer = peer_uid(stream)?;
@@ -440,7 +509,8 @@ impl Claim {
         }
         let args = req.get("args").and_then(Value::as_array).map(|a| a.iter().filter_map(|s| s.as_str().map(str::to_string)).collect()).unwrap_or_default();
         let pid = req.get("pid").and_then(Value::as_i64).unwrap_or(0) as i32;
-        Ok((args, pid, [fds[0], fds[1], fds[2]]))
+        let waited = Duration::from_secs_f64(req.get("waited_s").and_then(Value::as_f64).unwrap_or(0.0).clamp(0.0, 1e6));
+        Ok((args, pid, waited, [fds[0], fds[1], fds[2]]))
     }
 }
 
@@ -585,9 +655,36 @@ pub fn adopted() -> bool {
     HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
+/// Whether an adopted engine, when its front end shuts down cleanly, is recycled into the spare
+/// for the next launch (`PIVOT_SPARE_ENGINE=1`, `make demo`) instead of ending.
+pub fn recycling() -> bool {
+    adopted() && std::env::var(ENABLE_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Ends the adoption without ending the process: the launcher exits with `code`, and this
+/// process's own stdin, stdout and stderr come back, so the engine can wait for the next launch.
+pub fn release_launcher(code: i32) {
+    RELEASED.store(ADOPTIONS.load(Ordering::SeqCst), Ordering::SeqCst);
+    if let Some(mut s) = HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = s.write_all(format!("{}\n", json!({"exit": code})).as_bytes());
+        let _ = s.flush();
+    }
+    if let Some((own, stderr_fd)) = OWN_FDS.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        // SAFETY: descriptors this process duplicated at the adoption and still owns.
+        unsafe {
+            for (fd, target) in own.into_iter().zip([0, 1, stderr_fd]) {
+                libc::dup2(fd, target);
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// The spare that took this launch over.
 pub struct Adopted {
     pub spare_pid: i32,
+    /// How long this launch waited for the spare's warm-up (zero when it was ready).
+    pub waited: Duration,
     stream: UnixStream,
 }
 
@@ -608,21 +705,53 @@ pub fn try_adopt(frontend: Frontend, args: &[String], log: &dyn Fn(&str)) -> Opt
         }
     };
     let sock = dir.join(format!("{key}.sock"));
-    let stream = match UnixStream::connect(&sock) {
-        Ok(s) => s,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(why) = mismatches(&dir, &config, frontend) {
-                log(&format!("no spare engine for this configuration ({why}); starting normally"));
+    let t0 = Instant::now();
+    let mut waiting_for: Option<i32> = None;
+    let stream = loop {
+        match UnixStream::connect(&sock) {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                log(&format!("the spare engine at {} does not answer ({e}: a stale socket); starting normally", sock.display()));
+                return None;
             }
-            return None;
         }
-        Err(e) => {
-            log(&format!("the spare engine at {} does not answer ({e}: a stale socket); starting normally", sock.display()));
-            return None;
+        let limit = wait_limit();
+        match (warming_spare(&dir, &key), waiting_for) {
+            (Some(pid), None) if !limit.is_zero() => {
+                log(&format!("the spare engine of this configuration (pid {pid}) is still warming up; waiting up to {} s for it", limit.as_secs()));
+                waiting_for = Some(pid);
+            }
+            (Some(pid), Some(_)) => {
+                if t0.elapsed() >= limit {
+                    log(&format!(
+                        "the spare engine (pid {pid}) was not ready after {:.0} s; starting normally (it stays for the next launch)",
+                        t0.elapsed().as_secs_f64()
+                    ));
+                    return None;
+                }
+            }
+            (None, Some(pid)) => {
+                // Between its last check and this one the spare bound its socket and was taken,
+                // or it ended.
+                if let Ok(s) = UnixStream::connect(&sock) {
+                    break s;
+                }
+                log(&format!("the spare engine (pid {pid}) ended or was taken by another launch before it was ready; starting normally"));
+                return None;
+            }
+            _ => {
+                if let Some(why) = mismatches(&dir, &config, frontend) {
+                    log(&format!("no spare engine for this configuration ({why}); starting normally"));
+                }
+                return None;
+            }
         }
+        std::thread::sleep(Duration::from_millis(100));
     };
-    match handover(&stream, &key, args) {
-        Ok(pid) => Some(Adopted { spare_pid: pid, stream }),
+    let waited = t0.elapsed();
+    match handover(&stream, &key, args, waited) {
+        Ok(pid) => Some(Adopted { spare_pid: pid, waited, stream }),
         Err(e) => {
             log(&format!("the handover to the spare engine failed ({e:#}); starting normally"));
             None
@@ -630,10 +759,15 @@ pub fn try_adopt(frontend: Frontend, args: &[String], log: &dyn Fn(&str)) -> Opt
     }
 }
 
-fn handover(stream: &UnixStream, key: &str, args: &[String]) -> anyhow::Result<i32> {
+/// How long a launch waits for a warming spare: `PIVOT_SPARE_WAIT_SECS` or 40 s.
+fn wait_limit() -> Duration {
+    Duration::from_secs(std::env::var(WAIT_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_WAIT_SECS))
+}
+
+fn handover(stream: &UnixStream, key: &str, args: &[String], waited: Duration) -> anyhow::Result<i32> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let req = json!({"key": key, "args": args, "pid": std::process::id()}).to_string() + "\n";
+    let req = json!({"key": key, "args": args, "pid": std::process::id(), "waited_s": waited.as_secs_f64()}).to_string() + "\n";
     send_with_fds(stream, req.as_bytes(), &[0, 1, 2])?;
     // Byte by byte: a buffered reader could swallow the exit line of a spare that ends at once,
     // which `proxy` must read.
@@ -790,6 +924,22 @@ mod tests {
         let fd = f.as_raw_fd();
         std::mem::forget(f);
         fd
+    }
+
+    #[test]
+    fn a_launch_sees_a_spare_warming_while_it_holds_its_key_and_not_after() {
+        let dir = std::env::temp_dir().join(format!("pivot-spare-claim-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = Config { fields: BTreeMap::new() };
+        let key = config.key();
+        assert_eq!(warming_spare(&dir, &key), None, "no lock file: no spare");
+        let claim = claim_in(&dir, config.clone(), key.clone()).unwrap().expect("a free key is claimed");
+        assert_eq!(warming_spare(&dir, &key), Some(std::process::id() as i32));
+        assert!(claim_in(&dir, config.clone(), key.clone()).unwrap().is_none(), "one spare per key");
+        drop(claim);
+        assert_eq!(warming_spare(&dir, &key), None, "the lock file stays, but nobody holds it");
+        assert!(claim_in(&dir, config, key).unwrap().is_some());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -94,47 +94,76 @@ fn kernel_args(rest: &[String]) -> anyhow::Result<(String, server::ConnectionInf
 /// `pivot-kernel kernel` of the same configuration to hand itself over (`engine::spare`). Then
 /// it is that kernel.
 fn spare() -> anyhow::Result<ExitCode> {
-    let Some(claim) = engine::spare::claim(engine::Frontend::Jupyter)? else {
+    let Some(mut claim) = engine::spare::claim(engine::Frontend::Jupyter)? else {
         eprintln!("pivot-kernel spare: a spare engine for this configuration is already running");
         return Ok(ExitCode::SUCCESS);
     };
     buildlog::install();
-    let slot = take_slot(None)?;
-    let (warm, switch) = engine::spare::start_warm(engine::Frontend::Jupyter, &slot, "pivot-kernel spare")?;
-    let session = warm.session;
-    let interrupter = session.interrupter();
-    let Some(adoption) = claim.wait(engine::spare::idle_timeout(), buildlog::original_stderr(), move || interrupter.kill_child())? else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    let (file, conn) = match adoption.args.split_first() {
-        Some((cmd, rest)) if cmd == "kernel" => match kernel_args(rest) {
-            Ok(x) => x,
+    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
+    let mut slot = slots::acquire_warm(&paths::cache_dir(), want, engine::spare::SLOT_PATIENCE)?;
+    engine::prepare_process_env(&slot.dir);
+    let (warm, mut switch) = engine::spare::start_warm(engine::Frontend::Jupyter, &slot, "pivot-kernel spare")?;
+    let (mut session, warm_up_cpu_s) = (warm.session, warm.cpu_s);
+    let mut ready_at = warm.ready_at;
+    // Each round serves one kernel; a recycled engine (`engine::spare::recycling`) goes round again.
+    for served in 1u64.. {
+        let interrupter = session.interrupter();
+        let Some(adoption) = claim.wait(engine::spare::idle_timeout(), buildlog::original_stderr(), move || interrupter.kill_child())? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        let (file, conn) = match adoption.args.split_first() {
+            Some((cmd, rest)) if cmd == "kernel" => match kernel_args(rest) {
+                Ok(x) => x,
+                Err(e) => {
+                    eprintln!("pivot-kernel: {e:#}");
+                    engine::spare::exit(1);
+                }
+            },
+            _ => {
+                eprintln!("pivot-kernel: a spare engine was handed {:?}, not a kernel command", adoption.args);
+                engine::spare::exit(2);
+            }
+        };
+        eprintln!(
+            "pivot-kernel: adopted spare engine pid {} for {file} (launcher pid {}, which waited {:.1} s for the warm-up; engine ready {:.1} s before, handover {:.0} ms; kernel {served} of this engine) with build slot {} ({})",
+            std::process::id(),
+            adoption.launcher_pid,
+            adoption.launcher_waited.as_secs_f64(),
+            ready_at.elapsed().as_secs_f64(),
+            adoption.handover.as_secs_f64() * 1e3,
+            slot.index,
+            slot.dir.display()
+        );
+        engine::spare::record_adoption(&adoption, session.startup, if served == 1 { warm_up_cpu_s } else { 0.0 }, served);
+        let recycled = match server::run(conn, slot, Some(server::Prestarted { session, switch })) {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("pivot-kernel: {e:#}");
                 engine::spare::exit(1);
             }
-        },
-        _ => {
-            eprintln!("pivot-kernel: a spare engine was handed {:?}, not a kernel command", adoption.args);
-            engine::spare::exit(2);
+        };
+        // The kernel shut down cleanly and its engine was idle: it becomes the spare for the next
+        // kernel of this configuration. The key is taken before the launcher goes, so a launch
+        // that follows at once waits for the recycling instead of starting a second engine.
+        claim = match engine::spare::claim(engine::Frontend::Jupyter)? {
+            Some(c) => c,
+            None => {
+                eprintln!("pivot-kernel spare: another spare of this configuration started meanwhile; exiting");
+                engine::spare::exit(0);
+            }
+        };
+        engine::spare::release_launcher(0);
+        (session, slot, switch) = (recycled.session, recycled.slot, recycled.switch);
+        switch.clear();
+        let t0 = std::time::Instant::now();
+        if let Err(e) = session.recycle() {
+            eprintln!("pivot-kernel spare: recycling the engine failed ({e:#}); exiting");
+            return Ok(ExitCode::from(1));
         }
-    };
-    eprintln!(
-        "pivot-kernel: adopted spare engine pid {} for {file} (launcher pid {}; engine ready {:.1} s before, handover {:.0} ms) with build slot {} ({})",
-        std::process::id(),
-        adoption.launcher_pid,
-        warm.ready_at.elapsed().as_secs_f64(),
-        adoption.handover.as_secs_f64() * 1e3,
-        slot.index,
-        slot.dir.display()
-    );
-    engine::spare::record_adoption(&adoption, session.startup, warm.cpu_s);
-    let served = server::run(conn, slot, Some(server::Prestarted { session, switch }));
-    if let Err(e) = served {
-        eprintln!("pivot-kernel: {e:#}");
-        engine::spare::exit(1);
+        ready_at = std::time::Instant::now();
+        eprintln!("pivot-kernel spare: engine recycled in {:.1} s after kernel {served} (slot {})", t0.elapsed().as_secs_f64(), slot.index);
     }
-    engine::spare::exit(0)
+    unreachable!("the rounds above end the process or return")
 }
 
 fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
@@ -151,13 +180,18 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             // the spare holds its own.
             let log = |m: &str| eprintln!("pivot-kernel: {m}");
             if let Some(adopted) = engine::spare::try_adopt(engine::Frontend::Jupyter, &args, &log) {
-                eprintln!("pivot-kernel: handed {file} over to the spare engine pid {}", adopted.spare_pid);
+                eprintln!(
+                    "pivot-kernel: handed {file} over to the spare engine pid {} (waited {:.1} s for its warm-up)",
+                    adopted.spare_pid,
+                    adopted.waited.as_secs_f64()
+                );
                 adopted.proxy();
             }
             buildlog::install();
             let slot = take_slot(None)?;
             eprintln!("pivot-kernel: serving {} with build slot {} ({})", file, slot.index, slot.dir.display());
-            server::run(conn, slot, None)?;
+            // Only an adopted engine is recycled; this one ends at shutdown.
+            let _ = server::run(conn, slot, None)?;
             Ok(ExitCode::SUCCESS)
         }
         "spare" => {

@@ -104,7 +104,7 @@ fn spare() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
-    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    let slot = slots::acquire_warm(&paths::cache_dir(), want, spare::SLOT_PATIENCE)?;
     pivot_engine::prepare_process_env(&slot.dir);
     let (warm, switch) = spare::start_warm(pivot_engine::Frontend::Repl, &slot, "pivot-repl --spare")?;
     let session = warm.session;
@@ -112,7 +112,7 @@ fn spare() -> anyhow::Result<ExitCode> {
     let Some(adoption) = claim.wait(spare::idle_timeout(), 2, move || interrupter.kill_child())? else {
         return Ok(ExitCode::SUCCESS);
     };
-    spare::record_adoption(&adoption, session.startup, warm.cpu_s);
+    spare::record_adoption(&adoption, session.startup, warm.cpu_s, 1);
     real_main(adoption.args, Some(Prestarted { session, switch, slot }))
 }
 

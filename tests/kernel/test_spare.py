@@ -1,9 +1,11 @@
 """Spare engines (`pivot-kernel spare`, engine/src/spare.rs) through a real Jupyter client: a kernel
 whose configuration differs from the waiting spare's starts normally and says which field differs;
 a kernel of the same configuration adopts the spare (its log and the PIVOT_CELL_STATS file say so)
-and runs a parameters cell, and both processes end when the kernel shuts down.
+and runs a parameters cell, and both processes end when the kernel shuts down. With
+PIVOT_SPARE_ENGINE=1 (`make demo`'s chain) the adopted engine is recycled at shutdown instead: the
+next kernel adopts the same process within seconds and sees nothing of the last one.
 
-Cost: one spare start and one normal kernel start (about two kernel starts in all)."""
+Cost: two spare starts and one normal kernel start (about three kernel starts in all)."""
 from __future__ import annotations
 
 import json
@@ -101,5 +103,51 @@ def test_a_mismatched_spare_is_left_alone_and_a_matching_one_is_adopted(workdir)
         # The kernel's shutdown ends the spare too, and the launcher exits with its status.
         spare.proc.wait(timeout=60)
         assert code == 0, (code, text)
+    finally:
+        spare.stop()
+
+
+def test_a_recycled_engine_serves_the_next_kernel_with_nothing_of_the_last(workdir):
+    stats = workdir / "cell-stats.jsonl"
+    base = {**os.environ, "PIVOT_CELL_STATS": str(stats), "PIVOT_SPARE_ENGINE": "1", "PIVOT_TEST_SPARE_MARK": "recycle"}
+    spare_env, kernel_exe = kernel_launch_env(base)
+    spare = Spare([kernel_exe, "spare"], spare_env, cwd=str(workdir))
+    try:
+        km, kc, log = start(base, str(workdir), workdir / "kernel-1.log")
+        try:
+            assert spare.adopted(), "".join(spare.log)
+            reply, _ = run(kc, 'let secret = String::from("first kernel");\nfn helper() -> usize { 41 }\nhelper() + secret.len()', timeout=120)
+            assert reply["status"] == "ok", reply
+        finally:
+            code = stop(km, kc, log)
+        assert code == 0, (workdir / "kernel-1.log").read_text()
+        # The launcher is gone; the engine is not: it recycles itself into the next spare.
+        assert spare.proc.poll() is None, "the engine ended with its kernel instead of being recycled"
+
+        t0 = time.time()
+        km, kc, log = start(base, str(workdir), workdir / "kernel-2.log")
+        try:
+            reply, msgs = run(kc, PARAMS_CELL + "\nsteps * 2 + 1", timeout=120)
+            first_result = time.time() - t0
+            assert reply["status"] == "ok" and result_text(msgs) == "41", (reply, msgs)
+            for code_ in ("secret.len()", "helper()"):
+                reply, msgs = run(kc, code_, timeout=120)
+                assert reply["status"] == "error" and reply["ename"].startswith("CompileError"), (code_, reply)
+        finally:
+            code = stop(km, kc, log)
+        text = (workdir / "kernel-2.log").read_text()
+        assert f"over to the spare engine pid {spare.pid}" in text, text
+        lines = stats_lines(stats)
+        adopted = [line["adopted"] for line in lines if "adopted" in line]
+        assert [a["kernel_of_this_engine"] for a in adopted] == [1, 2], lines
+        recycled = [line["recycled"] for line in lines if "recycled" in line]
+        assert recycled and all(r["wall_s"] < 120 for r in recycled), lines
+        # Cells of the second kernel count from the prelude's again, as in a normal start.
+        second = [line for line in lines if line["pid"] == spare.pid and line["cell"] > 0]
+        assert [c["cell"] for c in second].count(1) >= 2, second
+        # Not a fresh engine start: no start line after the spare's own.
+        assert len([line for line in lines if line.get("start_phases") and line["pid"] == spare.pid]) == 1, lines
+        print(f"recycled engine: first result of kernel 2 after {first_result:.1f} s")
+        assert code == 0
     finally:
         spare.stop()

@@ -7,6 +7,10 @@ that 02 and 03 wrote, as in a real study. A test fails on any error cell; every 
 cell of `assert!`s on its key outputs, so a silent failure fails too. Executed copies are written
 to PIVOT_NOTEBOOK_OUT when set (else they stay in the temporary folder).
 
+They run as `make demo` runs them (PIVOT_SPARE_ENGINE=1, `SpareChain`): the first notebook's kernel
+starts a spare engine, the second adopts it, and at each shutdown that engine is recycled for the
+next notebook; the last test checks the chain.
+
 The kernelspec is installed into a private JUPYTER_PATH from the freshly built binary (conftest.py)
 (PIVOT_KERNEL_BIN, else the kernel's cargo target dir), so the test never depends on, or touches,
 the user's kernels.
@@ -23,6 +27,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+from pivot_testing import spare_chain
 
 ROOT = Path(__file__).resolve().parents[2]
 NB_DIR = ROOT / "notebooks"
@@ -46,6 +51,13 @@ CI_PARAMS = {
 def study_dir(tmp_path_factory):
     """One output folder for the whole study (checkpoints flow from 02 to 03 to 04)."""
     return tmp_path_factory.mktemp("study")
+
+
+@pytest.fixture(scope="module")
+def chain():
+    """Spare engines chained from notebook to notebook, as in `make demo`."""
+    with spare_chain() as c:
+        yield c
 
 
 def inject(nb, params: dict[str, str]) -> None:
@@ -80,7 +92,7 @@ def test_notebooks_match_generator():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, jupyter_path, study_dir):
+def test_notebook_runs(path: Path, jupyter_path, study_dir, chain):
     nb = nbformat.read(path, as_version=4)
     inject(nb, {"out_dir": f"String::from({json.dumps(str(study_dir / 'out'))})", **CI_PARAMS.get(path.stem, {})})
     client = NotebookClient(
@@ -106,3 +118,11 @@ def test_notebook_runs(path: Path, jupyter_path, study_dir):
     last = [c for c in nb.cells if c.cell_type == "code"][-1]
     text = json.dumps(last.outputs)
     assert "all checks passed" in text, f"{path.name}: the checks cell produced no confirmation: {text[:400]}"
+
+
+def test_every_notebook_after_the_first_ran_on_the_recycled_spare_engine(chain):
+    """The chain `make demo` relies on: the first kernel starts a spare, the second waits for its
+    warm-up and adopts it, and at each shutdown the engine is recycled for the next notebook."""
+    adopted = chain.adoptions()
+    assert len(adopted) == len(NOTEBOOKS) - 1, f"{len(adopted)} of {len(NOTEBOOKS) - 1} notebooks adopted a spare: {adopted}"
+    assert [a["kernel_of_this_engine"] for a in adopted] == list(range(1, len(NOTEBOOKS))), adopted

@@ -90,6 +90,9 @@ enum Job {
     Execute(Message, std::time::Instant),
     Complete(Message),
     Inspect(Message),
+    /// The kernel shuts down and its engine is recycled (`engine::spare::recycling`): the session
+    /// goes back through the sender, and the engine thread ends.
+    Recycle(crossbeam_channel::Sender<Recycled>),
 }
 
 /// The socket a message leaves on.
@@ -137,6 +140,8 @@ struct Shared {
     rustc_version: String,
     jobs: crossbeam_channel::Sender<Job>,
     shutdown: tokio::sync::Notify,
+    /// The I/O thread ends at its next wake-up (a recycled kernel closing its sockets).
+    stopping: AtomicBool,
 }
 
 /// Ends the kernel after a short grace period, in which the I/O thread sends the reply and `idle`.
@@ -185,10 +190,19 @@ pub struct Prestarted {
     pub switch: engine::spare::SinkSwitch,
 }
 
+/// What a recycled kernel hands back when it shuts down: the session, still in `slot`, to be
+/// recycled into the spare for the next launch.
+pub struct Recycled {
+    pub session: Session,
+    pub slot: slots::Slot,
+    pub switch: engine::spare::SinkSwitch,
+}
+
 /// Runs the kernel until shutdown. `slot` must already be locked and exported to the
 /// environment (see `engine::prepare_process_env`). With `prestarted`, the kernel serves that
-/// session instead of starting one.
-pub fn run(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<()> {
+/// session instead of starting one. The process ends at shutdown, except for an adopted engine
+/// that is recycled (`engine::spare::recycling`), which gets its session back.
+pub fn run(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<Recycled> {
     // The runtime only carries the guard's relays (plain tokio I/O, no blocking locks), so the
     // two workers of a 2-core machine suffice. The zeromq crate's blocking `peer_disconnected`
     // lock, which stopped a two-worker runtime for good under connection churn, is gone with it.
@@ -235,7 +249,7 @@ impl Sockets {
     }
 }
 
-async fn serve(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<()> {
+async fn serve(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prestarted>) -> anyhow::Result<Recycled> {
     let signer = Signer::new(&conn.signature_scheme, &conn.key)?;
     if conn.key.is_empty() && conn.reachable_beyond_loopback() {
         eprintln!(
@@ -275,12 +289,13 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prest
         rustc_version: engine::paths::rustc_version(),
         jobs: jobs_tx,
         shutdown: tokio::sync::Notify::new(),
+        stopping: AtomicBool::new(false),
     });
 
-    {
+    let io_thread = {
         let io = IoThread { sockets, outbox: out_rx, wake: wake_rx, signer, shared: shared.clone(), stdin_replies: stdin_reply_tx };
-        std::thread::Builder::new().name("pivot-zmq".into()).spawn(move || io.run())?;
-    }
+        std::thread::Builder::new().name("pivot-zmq".into()).spawn(move || io.run())?
+    };
     {
         let shared = shared.clone();
         std::thread::Builder::new()
@@ -290,9 +305,22 @@ async fn serve(conn: ConnectionInfo, slot: slots::Slot, prestarted: Option<Prest
 
     // SIGTERM (a front end giving up on shutdown_request) ends the kernel the same way.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = shared.shutdown.notified() => {}
-        _ = term.recv() => {}
+    let requested = tokio::select! {
+        _ = shared.shutdown.notified() => true,
+        _ = term.recv() => false,
+    };
+    if requested && engine::spare::recycling() {
+        // The engine comes back only if it is idle: a cell still running ends with the process.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        if shared.jobs.send(Job::Recycle(tx)).is_ok() {
+            if let Ok(recycled) = rx.recv_timeout(Duration::from_secs(2)) {
+                shared.stopping.store(true, Ordering::SeqCst);
+                let _ = (&shared.out.wake).write(&[1]);
+                let _ = io_thread.join();
+                drop(private);
+                return Ok(recycled);
+            }
+        }
     }
     if let Some(i) = lock(&shared.interrupter).as_ref() {
         i.kill_child();
@@ -365,6 +393,9 @@ impl IoThread {
             // Replies queued by the handlers above go out in this same round.
             for (channel, msg) in self.outbox.try_iter() {
                 self.send(channel, &msg);
+            }
+            if self.shared.stopping.load(Ordering::SeqCst) {
+                return;
             }
         }
     }
@@ -616,15 +647,20 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
     buildlog::set_sink(Some(sink.clone()));
     slot.seed_if_cold();
     let mut session: Option<Session> = None;
+    let mut switch: Option<engine::spare::SinkSwitch> = None;
     let mut start_error: Option<String> = None;
     if let Some(p) = prestarted {
         p.switch.set(sink.clone());
         *lock(&shared.interrupter) = Some(p.session.interrupter());
         session = Some(p.session);
+        switch = Some(p.switch);
         shared.ready.store(true, Ordering::SeqCst);
-        keep_a_spare();
+        // A recycled engine becomes the next spare itself when this kernel ends.
+        if !engine::spare::recycling() {
+            keep_a_spare();
+        }
     }
-    let start = |session: &mut Option<Session>, start_error: &mut Option<String>| {
+    let start = |session: &mut Option<Session>, start_error: &mut Option<String>, slot: &slots::Slot| {
         let opts = match SessionOptions::new(Frontend::Jupyter) {
             Ok(o) => o,
             Err(e) => {
@@ -648,7 +684,7 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
         shared.ready.store(true, Ordering::SeqCst);
     };
     if session.is_none() {
-        start(&mut session, &mut start_error);
+        start(&mut session, &mut start_error, &slot);
         if session.is_some() {
             keep_a_spare();
         }
@@ -667,7 +703,7 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
             Job::Execute(msg, _) => {
                 if session.is_none() {
                     // A broken prelude may have been fixed on disk meanwhile: try again.
-                    start(&mut session, &mut start_error);
+                    start(&mut session, &mut start_error, &slot);
                 }
                 let failed_at = execute(&shared, session.as_mut(), start_error.as_deref(), &msg);
                 let stop_on_error = msg.content.get("stop_on_error").and_then(Value::as_bool).unwrap_or(true);
@@ -684,6 +720,13 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
             }
             Job::Complete(msg) => complete(&shared, session.as_mut(), &msg),
             Job::Inspect(msg) => inspect(&shared, session.as_mut(), &msg),
+            Job::Recycle(back) => {
+                if let (Some(session), Some(switch)) = (session.take(), switch.take()) {
+                    buildlog::set_sink(None);
+                    let _ = back.send(Recycled { session, slot, switch });
+                }
+                return;
+            }
         }
     }
 }
