@@ -40,10 +40,22 @@ def fx(tmp_path_factory):
     return out
 
 
+# Every kernel runs in the session's `kernel_cwd` on the session's chain of recycled engines
+# (conftest.py); `launches` counts them for the last test.
+SESSION = {"cwd": None, "launches": 0, "adoptions_before": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def on_the_chain(chain, kernel_cwd):
+    SESSION.update(cwd=str(kernel_cwd), launches=0, adoptions_before=len(chain.adoptions()))
+
+
 def run(name: str, out: Path, params: dict) -> nbformat.NotebookNode:
     dst = out / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    SESSION["launches"] += 1
     papermill.execute_notebook(str(NB_DIR / name), str(dst), parameters=params, kernel_name="pivot",
-                               cwd=str(out), progress_bar=False, execution_timeout=TIMEOUT,
+                               cwd=SESSION["cwd"], progress_bar=False, execution_timeout=TIMEOUT,
                                start_timeout=TIMEOUT)
     return nbformat.read(dst, as_version=4)
 
@@ -147,3 +159,12 @@ def test_a_bad_data_parameter_stops_04_05_08_at_their_data_cell(fx, jupyter_path
     # parameters, injected parameters, then the data cell: no model loaded or trained before the error.
     assert failed == [2], failed
     assert not (tmp_path / "base").exists()
+
+
+def test_every_kernel_here_ran_on_the_recycled_engine(chain):
+    """All but possibly the session's first kernel adopted the chain's engine, recycled each time."""
+    adopted = chain.adoptions()[SESSION["adoptions_before"]:]
+    first = 0 if SESSION["adoptions_before"] else 1
+    assert len(adopted) == SESSION["launches"] - first, (SESSION, adopted)
+    numbers = [a["kernel_of_this_engine"] for a in adopted]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), adopted
