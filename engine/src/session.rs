@@ -469,9 +469,11 @@ impl Session {
     /// prelude is loaded again, and cells count from the start. Fails, leaving the session
     /// unusable, if anything of the last session is still visible.
     pub fn recycle(&mut self) -> anyhow::Result<()> {
-        let (started, cpu0) = (Instant::now(), cpu_seconds());
+        let started = Instant::now();
         self.ctx.reset_config();
         catch(|| self.ctx.execute(":clear")).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!(":clear failed: {e}"))?;
+        // After `:clear` has reaped the last session's child, whose CPU is not the recycling's.
+        let cpu0 = cpu_seconds();
         let settings = self.settings.clone();
         catch(|| self.ctx.execute(&settings)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
         self.interrupter.reset();
@@ -489,7 +491,7 @@ impl Session {
             let line = serde_json::json!({
                 "pid": std::process::id(),
                 "cell": 0,
-                "recycled": {"wall_s": started.elapsed().as_secs_f64(), "engine_cpu_s": cpu_seconds() - cpu0},
+                "recycled": {"wall_s": started.elapsed().as_secs_f64(), "engine_cpu_s_after_clear": cpu_seconds() - cpu0},
             });
             if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(&path) {
                 use std::io::Write;

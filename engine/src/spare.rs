@@ -38,6 +38,13 @@
 //!   it: the spare began earlier and does the same work, so it is ready first, and two engines
 //!   warming on the same cores would both be late. If it is not ready by then, the launch starts
 //!   normally and the spare stays for the next one.
+//! - Recycling (`PIVOT_SPARE_ENGINE=1`, `make demo`): an adopted kernel that shuts down cleanly,
+//!   with its engine idle, gives the session back instead of ending the process. The engine takes
+//!   its key's lock again (so the next launch waits for it), lets the launcher exit with status 0
+//!   (`release_launcher`: its own stdin, stdout and stderr come back), and `Session::recycle`
+//!   restarts the child and clears evcxr's state and settings while rust-analyzer's analysis and
+//!   the build slot stay warm; then it waits for the next launch. Only an adopted engine can do
+//!   this: a normally started kernel is the process Jupyter waits on at shutdown.
 //! - The folder is `<cache>/spares`, mode 0700; sockets are 0600, and the spare also checks the
 //!   peer's uid (SO_PEERCRED): only the same user can hand it a terminal or a connection file.
 //!
