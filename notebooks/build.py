@@ -350,17 +350,19 @@ pretrained (`TowerPretrain`: multi-label tagging of colours, shapes, the large o
 object count) on the world's `Pretrain` scenes, which no later stage sees, and cached in `{out_dir}/tower`
 (re-used while its settings match; `tower_path` takes any tower folder instead, that cache included).
 Stage 1 then trains on the `Stage1` scenes: captions and balanced two-way questions (every answer word as
-often right as wrong, so the text alone cannot win). Two numbers say whether there is something for stage 2
+often right as wrong, so the text alone cannot win). The captions serve twice: the projector aligns on them,
+and the full step trains on them as "Describe the image briefly ." beside the questions, because a two-way
+answer has a single word that depends on the image and a caption one per object's colour and shape. Two numbers say whether there is something for stage 2
 to move: the pretrained tower's linear-probe top-1 on `Eval` scenes (12 classes, chance 0.083; the design
 wants it above chance and below ceiling), and the base's two-way choice accuracy with the real image and with
 a blank one (a base that uses the image scores clearly higher with it).
 """),
         params(COMMON + """
-let n_captions: usize = 1024;
-let n_vqa: usize = 2048;
+let n_captions: usize = 4096;      // on the embedded data they also join the full step ("Describe the image briefly .")
+let n_vqa: usize = 8192;
 let n_eval: usize = 24;
 let proj_steps: usize = 100;
-let full_steps: usize = 400;
+let full_steps: usize = 1600;
 let batch_size: usize = 16;
 let proj_lr: f64 = 1e-3;
 let full_lr: f64 = 1e-3;           // PIVOT uses 1e-5 on a pretrained LM; the tiny LM starts from random
@@ -374,7 +376,7 @@ let image_root = String::new();    // where the data files' image paths start; "
 // The embedded default's tower pretraining (when tower_path is empty), cached in {out_dir}/tower
 let pretrain_steps: usize = 2000;  // 0 = no pretraining: a random tiny tower (about 3.5 CPU-min, then cached)
 let pretrain_batch: usize = 32;
-let pretrain_scenes: usize = 4096; // distinct Pretrain-part scenes, cycled
+let pretrain_scenes: usize = 4096; // distinct Pretrain-part scenes, cycled (16,384 gave the same probe)
 let n_probe: usize = 400;          // embedded data only: linear probe of the tower on n_probe + n_probe Eval scenes; 0 = skip
 let n_choice: usize = 400;         // embedded data only: two-way choice pairs (Eval part) with the image and blank; 0 = skip
 """),
@@ -386,6 +388,10 @@ let eval_world: ShapesWorld = world.part(StudyPart::Eval);
 let caps: CaptionDataset = if caption_data.is_empty() { stage1_world.captions(Split::Train, n_captions) } else { load_captions("caption_data", &caption_data, &image_root)?.take(n_captions) };
 // Balanced two-way questions, their chosen answers as instruction data: no answer word wins on text alone.
 let vqa: VqaDataset = if vqa_data.is_empty() { stage1_world.balanced_preferences(Split::Train, n_vqa)?.to_sft() } else { load_vqa("vqa_data", &vqa_data, &image_root)?.take(n_vqa) };
+// On the embedded data the captions also join the full step as instruction rows: a two-way answer has one
+// word that depends on the image, a caption a colour and a shape word per object, and without them the tiny
+// LM learns the answer template and picks that one word at chance.
+let vqa: VqaDataset = if caption_data.is_empty() && vqa_data.is_empty() { vqa.concat(&caps.to_vqa(CAPTION_PROMPT)) } else { vqa };
 let vqa_val: VqaDataset = if vqa_eval_data.is_empty() { eval_world.vqa(Split::Val, n_eval) } else { load_vqa("vqa_eval_data", &vqa_eval_data, &image_root)?.take(n_eval) };
 // The tower's probe and the base's image use are measured on ShapesWorld, so only when stage 1 trains on it.
 let embedded_data: bool = caption_data.is_empty() && vqa_data.is_empty();
