@@ -1607,7 +1607,7 @@ let control: bool = true;          // same-method control: a second SFT arm per 
 let reuse: bool = true;            // seed `seed`: read 03-07's CSVs in out_dir when all are there
 let alpha: f64 = 0.05;             // family-wise error rate (Holm over the headline measures)
 let bootstrap_resamples: usize = 10000;
-let pilot_csv = String::new();     // a pilot's summary_per_seed.csv for the power table; "" = {out_dir}'s from an earlier run, else the built-in 3-seed pilot
+let pilot_csv = String::new();     // a pilot's summary_per_seed.csv for the power table; "" = {out_dir}'s from an earlier run, else the built-in pilots
 // Stage 2 per seed (03's defaults)
 let n_train: usize = 128;
 let sft_steps: usize = 48;
@@ -1653,11 +1653,13 @@ const MEASURES: [(&str, &str, &str, f64); 6] = [
     ("vqa_exact", "VQA exact match", "DPO MLLMs answer vision questions better (open-ended)", 0.014),
 ];
 
-/// The pilot behind the default power table: SD of DPO − SFT over the 3 seeds of the README's first
-/// summary (2026-12-06, this notebook's CI sizes). That run scored segmentation by dense mIoU and
-/// alignment against the base MLLM's LM, so those two SDs stand in for patch-seg and the text model, and
-/// the choice accuracy with the image stands in for it minus blank (whose SD the per-seed CSV then gives).
-const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0419), ("seg_recall", 0.0067), ("loc_energy", 0.0054), ("align_mknn", 0.0020), ("vqa_choice", 0.0631)];
+/// The pilots behind the default power table: SD of DPO − SFT over seeds. Probe top-1 and choice minus
+/// blank: the 2-seed pilot of this design in notebooks/pilot_per_seed.csv (`study_pilot`, 2026-12-07: 02's
+/// default base of seed 0, stage 2 at 48 steps × 8 on 128 rows for seeds 0 and 1, probe on 120 + 60 `Eval`
+/// scenes, 64 choice pairs); the other three: the 3 seeds of the README's first summary (2026-12-06, this
+/// notebook's CI sizes), which scored segmentation by dense mIoU and alignment against the base MLLM's LM, so
+/// those SDs stand in for patch-seg and the text model.
+const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0118), ("seg_recall", 0.0067), ("loc_energy", 0.0054), ("align_mknn", 0.0020), ("vqa_choice", 0.0331)];
 
 /// 04-07's and 03's measurements of one stage-2 model on the world of `seed`: `own` is the loss the
 /// model was trained with (06 scores each model's gradient map under its own loss, the DPO map summed
@@ -1722,7 +1724,8 @@ println!("reference text model: {text_name}");
 ## Power of this design, before the runs
 
 From a pilot's SD of Δ (the per-seed CSV of an earlier run in `pilot_csv` or `out_dir`, else the built-in
-3-seed pilot): the smallest true Δ the paired t-test detects with `n_seeds` pairs at 80 % power, at α and at
+pilots: notebooks/pilot_per_seed.csv for probe top-1 and choice minus blank, an older 3-seed run for the rest):
+the smallest true Δ the paired t-test detects with `n_seeds` pairs at 80 % power, at α and at
 α / m (Holm's first step, m = the number of headline measures), and the pairs needed to detect δ at α / m.
 A design whose detectable Δ is far above δ cannot reproduce the paper, whatever the verdicts say.
 """),
@@ -1744,7 +1747,7 @@ let power_table: Runs = {
                 if g.std() > 0.0 { return Some((g.std(), format!("{pilot_path} ({} seeds)", d.len()))); }
             }
         }
-        PILOT_SD.iter().find(|(k, _)| *k == key).map(|(_, sd)| (*sd, "built-in 3-seed pilot".to_string()))
+        PILOT_SD.iter().find(|(k, _)| *k == key).map(|(_, sd)| (*sd, "built-in pilot (PILOT_SD)".to_string()))
     };
     let m = measures.len() as f64;
     let at_alpha = PairedTPower { alpha, power: 0.8 };
