@@ -8,8 +8,9 @@
 //!   cache=DIR            pretrained-tower cache (default target/study-pilot/tower)
 //!   pretrain_steps, scenes, batch, lr, categorical (0/1): TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
 //!   probe_train=600      probe_val=600          linear probe on Eval-part scenes
-//!   s1_captions=1024     s1_vqa=2048   proj_steps=100   full_steps=400   s1_batch=16
+//!   s1_captions=4096     s1_vqa=8192   proj_steps=100   full_steps=1600  s1_batch=16
 //!   proj_lr=1e-3         full_lr=1e-3  tower_lr_div=5
+//!   describe=1           the captions also join the full step as VQA rows (CAPTION_PROMPT, "Describe the image briefly .")
 //!   choice=400           eval pairs    seed=0   threads=N   skip=probe,stage1,stage2
 //!   hidden=96 layers=4 heads=4   the tower's shape (VisionConfig::tiny's unless given)
 //!   base_cache=DIR       save the stage-1 base there, and load it from there when it exists
@@ -48,6 +49,7 @@ fn main() -> Result<()> {
         ..d
     };
     let t = Instant::now();
+    let cpu0 = cpu_seconds();
     let tiny = VisionConfig::tiny();
     let hidden = num("hidden", tiny.hidden_size as usize) as i64;
     let config = VisionConfig {
@@ -59,7 +61,13 @@ fn main() -> Result<()> {
     };
     let tower = pre.load_or_run(config, &cache, device)?;
     println!("{tower}");
-    println!("pretrain wall {:.1} s (training alone {:.1} s), threads {}", t.elapsed().as_secs_f64(), tower.seconds, tch::get_num_threads());
+    println!(
+        "pretrain wall {:.1} s, CPU {:.1} s (training alone {:.1} s wall), threads {}",
+        t.elapsed().as_secs_f64(),
+        cpu_seconds() - cpu0,
+        tower.seconds,
+        tch::get_num_threads()
+    );
     let losses = tower.log.get("loss");
     if !losses.is_empty() {
         let step_s = tower.log.get("step_seconds");
@@ -92,7 +100,7 @@ fn main() -> Result<()> {
     let stage1_world = ShapesWorld::new(ShapesConfig::default().seed(seed)).part(StudyPart::Stage1);
     let t = Instant::now();
     let pairs_eval = eval.balanced_preferences(Split::Test, num("choice", 400))?;
-    let pairs_s1 = stage1_world.balanced_preferences(Split::Train, num("s1_vqa", 2048))?;
+    let pairs_s1 = stage1_world.balanced_preferences(Split::Train, num("s1_vqa", 8192))?;
     let legacy_train = ShapesWorld::new(ShapesConfig::default().seed(seed)).preferences(Split::Train, 2048);
     let legacy_test = ShapesWorld::new(ShapesConfig::default().seed(seed)).preferences(Split::Val, 2048);
     println!(
@@ -112,25 +120,35 @@ fn main() -> Result<()> {
         Mllm::from_pretrained(&base_cache, device)?
     } else {
         let mut base = tower.mllm(LanguageModel::tiny(device))?;
-        let caps = stage1_world.captions(Split::Train, num("s1_captions", 1024));
-        let vqa = pairs_s1.to_sft();
+        let caps = stage1_world.captions(Split::Train, num("s1_captions", 4096));
+        // As 02: with `describe=1` the captions also join the full step as VQA rows
+        // (CAPTION_PROMPT -> the caption).
+        let vqa = if num("describe", 1) == 1 { pairs_s1.to_sft().concat(&caps.to_vqa(CAPTION_PROMPT)) } else { pairs_s1.to_sft() };
         let full_lr = float("full_lr", 1e-3);
         let mut stage1 = Stage1::default().seed(seed);
         stage1.projector = stage1.projector.max_steps(num("proj_steps", 100)).batch_size(num("s1_batch", 16)).lr(float("proj_lr", 1e-3)).quiet();
-        stage1.full = stage1.full.max_steps(num("full_steps", 400)).batch_size(num("s1_batch", 16)).lr(full_lr).quiet();
+        stage1.full = stage1.full.max_steps(num("full_steps", 1600)).batch_size(num("s1_batch", 16)).lr(full_lr).quiet();
         stage1.full.tower_lr = Some(full_lr / float("tower_lr_div", 5.0));
         let t = Instant::now();
+        let cpu0 = cpu_seconds();
         let log = stage1.run(&mut base, &caps, &vqa)?;
         println!(
-            "stage 1: projector {} steps (loss {:.3} -> {:.3}), full {} steps (loss {:.3} -> {:.3}) in {:.1} s",
+            "stage 1: projector {} steps (loss {:.3} -> {:.3}), full {} steps (loss {:.3} -> {:.3}) in {:.1} s wall, {:.1} CPU-s",
             log.projector.len(),
             log.projector.mean_first("loss", 5),
             log.projector.mean_last("loss", 5),
             log.full.len(),
             log.full.mean_first("loss", 5),
             log.full.mean_last("loss", 5),
-            t.elapsed().as_secs_f64()
+            t.elapsed().as_secs_f64(),
+            cpu_seconds() - cpu0
         );
+        // The full step's loss curve in tenths: a drop below the text-only plateau (the deciding
+        // word at its prior) is where the LM starts reading the image.
+        let full_losses = log.full.get("loss");
+        let tenth = (full_losses.len() / 10).max(1);
+        let curve: Vec<String> = full_losses.chunks(tenth).map(|c| format!("{:.3}", c.iter().sum::<f64>() / c.len() as f64)).collect();
+        println!("stage 1 full loss by tenths: {}", curve.join(" "));
         if !base_cache.is_empty() {
             base.save_pretrained(&base_cache)?;
         }
@@ -196,4 +214,20 @@ fn tower_change(from: &Mllm, m: &Mllm) -> f64 {
         den += b[&k].square().sum(Kind::Double).double_value(&[]);
     }
     (num / den.max(1e-30)).sqrt()
+}
+
+/// CPU seconds (user + system) this process has used so far, from /proc/self/stat (Linux; NaN
+/// elsewhere): the cost measure the study's budget is set in, since the wall time on a shared
+/// machine depends on what else runs.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return f64::NAN };
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name; in clock ticks
+    // of 1/100 s on Linux.
+    match (f.get(11).and_then(|v| v.parse::<f64>().ok()), f.get(12).and_then(|v| v.parse::<f64>().ok())) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
 }

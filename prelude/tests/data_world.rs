@@ -355,3 +355,19 @@ fn descriptions_mention_every_object() {
         assert!(pair.caption.contains(scene.background.texture.adjective()));
     }
 }
+
+#[test]
+fn captions_join_stage_1_as_describe_rows() {
+    let w = world();
+    let caps = w.captions(Split::Train, 6);
+    let rows = caps.to_vqa(CAPTION_PROMPT);
+    assert_eq!(rows.len(), caps.len());
+    for (r, c) in rows.iter().zip(caps.iter()) {
+        assert_eq!((r.question.as_str(), r.answer.as_str(), r.category.as_str()), (CAPTION_PROMPT, c.caption.as_str(), "describe"));
+        assert_eq!(image_hash(&r.image), image_hash(&c.image));
+    }
+    let vqa = w.part(StudyPart::Stage1).balanced_preferences(Split::Train, 4).unwrap().to_sft();
+    let both = vqa.concat(&rows);
+    assert_eq!(both.samples, [vqa.samples.clone(), rows.samples.clone()].concat());
+    assert_eq!(both.category_counts()["describe"], 6);
+}

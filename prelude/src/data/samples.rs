@@ -188,6 +188,19 @@ impl CaptionDataset {
     fn with_samples(&self, samples: Vec<CaptionSample>) -> Self {
         CaptionDataset { samples, skipped: self.skipped.clone() }
     }
+    /// The captions as instruction rows: `question` (such as [`CAPTION_PROMPT`](super::CAPTION_PROMPT)) answered by
+    /// the caption, category `describe`. A caption names the colour and shape of every object, so
+    /// most of its words depend on the image; a balanced two-way answer has one such word.
+    pub fn to_vqa(&self, question: &str) -> VqaDataset {
+        VqaDataset {
+            samples: self
+                .samples
+                .iter()
+                .map(|c| VqaSample { image: c.image.clone(), question: question.to_string(), answer: c.caption.clone(), category: "describe".into() })
+                .collect(),
+            skipped: self.skipped.clone(),
+        }
+    }
 }
 
 impl VqaDataset {
@@ -196,6 +209,14 @@ impl VqaDataset {
     }
     fn with_samples(&self, samples: Vec<VqaSample>) -> Self {
         VqaDataset { samples, skipped: self.skipped.clone() }
+    }
+    /// These rows, then `other`'s (the training engine shuffles them); the skip reports add up.
+    pub fn concat(&self, other: &VqaDataset) -> VqaDataset {
+        let mut skipped = self.skipped.clone();
+        skipped.count += other.skipped.count;
+        let room = SkipReport::MAX_REASONS.saturating_sub(skipped.reasons.len());
+        skipped.reasons.extend(other.skipped.reasons.iter().take(room).cloned());
+        VqaDataset { samples: self.samples.iter().chain(&other.samples).cloned().collect(), skipped }
     }
     /// Number of samples per question category, sorted by category.
     pub fn category_counts(&self) -> BTreeMap<String, usize> {
