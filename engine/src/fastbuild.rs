@@ -117,7 +117,8 @@ pub fn wrapper_hook() {
     std::process::exit(code);
 }
 
-fn append_line(path: &Path, line: &str) {
+/// Appends `line` and a newline to `path`, creating it; a log that cannot be written is skipped.
+pub(crate) fn append_line(path: &Path, line: &str) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
         let _ = writeln!(f, "{line}");

@@ -234,15 +234,6 @@ impl Interrupter {
         InterruptOutcome::Requested
     }
 
-    /// Forgets the last session's interrupts (a recycled session).
-    fn reset(&self) {
-        let s = &self.inner;
-        for flag in [&s.requested, &s.killed, &s.warned] {
-            flag.store(false, Ordering::SeqCst);
-        }
-        s.variables.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    }
-
     /// Ends the child process now (kernel shutdown).
     pub fn kill_child(&self) {
         if let Some(pid) = child_pid(&self.inner.process) {
@@ -476,7 +467,7 @@ impl Session {
         let cpu0 = cpu_seconds();
         let settings = self.settings.clone();
         catch(|| self.ctx.execute(&settings)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
-        self.interrupter.reset();
+        // The interrupt flags need no reset here: every cell resets them before it runs.
         self.cell = 0;
         if self.opts.preload {
             self.load_prelude()?;
@@ -493,10 +484,7 @@ impl Session {
                 "cell": 0,
                 "recycled": {"wall_s": started.elapsed().as_secs_f64(), "engine_cpu_s_after_clear": cpu_seconds() - cpu0},
             });
-            if let Ok(mut f) = std::fs::File::options().create(true).append(true).open(&path) {
-                use std::io::Write;
-                let _ = writeln!(f, "{line}");
-            }
+            crate::fastbuild::append_line(Path::new(&path), &line.to_string());
         }
         Ok(())
     }
@@ -777,7 +765,6 @@ fn decode_user_expressions(value: &Map<String, Value>, nonce: &str, n: usize) ->
 pub const CELL_STATS_ENV: &str = "PIVOT_CELL_STATS";
 
 fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
-    use std::io::Write;
     let wall = r.duration.as_secs_f64();
     let run = r.run_time.map(|d| d.as_secs_f64());
     let line = serde_json::json!({
@@ -790,9 +777,7 @@ fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
         "engine_cpu_s": cpu,
         "error": r.error.as_ref().map(|e| e.ename.clone()),
     });
-    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    crate::fastbuild::append_line(path, &line.to_string());
 }
 
 /// Wall and CPU seconds of each phase of `Session::start`, for the `PIVOT_CELL_STATS` file (one
@@ -818,7 +803,6 @@ impl StartPhases {
     }
 
     fn write(&self, path: &Path) {
-        use std::io::Write;
         let mut phases = Map::new();
         for (name, wall, cpu) in &self.phases {
             phases.insert(name.to_string(), serde_json::json!({ "wall_s": wall, "engine_cpu_s": cpu }));
@@ -829,9 +813,7 @@ impl StartPhases {
             "start_wall_s": self.wall0.elapsed().as_secs_f64(),
             "start_phases": phases,
         });
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
-        }
+        crate::fastbuild::append_line(path, &line.to_string());
     }
 }
 

@@ -303,9 +303,7 @@ pub fn record_adoption(a: &Adoption, startup: Duration, warm_up_cpu_s: f64, serv
             "kernel_of_this_engine": served,
         },
     });
-    if let Ok(mut f) = File::options().create(true).append(true).open(path) {
-        let _ = writeln!(f, "{line}");
-    }
+    crate::fastbuild::append_line(Path::new(&path), &line.to_string());
 }
 
 /// A spare that holds the lock for its key and will wait on the socket.
@@ -651,10 +649,15 @@ fn recv_line_with_fds(stream: &UnixStream) -> anyhow::Result<(Vec<u8>, Vec<RawFd
 /// Ends the process with `code`; an adopted engine first tells its launcher, which exits with it.
 pub fn exit(code: i32) -> ! {
     if let Some(s) = HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        let _ = s.write_all(format!("{}\n", json!({"exit": code})).as_bytes());
-        let _ = s.flush();
+        tell_exit(s, code);
     }
     std::process::exit(code)
+}
+
+/// The line that makes the launcher (`Adopted::proxy`) exit with `code`.
+fn tell_exit(launcher: &mut UnixStream, code: i32) {
+    let _ = launcher.write_all(format!("{}\n", json!({"exit": code})).as_bytes());
+    let _ = launcher.flush();
 }
 
 /// Whether this process is an adopted spare.
@@ -673,8 +676,7 @@ pub fn recycling() -> bool {
 pub fn release_launcher(code: i32) {
     RELEASED.store(ADOPTIONS.load(Ordering::SeqCst), Ordering::SeqCst);
     if let Some(mut s) = HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        let _ = s.write_all(format!("{}\n", json!({"exit": code})).as_bytes());
-        let _ = s.flush();
+        tell_exit(&mut s, code);
     }
     if let Some((own, stderr_fd)) = OWN_FDS.lock().unwrap_or_else(|e| e.into_inner()).take() {
         // SAFETY: descriptors this process duplicated at the adoption and still owns.

@@ -64,9 +64,15 @@ fn location(args: &[String]) -> anyhow::Result<(install::Location, String)> {
 }
 
 /// Locks a build slot and exports it to evcxr; must run before any thread starts.
-fn take_slot(want: Option<usize>) -> anyhow::Result<slots::Slot> {
+/// Slot `want` (or PIVOT_SLOT's), else a free one; with `patience`, a free warm one if one comes
+/// free within it (`slots::acquire_warm`, for a spare).
+fn take_slot(want: Option<usize>, patience: std::time::Duration) -> anyhow::Result<slots::Slot> {
     let want = want.or_else(|| std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok()));
-    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    let slot = if patience.is_zero() {
+        slots::acquire(&paths::cache_dir(), want)?
+    } else {
+        slots::acquire_warm(&paths::cache_dir(), want, patience)?
+    };
     engine::prepare_process_env(&slot.dir);
     Ok(slot)
 }
@@ -99,9 +105,7 @@ fn spare() -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     };
     buildlog::install();
-    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
-    let mut slot = slots::acquire_warm(&paths::cache_dir(), want, engine::spare::SLOT_PATIENCE)?;
-    engine::prepare_process_env(&slot.dir);
+    let mut slot = take_slot(None, engine::spare::SLOT_PATIENCE)?;
     let (warm, mut switch) = engine::spare::start_warm(engine::Frontend::Jupyter, &slot, "pivot-kernel spare")?;
     let (mut session, warm_up_cpu_s) = (warm.session, warm.cpu_s);
     let mut ready_at = warm.ready_at;
@@ -188,7 +192,7 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
                 adopted.proxy();
             }
             buildlog::install();
-            let slot = take_slot(None)?;
+            let slot = take_slot(None, std::time::Duration::ZERO)?;
             eprintln!("pivot-kernel: serving {} with build slot {} ({})", file, slot.index, slot.dir.display());
             // Only an adopted engine is recycled; this one ends at shutdown.
             let _ = server::run(conn, slot, None)?;
@@ -222,7 +226,7 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
                 }
                 i += 1;
             }
-            let slot = take_slot(want)?;
+            let slot = take_slot(want, std::time::Duration::ZERO)?;
             slot.seed_if_cold();
             let started = std::time::Instant::now();
             let sink: engine::Sink = std::sync::Arc::new(|e| {
@@ -259,7 +263,7 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             // names the notebook, the temporary file removed) instead of killing the process.
             // SAFETY: only changes the disposition of one signal.
             unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
-            let slot = take_slot(None)?;
+            let slot = take_slot(None, std::time::Duration::ZERO)?;
             slot.seed_if_cold();
             let failure = nbrun::run(&nb, &opts)?;
             slot.mark_warm();
