@@ -1653,13 +1653,12 @@ const MEASURES: [(&str, &str, &str, f64); 6] = [
     ("vqa_exact", "VQA exact match", "DPO MLLMs answer vision questions better (open-ended)", 0.014),
 ];
 
-/// The pilots behind the default power table: SD of DPO − SFT over seeds. Probe top-1 and choice minus
-/// blank: the 2-seed pilot of this design in notebooks/pilot_per_seed.csv (`study_pilot`, 2026-12-07: 02's
-/// default base of seed 0, stage 2 at 48 steps × 8 on 128 rows for seeds 0 and 1, probe on 120 + 60 `Eval`
-/// scenes, 64 choice pairs); the other three: the 3 seeds of the README's first summary (2026-12-06, this
-/// notebook's CI sizes), which scored segmentation by dense mIoU and alignment against the base MLLM's LM, so
-/// those SDs stand in for patch-seg and the text model.
-const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0118), ("seg_recall", 0.0067), ("loc_energy", 0.0054), ("align_mknn", 0.0020), ("vqa_choice", 0.0331)];
+/// The pilot behind the default power table: SD of DPO − SFT over the 8 paired seeds of `make demo` at
+/// these defaults (2026-12-07; notebooks/pilot_per_seed.csv is its summary_per_seed.csv: 02's base of seed 0,
+/// stage 2 at 48 steps × 8 on 128 rows per arm, 120 + 60 probe images, 192 + 64 segmentation images, 12
+/// localisation questions, 128 caption pairs against all-MiniLM-L6-v2, 64 choice pairs). Its earlier 2-seed
+/// pilot gave probe top-1 0.0118 and choice − blank 0.0331: two seeds were too few to say the SD.
+const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0386), ("seg_recall", 0.0050), ("loc_energy", 0.0194), ("align_mknn", 0.0078), ("vqa_choice", 0.0186)];
 
 /// 04-07's and 03's measurements of one stage-2 model on the world of `seed`: `own` is the loss the
 /// model was trained with (06 scores each model's gradient map under its own loss, the DPO map summed
@@ -1724,7 +1723,7 @@ println!("reference text model: {text_name}");
 ## Power of this design, before the runs
 
 From a pilot's SD of Δ (the per-seed CSV of an earlier run in `pilot_csv` or `out_dir`, else the built-in
-pilots: notebooks/pilot_per_seed.csv for probe top-1 and choice minus blank, an older 3-seed run for the rest):
+pilot: the 8 seeds of a `make demo` run at these defaults, notebooks/pilot_per_seed.csv):
 the smallest true Δ the paired t-test detects with `n_seeds` pairs at 80 % power, at α and at
 α / m (Holm's first step, m = the number of headline measures), and the pairs needed to detect δ at α / m.
 A design whose detectable Δ is far above δ cannot reproduce the paper, whatever the verdicts say.
