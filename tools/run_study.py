@@ -57,10 +57,27 @@ def sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
+def declared_types(nb) -> dict[str, str]:
+    """Each parameter's type as its notebook's `parameters` cell declares it (`let n_seeds: usize = 8;`
+    gives usize), where it can be written as a `let` annotation; parsed as papermill's translator does."""
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        return {}
+    try:
+        from papermill_rust.translator import _annotation, parse_parameters
+    except ImportError:  # run from a checkout before `make papermill`: the package is beside this file
+        sys.path.insert(0, str(ROOT / "tools" / "papermill_rust"))
+        from papermill_rust.translator import _annotation, parse_parameters
+    return {d.name: a for d in parse_parameters(cell.source) if (a := _annotation(d.type))}
+
+
 def inject(nb, params: dict[str, str]) -> None:
-    """papermill-style: a cell tagged `injected-parameters` right after the `parameters` cell."""
+    """papermill-style: a cell tagged `injected-parameters` right after the `parameters` cell. Each
+    value is Rust source, annotated with the type its `parameters` cell declares, so `-p n_seeds=24`
+    stays the `usize` the notebook's later cells use (unannotated, Rust would make it an i32)."""
+    types = declared_types(nb)
     nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
-    cell = nbformat.v4.new_code_cell("".join(f"let {k} = {v};\n" for k, v in params.items()))
+    cell = nbformat.v4.new_code_cell("".join(f"let {k}: {types[k]} = {v};\n" if k in types else f"let {k} = {v};\n" for k, v in params.items()))
     cell.metadata["tags"] = ["injected-parameters"]
     at = next((i + 1 for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), 0)
     nb.cells.insert(at, cell)

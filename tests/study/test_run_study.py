@@ -96,3 +96,30 @@ def test_study_runs_in_order_reports_failures_and_resumes(tmp_path, env):
     assert "probe top-1" in table and "verdict" in table, table
     assert r.stdout.rstrip().endswith(table.rstrip()), r.stdout[-2000:]
     assert "Study: treatment − control per measure" in (out / "index.html").read_text()
+
+
+def test_a_parameter_keeps_the_type_its_notebook_declares():
+    """`-p n_seeds=24` on 09 (`let n_seeds: usize = 8;`) must stay a usize: an unannotated
+    `let n_seeds = 24;` is an i32 and a later cell fails to compile (E0308)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_study", RUNNER)
+    run_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_study)
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('let n_seeds: usize = 8;   // paired seeds\nlet lr: f64 = 1e-3;\nlet device = Device::Cpu;\nlet name = String::from("a");')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), params, nbformat.v4.new_code_cell("n_seeds * 2")]
+    run_study.inject(nb, {"n_seeds": "24", "lr": "2e-4", "device": "Device::cuda_if_available()", "name": 'String::from("b")', "seed": "3"})
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and nb.cells.index(injected[0]) == 2
+    assert injected[0].source.splitlines() == [
+        "let n_seeds: usize = 24;",
+        "let lr: f64 = 2e-4;",
+        "let device = Device::cuda_if_available();",
+        'let name: String = String::from("b");',
+        "let seed = 3;",  # not a parameter of this notebook: no declared type
+    ]
+    # Injecting again replaces the cell rather than adding a second one.
+    run_study.inject(nb, {"n_seeds": "4"})
+    assert [c.source for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])] == ["let n_seeds: usize = 4;\n"]
