@@ -9,6 +9,7 @@
 pub mod buildlog;
 pub mod child;
 pub mod fastbuild;
+pub mod jobctl;
 pub mod output;
 pub mod paths;
 pub mod scan;

@@ -13,7 +13,8 @@
 //!   signal a front end or a terminal sends it (SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGWINCH,
 //!   SIGUSR1/2) to the spare and exits with the spare's exit status, so Jupyter's pid watching,
 //!   its signals and shells' `$?` see what they see with a normal start. If the proxy dies
-//!   (SIGKILL), the spare sees the socket close and ends too.
+//!   (SIGKILL), the spare sees the socket close and ends too. Ctrl-Z, `fg` and `bg` stop and continue
+//!   the two together (`jobctl`).
 //! - Adoption is only correct if the spare was started exactly as the new process would start
 //!   its own engine. The spare's socket is named after a key: a hash of everything that decides
 //!   what a start produces: the executable (path, size, mtime), the front end, the prelude's
@@ -456,6 +457,7 @@ impl Claim {
                     let watch = stream.try_clone()?;
                     let adoption = ADOPTIONS.fetch_add(1, Ordering::SeqCst) + 1;
                     *HANDOVER.lock().unwrap_or_else(|e| e.into_inner()) = Some(stream);
+                    crate::jobctl::set_launcher(Some(pid));
                     std::thread::Builder::new().name("pivot-spare-watch".into()).spawn(move || {
                         let mut b = [0u8; 64];
                         let mut w = watch;
@@ -675,6 +677,7 @@ pub fn recycling() -> bool {
 /// process's own stdin, stdout and stderr come back, so the engine can wait for the next launch.
 pub fn release_launcher(code: i32) {
     RELEASED.store(ADOPTIONS.load(Ordering::SeqCst), Ordering::SeqCst);
+    crate::jobctl::set_launcher(None);
     if let Some(mut s) = HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).take() {
         tell_exit(&mut s, code);
     }
@@ -846,6 +849,7 @@ impl Adopted {
     /// Serves as the spare's stand-in until it exits, then exits with its status.
     pub fn proxy(self) -> ! {
         SPARE_PID.store(self.spare_pid, Ordering::SeqCst);
+        crate::jobctl::arm_launcher(self.spare_pid);
         for &sig in FORWARDED {
             // SAFETY: the handler only calls kill(2).
             unsafe {

@@ -13,7 +13,7 @@ use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
 use rustyline::history::FileHistory;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
-use rustyline::{Cmd, CompletionType, Config, Context, EditMode, Editor, KeyCode, KeyEvent, Modifiers, Movement, Word};
+use rustyline::{Cmd, CompletionType, Config, ConditionalEventHandler, Context, EditMode, Editor, Event, EventContext, EventHandler, KeyCode, KeyEvent, Modifiers, Movement, RepeatCount, Word};
 
 use crate::engine::Engine;
 use crate::{Flow, Repl};
@@ -57,6 +57,29 @@ impl Validator for Helper {
 
 impl rustyline::Helper for Helper {}
 
+/// Ctrl-Z at the prompt of an adopted REPL. rustyline's own suspend signals this process's group,
+/// which is orphaned in an adopted engine (`pivot_engine::jobctl`), so it would do nothing: the
+/// launcher stops with the engine instead, with the terminal in the mode it had before the prompt
+/// while the shell has it, and back in rustyline's mode after `fg`.
+struct SuspendWithLauncher {
+    /// The terminal's mode before rustyline's raw mode: what the shell gets back.
+    shell_mode: libc::termios,
+}
+
+impl ConditionalEventHandler for SuspendWithLauncher {
+    fn handle(&self, _evt: &Event, _n: RepeatCount, _positive: bool, _ctx: &EventContext) -> Option<Cmd> {
+        // SAFETY: termios calls on fd 0 with a valid struct.
+        let mut editing_mode: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(0, &mut editing_mode) } != 0 {
+            return None;
+        }
+        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &self.shell_mode) };
+        pivot_engine::jobctl::suspend_with_launcher();
+        unsafe { libc::tcsetattr(0, libc::TCSADRAIN, &editing_mode) };
+        Some(Cmd::Repaint)
+    }
+}
+
 /// `PIVOT_REPL_HISTORY`, else `<data dir>/pivot-lab/history.txt`.
 pub fn history_path() -> PathBuf {
     std::env::var_os("PIVOT_REPL_HISTORY")
@@ -78,6 +101,13 @@ pub fn run(repl: &mut Repl, vi: bool) -> anyhow::Result<ExitCode> {
     ed.set_helper(Some(Helper { engine: repl.engine.clone() }));
     ed.bind_sequence(KeyEvent(KeyCode::Left, Modifiers::CTRL), Cmd::Move(Movement::BackwardWord(1, Word::Big)));
     ed.bind_sequence(KeyEvent(KeyCode::Right, Modifiers::CTRL), Cmd::Move(Movement::ForwardWord(1, rustyline::At::AfterEnd, Word::Big)));
+    if pivot_engine::jobctl::has_launcher() {
+        // SAFETY: reads the terminal's mode into a valid struct.
+        let mut shell_mode: libc::termios = unsafe { std::mem::zeroed() };
+        if unsafe { libc::tcgetattr(0, &mut shell_mode) } == 0 {
+            ed.bind_sequence(KeyEvent::ctrl('Z'), EventHandler::Conditional(Box::new(SuspendWithLauncher { shell_mode })));
+        }
+    }
     let hist = history_path();
     if let Some(dir) = hist.parent() {
         let _ = std::fs::create_dir_all(dir);

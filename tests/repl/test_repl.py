@@ -258,3 +258,85 @@ def test_interactive_session(tmux_repl):
     t.keys("C-d")
     t.wait_for(r"REPL-EXITED-0", timeout=30)
     print(f"\nprompt after {prompt_after:.2f} s, first result after {first_result_after:.1f} s")
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat: T when stopped."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while proc_state(pid) != state:
+        if time.time() > deadline:
+            raise AssertionError(f"pid {pid} is {proc_state(pid)!r}, not {state!r}")
+        time.sleep(0.05)
+
+
+def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_path: Path):
+    """Job control through a spare's adoption (engine/src/jobctl.rs). The adopted engine runs in a
+    session of its own, where a stop signal does nothing; Ctrl-Z must still suspend the REPL as
+    the shell sees it (the launcher) and the engine with it, and `fg` must bring both back with
+    the session's variables. Both at the prompt (rustyline reads Ctrl-Z as a key) and while a
+    cell runs (the terminal sends SIGTSTP to the launcher). Cost: one spare's start."""
+    if shutil.which("tmux") is None or shutil.which("bash") is None:
+        pytest.skip("tmux and bash are needed (apt-get install -y tmux)")
+    env = {"PIVOT_FIGURES_DIR": str(tmp_path / "figs"), "TERM": "xterm-256color", "PIVOT_REPL_HISTORY": str(tmp_path / "h.txt")}
+    for k in ["PATH", "HOME", "PIVOT_CACHE_DIR", "PIVOT_PYTHON", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "PIVOT_PRELUDE", "CARGO_HOME", "RUSTUP_HOME"]:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    assign = " ".join(f"{k}='{v}'" for k, v in env.items())
+    spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
+    # An interactive shell: job control (Ctrl-Z, fg) is what is tested.
+    t = Tmux("env -i TERM=xterm-256color PS1='$ ' bash --norc --noprofile -i", tmp_path)
+    try:
+        t.wait_for(r"^\$ ", timeout=30)
+        t.line(f"env -i {assign} {BIN}")
+        t.wait_for(r"^>> ", timeout=60)
+        assert "adopted a spare engine" in t.screen(), t.screen()
+        t.line("let keep = 41;")
+        t.line("keep + 1")
+        first = t.wait_for(r"^42$", timeout=STARTUP_TIMEOUT)
+
+        # At the prompt.
+        t.keys("C-z")
+        stopped = t.wait_for(r"Stopped", after=first.end())
+        wait_state(spare.pid, "T")
+        t.line("fg")
+        wait_state(spare.pid, "S")
+        t.line("keep * 2")
+        second = t.wait_for(r"^82$", after=stopped.end())
+
+        # While a cell runs: the cell finishes after `fg`, with its result.
+        t.line('println!("sleeping"); std::thread::sleep(std::time::Duration::from_secs(4)); keep + 100')
+        running = t.wait_for(r"^sleeping$", after=second.end())
+        t.keys("C-z")
+        stopped = t.wait_for(r"Stopped", after=running.end())
+        wait_state(spare.pid, "T")
+        time.sleep(1.0)
+        assert not re.search(r"^141$", t.screen()[stopped.end():], re.M), "the cell went on while stopped"
+        t.line("fg")
+        t.wait_for(r"^141$", after=stopped.end(), timeout=60)
+
+        # `bg` with the REPL reading the terminal: it stops again (as a background reader would)
+        # and leaves the engine stopped, rather than read what is typed at the shell.
+        t.keys("C-z")
+        stopped = t.wait_for(r"Stopped", after=stopped.end())
+        t.line("bg")
+        time.sleep(1.0)
+        t.line("jobs")
+        listed = t.wait_for(r"^\$ jobs$", after=stopped.end())
+        t.wait_for(r"Stopped", after=listed.end())
+        assert "Running" not in t.screen()[listed.end():], t.screen()
+        assert proc_state(spare.pid) == "T"
+        t.line("fg")
+        wait_state(spare.pid, "S")
+        t.line("keep - 1")
+        t.wait_for(r"^40$", after=stopped.end())
+        t.keys("C-d")
+        t.line("echo REPL-EXITED-$?")
+        t.wait_for(r"^REPL-EXITED-0", timeout=30)
+    finally:
+        t.close()
+        spare.stop()
