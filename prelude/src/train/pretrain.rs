@@ -54,6 +54,7 @@ use super::log::{StepMetrics, TrainLog};
 use super::optim::cosine_schedule;
 use crate::data::{RenderedScene, Scene, ShapesConfig, ShapesWorld, Split, StudyPart};
 use crate::data::{Colour, ColourGroup, Shape, Size, Texture};
+
 use crate::error::{PivotError, Result};
 use crate::model::{
     FeatureSelect, LanguageModel, Mllm, MllmConfig, Provenance, Stage, VisionConfig, VisionEncoder, VisionTower, weights,
@@ -85,6 +86,14 @@ pub struct TowerPretrain {
     /// Train the [`ONE_HOT_GROUPS`] as softmax classifications (cross-entropy over each group's
     /// logits) and only the other tags as independent sigmoids; `false`: every tag a sigmoid.
     pub categorical_groups: bool,
+    /// Weight of the patch objective beside the scene tags: every patch token (the tokens the
+    /// MLLM reads, before pooling) predicts the class of the pixels that cover most of its patch
+    /// (background or one of the six shapes, the world's mask; softmax cross-entropy through a
+    /// linear map of its own). It keeps "what is where" in the tokens, which the pooled tags do
+    /// not ask for. 0 disables it.
+    /// Left out of the manifest when 0, so that caches made before it existed stay valid.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub patch_weight: f64,
     /// Initialisation and scene order.
     pub seed: u64,
     /// Progress bar.
@@ -106,10 +115,15 @@ impl Default for TowerPretrain {
             warmup_ratio: 0.05,
             max_grad_norm: Some(1.0),
             categorical_groups: false,
+            patch_weight: 0.0,
             seed: 0,
             live: true,
         }
     }
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// The tag groups (the tag name's part before `:`) with exactly one true tag in every scene.
@@ -149,7 +163,8 @@ pub struct PretrainedTower {
     pub val_exact: f64,
     /// Top-1 (argmax over the group's logits) on the held-out scenes for each tag group that has
     /// exactly one true tag per scene ([`ONE_HOT_GROUPS`]): a per-factor score that, unlike the
-    /// tag accuracy, is not inflated by the many easy negatives.
+    /// tag accuracy, is not inflated by the many easy negatives. With the patch objective also
+    /// `patches`: the share of held-out patches whose class the patch head gets right.
     pub val_group_top1: Vec<(String, f64)>,
     /// Wall time of the training (0 when loaded).
     pub seconds: f64,
@@ -195,26 +210,54 @@ impl Rich for PretrainedTower {
     }
 }
 
-/// The head: layer norm and a linear map from the pooled tokens to the tags.
+/// Classes of the patch objective: background and the six shapes (the world's mask values).
+pub const PATCH_CLASSES: i64 = 1 + Shape::ALL.len() as i64;
+
+/// The patch objective's targets of one scene: for each cell of a `grid` × `grid` split of its
+/// mask (row-major, as the tower orders its patch tokens), the mask value that covers most of
+/// the cell's pixels (ties go to the lower value).
+pub fn patch_targets(mask: &image::GrayImage, grid: usize) -> Vec<i64> {
+    let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let mut counts = vec![[0u32; PATCH_CLASSES as usize]; grid * grid];
+    for (x, y, p) in mask.enumerate_pixels() {
+        let cell = (y as usize * grid / h) * grid + x as usize * grid / w;
+        counts[cell][(p.0[0] as usize).min(PATCH_CLASSES as usize - 1)] += 1;
+    }
+    counts.iter().map(|c| (0..c.len()).rev().max_by_key(|&k| c[k]).expect("classes") as i64).collect()
+}
+
+/// The heads: layer norm and a linear map from the pooled tokens to the tags; with the patch
+/// objective, layer norm and a linear map from every patch token to the [`PATCH_CLASSES`].
 struct TagHead {
     vs: nn::VarStore,
     norm: nn::LayerNorm,
     linear: nn::Linear,
+    patch: Option<(nn::LayerNorm, nn::Linear)>,
 }
 
 impl TagHead {
-    fn new(hidden: i64, tags: i64, device: Device) -> Self {
+    fn new(hidden: i64, tags: i64, patch: bool, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let norm = nn::layer_norm(vs.root() / "norm", vec![hidden], Default::default());
         let linear = nn::linear(vs.root() / "linear", hidden, tags, Default::default());
-        TagHead { vs, norm, linear }
+        // Made after the tag head, and only when used, so that a run without the patch objective
+        // draws the same initialisation as before it existed.
+        let patch = patch.then(|| {
+            (
+                nn::layer_norm(vs.root() / "patch_norm", vec![hidden], Default::default()),
+                nn::linear(vs.root() / "patch_linear", hidden, PATCH_CLASSES, Default::default()),
+            )
+        });
+        TagHead { vs, norm, linear, patch }
     }
 
-    /// Tag logits [B, T] of a batch of pixels.
-    fn logits(&self, tower: &VisionTower, select: FeatureSelect, pixels: &Tensor) -> Result<Tensor> {
+    /// Tag logits [B, T] of a batch of pixels, and with the patch head its logits [B, N, C].
+    fn logits(&self, tower: &VisionTower, select: FeatureSelect, pixels: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let tokens = tower.features(pixels, select)?;
         let pooled = tokens.mean_dim([1i64].as_slice(), false, Kind::Float);
-        Ok(self.linear.forward(&self.norm.forward(&pooled)))
+        let tags = self.linear.forward(&self.norm.forward(&pooled));
+        let patch = self.patch.as_ref().map(|(norm, linear)| linear.forward(&norm.forward(&tokens)));
+        Ok((tags, patch))
     }
 }
 
@@ -271,39 +314,58 @@ impl TowerPretrain {
         let world = self.world();
         // Training scenes are rendered when a batch first draws them (and kept): a short run
         // renders only the scenes it uses, not all `scenes` up front.
-        let mut train: Vec<Option<(Arc<image::RgbImage>, Vec<f32>)>> = (0..self.scenes).map(|_| None).collect();
+        let mut train: Vec<Option<(Arc<image::RgbImage>, Vec<f32>, Vec<i64>)>> = (0..self.scenes).map(|_| None).collect();
         let val = world.rendered_scenes(Split::Val, self.val_scenes);
         tch::manual_seed(self.seed as i64);
         let tower = VisionTower::new(config, device);
         let select = FeatureSelect::pivot(tower.config());
         let names = pretrain_tag_names();
-        let head = TagHead::new(tower.config().hidden_size, names.len() as i64, device);
+        let with_patches = self.patch_weight > 0.0;
+        let head = TagHead::new(tower.config().hidden_size, names.len() as i64, with_patches, device);
+        let grid = tower.config().grid() as usize;
         let adamw = nn::AdamW { wd: self.weight_decay, ..Default::default() };
         let mut opt_tower = adamw.build(tower.var_store(), self.lr)?;
         let mut opt_head = adamw.build(&head.vs, self.lr)?;
         let processor = tower.processor();
-        let tensors = |images: &[image::RgbImage], tags: Vec<f32>, rows: usize| -> Result<(Tensor, Tensor)> {
+        let tensors = |images: &[image::RgbImage], tags: Vec<f32>, patches: Vec<i64>, rows: usize| -> Result<(Tensor, Tensor, Tensor)> {
             let pixels = processor.preprocess(images)?.to_device(device);
             let targets = Tensor::from_slice(&tags).view([rows as i64, -1]).to_device(device);
-            Ok((pixels, targets))
+            let patches = Tensor::from_slice(&patches).view([rows as i64, -1]).to_device(device);
+            Ok((pixels, targets, patches))
         };
-        let batch = |rows: &[usize], scenes: &[RenderedScene]| -> Result<(Tensor, Tensor)> {
+        let batch = |rows: &[usize], scenes: &[RenderedScene]| -> Result<(Tensor, Tensor, Tensor)> {
             let images: Vec<image::RgbImage> = rows.iter().map(|&i| scenes[i].image.as_ref().clone()).collect();
             let tags: Vec<f32> = rows.iter().flat_map(|&i| pretrain_tags(&scenes[i].scene)).collect();
-            tensors(&images, tags, rows.len())
+            let patches: Vec<i64> =
+                if with_patches { rows.iter().flat_map(|&i| patch_targets(&scenes[i].mask, grid)).collect() } else { Vec::new() };
+            tensors(&images, tags, patches, rows.len())
         };
-        let mut train_batch = |rows: &[usize]| -> Result<(Tensor, Tensor)> {
+        let mut train_batch = |rows: &[usize]| -> Result<(Tensor, Tensor, Tensor)> {
             let mut images = Vec::with_capacity(rows.len());
             let mut tags = Vec::with_capacity(rows.len() * names.len());
+            let mut patches = Vec::with_capacity(rows.len() * grid * grid);
             for &i in rows {
-                let (image, t) = train[i].get_or_insert_with(|| {
+                let (image, t, p) = train[i].get_or_insert_with(|| {
                     let r = world.render(Split::Train, i);
-                    (r.image, pretrain_tags(&r.scene))
+                    let p = if with_patches { patch_targets(&r.mask, grid) } else { Vec::new() };
+                    (r.image, pretrain_tags(&r.scene), p)
                 });
                 images.push(image.as_ref().clone());
                 tags.extend_from_slice(t);
+                patches.extend_from_slice(p);
             }
-            tensors(&images, tags, rows.len())
+            tensors(&images, tags, patches, rows.len())
+        };
+        // Cross-entropy of the patch logits [B, N, C] against the targets [B, N].
+        let patch_loss = |logits: &Tensor, targets: &Tensor| -> Result<Tensor> {
+            let n = logits.size()[1];
+            if n != targets.size()[1] {
+                return Err(PivotError::invalid(format!(
+                    "tower pretrain: the tower gives {n} patch tokens, the {grid} × {grid} patch targets {}",
+                    targets.size()[1]
+                )));
+            }
+            Ok(logits.reshape([-1, PATCH_CLASSES]).cross_entropy_for_logits(&targets.reshape([-1])))
         };
 
         // Index ranges (first, length) of the one-hot groups in the head's outputs.
@@ -346,9 +408,15 @@ impl TowerPretrain {
                 order = (epoch, epoch_order(self.seed, epoch, self.scenes, true));
             }
             let first = (step % per_epoch) * self.batch_size;
-            let (pixels, targets) = train_batch(&order.1[first..first + self.batch_size])?;
-            let logits = head.logits(&tower, select, &pixels)?;
-            let loss = tag_loss(&logits, &targets);
+            let (pixels, targets, patch_classes) = train_batch(&order.1[first..first + self.batch_size])?;
+            let (logits, patch_logits) = head.logits(&tower, select, &pixels)?;
+            let mut loss = tag_loss(&logits, &targets);
+            let mut patch_value = None;
+            if let Some(patch_logits) = &patch_logits {
+                let l = patch_loss(patch_logits, &patch_classes)?;
+                patch_value = Some(l.double_value(&[]));
+                loss = loss + l * self.patch_weight;
+            }
             let loss_value = loss.double_value(&[]);
             if !loss_value.is_finite() {
                 return Err(PivotError::NonFinite { what: format!("tower pretrain loss ({loss_value})"), step: step + 1, last_good: step });
@@ -377,6 +445,9 @@ impl TowerPretrain {
             opt_head.step();
             let mut row = StepMetrics { step: step + 1, epoch: (step + 1) as f64 / per_epoch as f64, values: Vec::new() };
             row.set("loss", loss_value);
+            if let Some(v) = patch_value {
+                row.set("patch_loss", v);
+            }
             row.set("learning_rate", lr);
             row.set("grad_norm", grad_norm);
             row.set("step_seconds", t0.elapsed().as_secs_f64());
@@ -394,9 +465,14 @@ impl TowerPretrain {
             }
             let (mut right, mut exact) = (0.0, 0.0);
             let mut group_right = vec![0.0; groups.len()];
+            let mut patch_right = 0.0;
             for rows in (0..val.len()).collect::<Vec<_>>().chunks(64) {
-                let (pixels, targets) = batch(rows, &val)?;
-                let logits = head.logits(&tower, select, &pixels)?;
+                let (pixels, targets, patch_classes) = batch(rows, &val)?;
+                let (logits, patch_logits) = head.logits(&tower, select, &pixels)?;
+                if let Some(p) = &patch_logits {
+                    patch_right += p.argmax(-1, false).eq_tensor(&patch_classes).to_kind(Kind::Double).mean(Kind::Double).double_value(&[])
+                        * rows.len() as f64;
+                }
                 let predicted = logits.gt(0.0).to_kind(Kind::Float);
                 let same = predicted.eq_tensor(&targets).to_kind(Kind::Float);
                 right += same.sum(Kind::Double).double_value(&[]);
@@ -407,7 +483,12 @@ impl TowerPretrain {
                 }
             }
             let n = val.len() as f64;
-            let top1 = groups.iter().zip(group_right).map(|(g, r)| (g.0.clone(), r / n)).collect();
+            let mut top1: Vec<(String, f64)> = groups.iter().zip(group_right).map(|(g, r)| (g.0.clone(), r / n)).collect();
+            if with_patches {
+                // Not a one-hot group of the tags: the share of held-out patches whose class the
+                // patch head gets right.
+                top1.push(("patches".to_string(), patch_right / n));
+            }
             Ok((right / (val.len() * names.len()) as f64, exact / n, top1))
         })?;
         let seconds = start.elapsed().as_secs_f64();
@@ -417,8 +498,9 @@ impl TowerPretrain {
             self.steps,
             self.seed,
             format!(
-                "tower pretrain: tagging{}, {} steps × {} of {} scenes, lr {:e}",
+                "tower pretrain: tagging{}{}, {} steps × {} of {} scenes, lr {:e}",
                 if self.categorical_groups { " (one-hot groups as softmax)" } else { "" },
+                if with_patches { format!(" + patch classes × {}", self.patch_weight) } else { String::new() },
                 self.steps, self.batch_size, self.scenes, self.lr),
         );
         let encoder = VisionEncoder::new(tower, provenance, select);
