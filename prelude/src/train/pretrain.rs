@@ -94,6 +94,11 @@ pub struct TowerPretrain {
     /// Left out of the manifest when 0, so that caches made before it existed stay valid.
     #[serde(skip_serializing_if = "is_zero")]
     pub patch_weight: f64,
+    /// The patch classes without the large/small split (background and the six shapes; the
+    /// first form of the objective, kept to reproduce its pilots). Left out of the manifest when
+    /// `false`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub patch_shape_only: bool,
     /// Initialisation and scene order.
     pub seed: u64,
     /// Progress bar.
@@ -116,6 +121,7 @@ impl Default for TowerPretrain {
             max_grad_norm: Some(1.0),
             categorical_groups: false,
             patch_weight: 0.0,
+            patch_shape_only: false,
             seed: 0,
             live: true,
         }
@@ -124,6 +130,10 @@ impl Default for TowerPretrain {
 
 fn is_zero(x: &f64) -> bool {
     *x == 0.0
+}
+
+fn is_false(x: &bool) -> bool {
+    !*x
 }
 
 /// The tag groups (the tag name's part before `:`) with exactly one true tag in every scene.
@@ -210,24 +220,30 @@ impl Rich for PretrainedTower {
     }
 }
 
-/// Classes of the patch objective: background and the six shapes (the world's mask values).
-pub const PATCH_CLASSES: i64 = 1 + Shape::ALL.len() as i64;
+/// Classes of the patch objective: background, the six shapes as small objects, the six shapes
+/// as the large object (the world's mask values, and 6 more where the large object shows).
+pub const PATCH_CLASSES: i64 = 1 + 2 * Shape::ALL.len() as i64;
 
 /// The patch objective's targets of one scene: for each cell of a `grid` × `grid` split of its
-/// mask (row-major, as the tower orders its patch tokens), the mask value that covers most of
-/// the cell's pixels (ties go to the lower value).
-pub fn patch_targets(mask: &image::GrayImage, grid: usize) -> Vec<i64> {
+/// mask (row-major, as the tower orders its patch tokens), the class that covers most of the
+/// cell's pixels (ties go to the lower class). A pixel's class is its mask value (0 background,
+/// 1 + the shape's index), plus 6 where it is `large`'s shape: a scene's shapes are all different
+/// (`ShapesWorld`), so the mask value tells the large object's pixels from the others.
+pub fn patch_targets(mask: &image::GrayImage, grid: usize, large: Option<Shape>) -> Vec<i64> {
     let (w, h) = (mask.width() as usize, mask.height() as usize);
+    let shapes = Shape::ALL.len();
+    let large = large.map(|s| s.mask_value() as usize);
     let mut counts = vec![[0u32; PATCH_CLASSES as usize]; grid * grid];
     for (x, y, p) in mask.enumerate_pixels() {
         let cell = (y as usize * grid / h) * grid + x as usize * grid / w;
-        counts[cell][(p.0[0] as usize).min(PATCH_CLASSES as usize - 1)] += 1;
+        let value = (p.0[0] as usize).min(shapes);
+        counts[cell][if Some(value) == large { value + shapes } else { value }] += 1;
     }
     counts.iter().map(|c| (0..c.len()).rev().max_by_key(|&k| c[k]).expect("classes") as i64).collect()
 }
 
 /// The heads: layer norm and a linear map from the pooled tokens to the tags; with the patch
-/// objective, layer norm and a linear map from every patch token to the [`PATCH_CLASSES`].
+/// objective, layer norm and a linear map from every patch token to the patch classes.
 struct TagHead {
     vs: nn::VarStore,
     norm: nn::LayerNorm,
@@ -236,16 +252,17 @@ struct TagHead {
 }
 
 impl TagHead {
-    fn new(hidden: i64, tags: i64, patch: bool, device: Device) -> Self {
+    /// `patch_classes`: 0 for no patch head.
+    fn new(hidden: i64, tags: i64, patch_classes: i64, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let norm = nn::layer_norm(vs.root() / "norm", vec![hidden], Default::default());
         let linear = nn::linear(vs.root() / "linear", hidden, tags, Default::default());
         // Made after the tag head, and only when used, so that a run without the patch objective
         // draws the same initialisation as before it existed.
-        let patch = patch.then(|| {
+        let patch = (patch_classes > 0).then(|| {
             (
                 nn::layer_norm(vs.root() / "patch_norm", vec![hidden], Default::default()),
-                nn::linear(vs.root() / "patch_linear", hidden, PATCH_CLASSES, Default::default()),
+                nn::linear(vs.root() / "patch_linear", hidden, patch_classes, Default::default()),
             )
         });
         TagHead { vs, norm, linear, patch }
@@ -321,8 +338,15 @@ impl TowerPretrain {
         let select = FeatureSelect::pivot(tower.config());
         let names = pretrain_tag_names();
         let with_patches = self.patch_weight > 0.0;
-        let head = TagHead::new(tower.config().hidden_size, names.len() as i64, with_patches, device);
+        // The shape-only form has the first 7 classes (its targets never reach the large ones).
+        let patch_classes = match (with_patches, self.patch_shape_only) {
+            (false, _) => 0,
+            (true, true) => 1 + Shape::ALL.len() as i64,
+            (true, false) => PATCH_CLASSES,
+        };
+        let head = TagHead::new(tower.config().hidden_size, names.len() as i64, patch_classes, device);
         let grid = tower.config().grid() as usize;
+        let large_of = |scene: &Scene| (!self.patch_shape_only).then(|| scene.main_object().shape);
         let adamw = nn::AdamW { wd: self.weight_decay, ..Default::default() };
         let mut opt_tower = adamw.build(tower.var_store(), self.lr)?;
         let mut opt_head = adamw.build(&head.vs, self.lr)?;
@@ -337,7 +361,7 @@ impl TowerPretrain {
             let images: Vec<image::RgbImage> = rows.iter().map(|&i| scenes[i].image.as_ref().clone()).collect();
             let tags: Vec<f32> = rows.iter().flat_map(|&i| pretrain_tags(&scenes[i].scene)).collect();
             let patches: Vec<i64> =
-                if with_patches { rows.iter().flat_map(|&i| patch_targets(&scenes[i].mask, grid)).collect() } else { Vec::new() };
+                if with_patches { rows.iter().flat_map(|&i| patch_targets(&scenes[i].mask, grid, large_of(&scenes[i].scene))).collect() } else { Vec::new() };
             tensors(&images, tags, patches, rows.len())
         };
         let mut train_batch = |rows: &[usize]| -> Result<(Tensor, Tensor, Tensor)> {
@@ -347,7 +371,7 @@ impl TowerPretrain {
             for &i in rows {
                 let (image, t, p) = train[i].get_or_insert_with(|| {
                     let r = world.render(Split::Train, i);
-                    let p = if with_patches { patch_targets(&r.mask, grid) } else { Vec::new() };
+                    let p = if with_patches { patch_targets(&r.mask, grid, large_of(&r.scene)) } else { Vec::new() };
                     (r.image, pretrain_tags(&r.scene), p)
                 });
                 images.push(image.as_ref().clone());
@@ -365,7 +389,7 @@ impl TowerPretrain {
                     targets.size()[1]
                 )));
             }
-            Ok(logits.reshape([-1, PATCH_CLASSES]).cross_entropy_for_logits(&targets.reshape([-1])))
+            Ok(logits.reshape([-1, patch_classes]).cross_entropy_for_logits(&targets.reshape([-1])))
         };
 
         // Index ranges (first, length) of the one-hot groups in the head's outputs.
@@ -500,7 +524,11 @@ impl TowerPretrain {
             format!(
                 "tower pretrain: tagging{}{}, {} steps × {} of {} scenes, lr {:e}",
                 if self.categorical_groups { " (one-hot groups as softmax)" } else { "" },
-                if with_patches { format!(" + patch classes × {}", self.patch_weight) } else { String::new() },
+                if with_patches {
+                    format!(" + patch classes{} × {}", if self.patch_shape_only { " (shape only)" } else { "" }, self.patch_weight)
+                } else {
+                    String::new()
+                },
                 self.steps, self.batch_size, self.scenes, self.lr),
         );
         let encoder = VisionEncoder::new(tower, provenance, select);
