@@ -347,8 +347,10 @@ The defaults are the embedded study's design (`make demo`); CI runs this noteboo
 
 **Something to reshape.** On the embedded default the tiny tower does not start random: it is first
 pretrained (`TowerPretrain`: multi-label tagging of colours, shapes, the large object's shape, texture and
-object count) on the world's `Pretrain` scenes, which no later stage sees, and cached in `{out_dir}/tower`
-(re-used while its settings match; `tower_path` takes any tower folder instead, that cache included).
+object count from the mean of the patch tokens, and every patch token told what covers its patch:
+background, a small object's shape or the large object's) on the world's `Pretrain` scenes, which no
+later stage sees, and cached in `{out_dir}/tower` (re-used while its settings match; `tower_path` takes any
+tower folder instead, that cache included).
 Stage 1 then trains on the `Stage1` scenes: captions and balanced two-way questions (every answer word as
 often right as wrong, so the text alone cannot win). The captions serve twice: the projector aligns on them,
 and the full step trains on them as "Describe the image briefly ." beside the questions, because a two-way
@@ -374,7 +376,8 @@ let vqa_data = String::new();      // instruction step: LLaVA conversation JSON;
 let vqa_eval_data = String::new(); // held-out VQA: LLaVA conversation JSON; "" = ShapesWorld
 let image_root = String::new();    // where the data files' image paths start; "" = each file's folder
 // The embedded default's tower pretraining (when tower_path is empty), cached in {out_dir}/tower
-let pretrain_steps: usize = 2000;  // 0 = no pretraining: a random tiny tower (about 3.5 CPU-min, then cached)
+let pretrain_steps: usize = 2000;  // 0 = no pretraining: a random tiny tower (about 4 CPU-min, then cached)
+let pretrain_patch_weight: f64 = 1.0; // weight of the per-patch classes beside the scene tags; 0 = tags only
 let pretrain_batch: usize = 32;
 let pretrain_scenes: usize = 4096; // distinct Pretrain-part scenes, cycled (16,384 gave the same probe)
 let n_probe: usize = 400;          // embedded data only: linear probe of the tower on n_probe + n_probe Eval scenes; 0 = skip
@@ -405,7 +408,7 @@ println!("VQA categories: {:?}", vqa.category_counts());
         code("""
 // The tiny tower pretrained on the Pretrain part (or loaded from {out_dir}/tower when its settings match).
 let pretrained: Option<PretrainedTower> = if tower_path.is_empty() && pretrain_steps > 0 {
-    let pre = TowerPretrain { world_seed: seed, seed, steps: pretrain_steps, batch_size: pretrain_batch, scenes: pretrain_scenes, ..TowerPretrain::default() };
+    let pre = TowerPretrain { world_seed: seed, seed, steps: pretrain_steps, batch_size: pretrain_batch, scenes: pretrain_scenes, patch_weight: pretrain_patch_weight, ..TowerPretrain::default() };
     Some(pre.load_or_run(VisionConfig::tiny(), format!("{out_dir}/tower"), device)?)
 } else {
     None

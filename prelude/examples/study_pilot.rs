@@ -6,10 +6,12 @@
 //! ```text
 //! cargo run --release -p pivot --example study_pilot -- [key=value ...]
 //!   cache=DIR            pretrained-tower cache (default target/study-pilot/tower)
-//!   pretrain_steps, scenes, batch, lr, categorical (0/1): TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
+//!   pretrain_steps, scenes, batch, lr, categorical (0/1), patch (patch_weight), patch_shape_only (0/1): TowerPretrain's defaults unless given (its seeds: `seed`, as 02)
+//!   seg=0                patch-seg probe (as 05: MLP 256, 10 epochs) on `seg` + seg/2 Eval scenes, random and pretrained tower
 //!   probe_train=600      probe_val=600          linear probe on Eval-part scenes
 //!   s1_captions=4096     s1_vqa=8192   proj_steps=100   full_steps=1600  s1_batch=16
 //!   proj_lr=1e-3         full_lr=1e-3  tower_lr_div=5
+//!   s1_drop=CAT,..       question categories left out of the stage-1 rows (as many rows drawn from the others)
 //!   describe=1           the captions also join the full step as VQA rows (CAPTION_PROMPT, "Describe the image briefly .")
 //!   choice=400           eval pairs    seed=0   threads=N   skip=probe,stage1,stage2
 //!   hidden=96 layers=4 heads=4   the tower's shape (VisionConfig::tiny's unless given)
@@ -42,6 +44,8 @@ fn main() -> Result<()> {
         batch_size: num("batch", d.batch_size),
         lr: float("lr", d.lr),
         categorical_groups: num("categorical", d.categorical_groups as usize) == 1,
+        patch_weight: float("patch", d.patch_weight),
+        patch_shape_only: num("patch_shape_only", d.patch_shape_only as usize) == 1,
         // As 02 runs it: the world and the initialisation both follow `seed`.
         world_seed: seed,
         seed,
@@ -97,10 +101,46 @@ fn main() -> Result<()> {
         );
     }
 
+    let seg = num("seg", 0);
+    if seg > 0 {
+        let t = Instant::now();
+        let (train, val) = (eval.segmentation(Split::Train, seg), eval.segmentation(Split::Val, seg / 2));
+        let probe = SegProbe::new(SegMethod::PatchSeg(PatchSegProbe {
+            epochs: 10,
+            head: SegHead::Mlp { hidden: 256 },
+            warmup_steps: 5,
+            ..PatchSegProbe::new(0)
+        }));
+        tch::manual_seed(seed as i64);
+        let random = Mllm::tiny(device).encoder();
+        let mut recall = Vec::new();
+        for enc in [&random, &tower.encoder] {
+            let r = probe.fit(enc, &train, &val)?;
+            recall.push(match r.result {
+                SegResult::PatchSeg(p) => p.best.macro_recall,
+                SegResult::Dense(_) => f64::NAN,
+            });
+        }
+        println!(
+            "patch-seg macro recall ({seg} + {} Eval scenes): random tower {:.3}, pretrained {:.3} ({:.1} s)",
+            seg / 2,
+            recall[0],
+            recall[1],
+            t.elapsed().as_secs_f64()
+        );
+    }
+
     let stage1_world = ShapesWorld::new(ShapesConfig::default().seed(seed)).part(StudyPart::Stage1);
     let t = Instant::now();
     let pairs_eval = eval.balanced_preferences(Split::Test, num("choice", 400))?;
-    let pairs_s1 = stage1_world.balanced_preferences(Split::Train, num("s1_vqa", 8192))?;
+    // `s1_drop`: question categories left out of the stage-1 rows (more pairs are drawn so that
+    // `s1_vqa` rows remain), e.g. `count`, which the base answers from a global summary anyway.
+    let s1_drop: Vec<String> = get("s1_drop", "").split(',').filter(|c| !c.is_empty()).map(String::from).collect();
+    let s1_vqa = num("s1_vqa", 8192);
+    let mut pairs_s1 = stage1_world.balanced_preferences(Split::Train, s1_vqa * 5 / (5 - s1_drop.len().min(4)) + 16)?;
+    pairs_s1.samples.retain(|s| !s1_drop.contains(&s.category));
+    pairs_s1.samples.truncate(s1_vqa);
+    println!("stage-1 question rows by category: {:?}", pairs_s1.category_counts());
     let legacy_train = ShapesWorld::new(ShapesConfig::default().seed(seed)).preferences(Split::Train, 2048);
     let legacy_test = ShapesWorld::new(ShapesConfig::default().seed(seed)).preferences(Split::Val, 2048);
     println!(

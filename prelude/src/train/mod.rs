@@ -53,7 +53,7 @@ pub use engine::TrainConfig;
 pub use eval::{VqaEval, VqaReport, normalize_answer};
 pub use log::{StepMetrics, TrainLog};
 pub use optim::{ParamGroup, cosine_schedule};
-pub use pretrain::{ONE_HOT_GROUPS, PretrainedTower, TowerPretrain, pretrain_tag_names, pretrain_tags};
+pub use pretrain::{ONE_HOT_GROUPS, PATCH_CLASSES, PretrainedTower, TowerPretrain, patch_targets, pretrain_tag_names, pretrain_tags};
 pub use profile::take_step_profile;
 pub use sft::SftConfig;
 pub use stage1::{Stage1, Stage1Log, transplant};
