@@ -650,6 +650,9 @@ fn recv_line_with_fds(stream: &UnixStream) -> anyhow::Result<(Vec<u8>, Vec<RawFd
 
 /// Ends the process with `code`; an adopted engine first tells its launcher, which exits with it.
 pub fn exit(code: i32) -> ! {
+    // The launcher exits as soon as it reads the status, closing the socket: the watcher must not
+    // take that for a launcher that died (it printed "is gone" and raced this exit with its own).
+    RELEASED.store(ADOPTIONS.load(Ordering::SeqCst), Ordering::SeqCst);
     if let Some(s) = HANDOVER.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         tell_exit(s, code);
     }

@@ -333,10 +333,14 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
         t.line("fg")
         wait_state(spare.pid, "S")
         t.line("keep - 1")
-        t.wait_for(r"^40$", after=stopped.end())
+        last = t.wait_for(r"^40$", after=stopped.end())
         t.keys("C-d")
+        # Keys typed before the REPL has exited would be the REPL's: wait for the shell's prompt.
+        t.wait_for(r"^\$ ", after=last.end(), timeout=30)
         t.line("echo REPL-EXITED-$?")
-        t.wait_for(r"^REPL-EXITED-0", timeout=30)
+        t.wait_for(r"^REPL-EXITED-0", after=last.end(), timeout=30)
+        # A clean exit is not a launcher that died (the engine's watcher used to say so, racing the exit).
+        assert "is gone" not in t.screen()[last.end():], t.screen()
     finally:
         t.close()
         spare.stop()
