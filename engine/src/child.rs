@@ -77,17 +77,10 @@ extern "C" fn on_sigusr1(_: libc::c_int) {
 }
 
 fn install_signal_handlers() {
-    for (sig, handler) in [(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int)), (libc::SIGUSR1, on_sigusr1)] {
-        // SAFETY: the handlers only store to an atomic; SA_RESTART keeps evcxr's blocking
-        // stdin read going when a signal arrives while the child is idle.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = handler as usize;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    // The handlers only store to an atomic; SA_RESTART keeps evcxr's blocking stdin read going
+    // when a signal arrives while the child is idle.
+    crate::signal::install(libc::SIGINT, on_sigint);
+    crate::signal::install(libc::SIGUSR1, on_sigusr1);
 }
 
 /// A Unix stream socket pair whose read end (first, non-blocking) learns each writer's pid.

@@ -23,6 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
+use crate::signal;
+
 /// Launcher side: what its handlers signal (the engine's pid, or minus its process group when
 /// the engine leads a group of its own).
 static ENGINE_TARGET: AtomicI32 = AtomicI32::new(0);
@@ -32,38 +34,26 @@ static LAUNCHER: AtomicI32 = AtomicI32::new(0);
 static CONTINUED: AtomicBool = AtomicBool::new(false);
 static ON_CONTINUE: Once = Once::new();
 
-fn handle(sig: libc::c_int, handler: extern "C" fn(libc::c_int)) {
-    // SAFETY: installs a handler made of async-signal-safe calls.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = handler as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(sig, &sa, std::ptr::null_mut());
-    }
-}
-
 extern "C" fn stop_with_engine(_: libc::c_int) {
     let target = ENGINE_TARGET.load(Ordering::SeqCst);
-    // SAFETY: async-signal-safe calls only; SIGTSTP is blocked while this handler runs, so it is
-    // unblocked to take its default action (stop) here, then the handler is installed again.
+    if target != 0 {
+        // SAFETY: kill(2) is async-signal-safe.
+        unsafe { libc::kill(target, libc::SIGSTOP) };
+    }
+    // SIGTSTP is blocked while this handler runs: unblock it to take its default action (stop)
+    // here, then block it again until the handler returns. Continued (`fg` or `bg`), SIGCONT's
+    // handler decides about the engine, and this handler is installed again.
+    signal::reset(libc::SIGTSTP);
+    // SAFETY: async-signal-safe calls on a local signal set.
     unsafe {
-        if target != 0 {
-            libc::kill(target, libc::SIGSTOP);
-        }
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigemptyset(&mut dfl.sa_mask);
-        libc::sigaction(libc::SIGTSTP, &dfl, std::ptr::null_mut());
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGTSTP);
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
         libc::raise(libc::SIGTSTP);
-        // Continued (`fg` or `bg`): SIGCONT's handler decides about the engine.
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    handle(libc::SIGTSTP, stop_with_engine);
+    signal::install(libc::SIGTSTP, stop_with_engine);
 }
 
 extern "C" fn continue_engine(_: libc::c_int) {
@@ -92,8 +82,8 @@ pub(crate) fn arm_launcher(engine_pid: i32) {
     // unless the engine shares this process's group (a spare started without its own session).
     let target = if group == engine_pid && group != own { -engine_pid } else { engine_pid };
     ENGINE_TARGET.store(target, Ordering::SeqCst);
-    handle(libc::SIGTSTP, stop_with_engine);
-    handle(libc::SIGCONT, continue_engine);
+    signal::install(libc::SIGTSTP, stop_with_engine);
+    signal::install(libc::SIGCONT, continue_engine);
 }
 
 extern "C" fn note_continued(_: libc::c_int) {
@@ -119,7 +109,7 @@ pub fn suspend_with_launcher() -> bool {
     if launcher <= 0 {
         return false;
     }
-    ON_CONTINUE.call_once(|| handle(libc::SIGCONT, note_continued));
+    ON_CONTINUE.call_once(|| signal::install(libc::SIGCONT, note_continued));
     CONTINUED.store(false, Ordering::SeqCst);
     // SAFETY: signals the launcher process of this adoption.
     if unsafe { libc::kill(launcher, libc::SIGTSTP) } != 0 {

@@ -14,6 +14,7 @@ pub mod output;
 pub mod paths;
 pub mod scan;
 pub mod session;
+pub mod signal;
 pub mod slots;
 pub mod spare;
 

@@ -854,14 +854,8 @@ impl Adopted {
         SPARE_PID.store(self.spare_pid, Ordering::SeqCst);
         crate::jobctl::arm_launcher(self.spare_pid);
         for &sig in FORWARDED {
-            // SAFETY: the handler only calls kill(2).
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = forward_signal as extern "C" fn(libc::c_int) as usize;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
+            // The handler only calls kill(2).
+            crate::signal::install(sig, forward_signal);
         }
         let _ = self.stream.set_read_timeout(None);
         let mut r = BufReader::new(&self.stream);

@@ -26,15 +26,9 @@ pub fn install_sigint(handler: impl Fn() + Send + 'static) {
         return;
     }
     SIGINT_PIPE.store(fds[1], Ordering::SeqCst);
-    // SAFETY: installs a handler that only touches atomics and write(2); SA_RESTART keeps
-    // blocking reads (stdin, channels) going.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigint as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigemptyset(&mut sa.sa_mask);
-        libc::sigaction(libc::SIGINT, &sa, std::ptr::null_mut());
-    }
+    // The handler only touches atomics and write(2); SA_RESTART keeps blocking reads (stdin,
+    // channels) going.
+    pivot_engine::signal::install(libc::SIGINT, on_sigint);
     // SAFETY: fds[0] is a fresh descriptor we own.
     let mut reader = unsafe { std::fs::File::from_raw_fd(fds[0]) };
     let _ = std::thread::Builder::new().name("pivot-sigint".into()).spawn(move || {

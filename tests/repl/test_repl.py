@@ -181,22 +181,22 @@ class Tmux:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True)
 
 
+def terminal_env(tmp_path: Path, hist: Path, **extra: str) -> tuple[dict[str, str], str]:
+    """A REPL's whole environment in a tmux pane (`env -i` + these), and it as shell assignments."""
+    env = {"PIVOT_REPL_HISTORY": str(hist), "PIVOT_FIGURES_DIR": str(tmp_path / "figs"), "TERM": "xterm-256color", **extra}
+    passthrough = ["PATH", "HOME", "PIVOT_CACHE_DIR", "PIVOT_PYTHON", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "PIVOT_PRELUDE", "CARGO_HOME", "RUSTUP_HOME"]
+    for k in passthrough:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    return env, " ".join(f"{k}='{v}'" for k, v in env.items())
+
+
 @pytest.fixture
 def tmux_repl(tmp_path: Path):
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install -y tmux)")
     hist = tmp_path / "history.txt"
-    env = {
-        "PIVOT_REPL_HISTORY": str(hist),
-        "PIVOT_FIGURES_DIR": str(tmp_path / "figs"),
-        "TERM": "xterm-256color",
-        "PIVOT_REPL_TIMINGS": "1",
-    }
-    passthrough = ["PATH", "HOME", "PIVOT_CACHE_DIR", "PIVOT_PYTHON", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "PIVOT_PRELUDE", "CARGO_HOME", "RUSTUP_HOME"]
-    for k in passthrough:
-        if k in os.environ:
-            env[k] = os.environ[k]
-    assign = " ".join(f"{k}='{v}'" for k, v in env.items())
+    env, assign = terminal_env(tmp_path, hist, PIVOT_REPL_TIMINGS="1")
     # `; sleep` keeps the pane (and its last screen) after the REPL exits.
     spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path)) if WITH_SPARE else None
     t = Tmux(f"env -i {assign} {BIN}; echo REPL-EXITED-$?; sleep 600", tmp_path)
@@ -282,11 +282,7 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
     cell runs (the terminal sends SIGTSTP to the launcher). Cost: one spare's start."""
     if shutil.which("tmux") is None or shutil.which("bash") is None:
         pytest.skip("tmux and bash are needed (apt-get install -y tmux)")
-    env = {"PIVOT_FIGURES_DIR": str(tmp_path / "figs"), "TERM": "xterm-256color", "PIVOT_REPL_HISTORY": str(tmp_path / "h.txt")}
-    for k in ["PATH", "HOME", "PIVOT_CACHE_DIR", "PIVOT_PYTHON", "LIBTORCH", "LIBTORCH_USE_PYTORCH", "PIVOT_PRELUDE", "CARGO_HOME", "RUSTUP_HOME"]:
-        if k in os.environ:
-            env[k] = os.environ[k]
-    assign = " ".join(f"{k}='{v}'" for k, v in env.items())
+    env, assign = terminal_env(tmp_path, tmp_path / "h.txt")
     spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
     # An interactive shell: job control (Ctrl-Z, fg) is what is tested.
     t = Tmux("env -i TERM=xterm-256color PS1='$ ' bash --norc --noprofile -i", tmp_path)
