@@ -21,6 +21,9 @@ KERNEL_TARGET := $(CACHE)/target-kernel
 export PIVOT_KERNEL_BIN := $(KERNEL_TARGET)/debug/pivot-kernel
 export PIVOT_CACHE_DIR ?= $(CACHE)
 
+# No wheel cache: torch and its CUDA wheels are ~4 GB, and a cached copy of each doubles the disk
+# a fresh machine needs (a CI run once died of "No space left on device" inside this install).
+PIP_FLAGS    := --quiet --disable-pip-version-check --no-cache-dir
 TORCH_STAMP  := $(VENV)/.torch-2.11.0
 PYDEPS_STAMP := $(VENV)/.pydeps-$(shell sha1sum tests/requirements.txt | cut -c1-12)
 FIXTURES     := $(PIVOT_FIXTURES)/.stamp
@@ -30,12 +33,12 @@ FIXTURES     := $(PIVOT_FIXTURES)/.stamp
 venv: $(TORCH_STAMP)
 $(TORCH_STAMP):
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==2.11.0
+	$(VENV)/bin/pip install $(PIP_FLAGS) torch==2.11.0
 	touch $@
 
 pydeps: $(PYDEPS_STAMP)
 $(PYDEPS_STAMP): tests/requirements.txt $(TORCH_STAMP)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r tests/requirements.txt
 	rm -f $(VENV)/.pydeps-*; touch $@
 
 fixtures: $(FIXTURES)
@@ -115,7 +118,7 @@ CUDAHDR_STAMP := $(VENV)/.cuda-headers-$(shell sha1sum prelude/requirements-cuda
 .PHONY: cuda-headers
 cuda-headers: $(CUDAHDR_STAMP)
 $(CUDAHDR_STAMP): prelude/requirements-cuda-headers.txt $(TORCH_STAMP)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r prelude/requirements-cuda-headers.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r prelude/requirements-cuda-headers.txt
 	rm -f $(VENV)/.cuda-headers-*; touch $@
 
 clean-fixtures:
@@ -131,20 +134,20 @@ LABDEPS_STAMP   := $(VENV)/.labdeps-$(shell sha1sum tests/requirements-lab.txt |
 
 studydeps: $(STUDYDEPS_STAMP)
 $(STUDYDEPS_STAMP): tools/requirements-study.txt $(TORCH_STAMP)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-study.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r tools/requirements-study.txt
 	rm -f $(VENV)/.studydeps-*; touch $@
 
 # papermill's Rust translator (tools/papermill_rust), reinstalled whenever its source changes.
 papermill: $(PAPERMILL_STAMP)
 $(PAPERMILL_STAMP): $(PAPERMILL_SRC) $(STUDYDEPS_STAMP)
 	rm -rf tools/papermill_rust/build tools/papermill_rust/*.egg-info
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check --force-reinstall --no-deps ./tools/papermill_rust
+	$(VENV)/bin/pip install $(PIP_FLAGS) --force-reinstall --no-deps ./tools/papermill_rust
 	rm -rf tools/papermill_rust/build tools/papermill_rust/*.egg-info
 	rm -f $(VENV)/.papermill-rust-*; touch $@
 
 labdeps: $(LABDEPS_STAMP)
 $(LABDEPS_STAMP): tests/requirements-lab.txt $(STUDYDEPS_STAMP)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements-lab.txt
+	$(VENV)/bin/pip install $(PIP_FLAGS) -r tests/requirements-lab.txt
 	rm -f $(VENV)/.labdeps-*; touch $@
 
 # tests/papermill and tests/lab (the `test` recipe runs them); Chromium is installed by tests/lab,
