@@ -12,6 +12,26 @@ pub fn prelude_dir() -> PathBuf {
     built.canonicalize().unwrap_or_else(|_| built.to_path_buf())
 }
 
+/// The `:dep` spec through which cells get the prelude: its `dylib` wrapper (`prelude/dylib`, one
+/// shared library that each cell links in milliseconds) where the prelude has one, else the
+/// prelude's rlib itself, as with `PIVOT_PRELUDE_STATIC=1` (cells then link ~210 rlibs each).
+pub fn prelude_dep(prelude_dir: &Path) -> String {
+    let dylib = prelude_dir.join("dylib");
+    if std::env::var_os("PIVOT_PRELUDE_STATIC").is_none() && dylib.join("Cargo.toml").is_file() {
+        format!("pivot = {{ path = {:?}, package = \"pivot-dylib\" }}", dylib.display().to_string())
+    } else {
+        format!("pivot = {{ path = {:?} }}", prelude_dir.display().to_string())
+    }
+}
+
+/// Where cargo puts a build slot's dependencies (the prelude's dylib among them), given the
+/// standard library's directory `rustc --print target-libdir` (`…/rustlib/<host>/lib`): evcxr
+/// builds for the host triple into `<slot>/target/<host>/debug/deps`.
+pub fn slot_deps_dir(slot_dir: &Path, std_lib_dir: &Path) -> Option<PathBuf> {
+    let host = std_lib_dir.parent()?.file_name()?;
+    Some(slot_dir.join("target").join(host).join("debug").join("deps"))
+}
+
 /// The Python that has torch: `PIVOT_PYTHON`, else the workspace's `.venv` next to the prelude,
 /// else `$VIRTUAL_ENV/bin/python`, else `python3` on PATH.
 pub fn python() -> PathBuf {
@@ -139,6 +159,21 @@ pub fn rustc_version() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cells_get_the_prelude_through_its_dylib_where_it_has_one() {
+        let root = std::env::temp_dir().join(format!("pivot-prelude-dep-{}", std::process::id()));
+        std::fs::create_dir_all(&root).unwrap();
+        assert_eq!(prelude_dep(&root), format!("pivot = {{ path = {:?} }}", root.display().to_string()));
+        std::fs::create_dir_all(root.join("dylib")).unwrap();
+        std::fs::write(root.join("dylib/Cargo.toml"), "").unwrap();
+        let dep = prelude_dep(&root);
+        assert!(dep.contains("package = \"pivot-dylib\""), "{dep}");
+        assert!(dep.contains(&root.join("dylib").display().to_string()), "{dep}");
+        std::fs::remove_dir_all(&root).unwrap();
+        let deps = slot_deps_dir(Path::new("/s/3"), Path::new("/tc/lib/rustlib/x86_64-unknown-linux-gnu/lib")).unwrap();
+        assert_eq!(deps, Path::new("/s/3/target/x86_64-unknown-linux-gnu/debug/deps"));
+    }
 
     /// A stand-in interpreter that prints `stdout` whatever it is asked.
     fn fake_python(dir: &Path, stdout: &str) -> PathBuf {

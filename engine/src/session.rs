@@ -376,6 +376,12 @@ impl Session {
         let mut ld = torch.lib_dir.display().to_string();
         if let Some(std_dir) = paths::rust_std_lib_dir() {
             ld = format!("{ld}:{}", std_dir.display());
+            // The prelude's dylib, which every cell needs: the loader looks here, since evcxr
+            // loads each cell from `debug/`, one folder above the `$ORIGIN` of the cell's rpath.
+            let slot = std::env::var_os("EVCXR_TMPDIR").map(PathBuf::from);
+            if let Some(deps) = slot.and_then(|s| paths::slot_deps_dir(&s, &std_dir)) {
+                ld = format!("{ld}:{}", deps.display());
+            }
         }
         if let Ok(old) = std::env::var("LD_LIBRARY_PATH") {
             if !old.is_empty() {
@@ -435,8 +441,8 @@ impl Session {
     fn load_prelude(&mut self) -> anyhow::Result<()> {
         seed_cargo_lock(&self.opts.prelude_dir);
         let code = format!(
-            ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
-            self.opts.prelude_dir.display().to_string()
+            ":dep {}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
+            paths::prelude_dep(&self.opts.prelude_dir)
         );
         let mut r = self.execute(&code, &|_, _| String::new());
         if r.error.as_ref().is_some_and(|e| e.evalue.contains("--offline") || e.traceback.iter().any(|l| l.contains("--offline"))) {
@@ -575,8 +581,8 @@ impl Session {
         if code.lines().any(|l| l.trim() == ":clear") && self.opts.preload {
             // `:clear` drops our `:dep`/`use` lines too; bring the prelude back.
             let code = format!(
-                ":dep pivot = {{ path = {:?} }}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
-                self.opts.prelude_dir.display().to_string()
+                ":dep {}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
+                paths::prelude_dep(&self.opts.prelude_dir)
             );
             let _ = catch(|| self.ctx.execute(&code));
             self.pump.flush();

@@ -168,6 +168,7 @@ impl Config {
         let prelude = paths::prelude_dir();
         let (mut newest, mut count) = (0i128, 0u64);
         tree_stamp(&prelude.join("src"), &mut newest, &mut count);
+        tree_stamp(&prelude.join("dylib"), &mut newest, &mut count);
         for extra in [prelude.join("Cargo.toml"), prelude.join("../Cargo.lock")] {
             if let Ok(m) = std::fs::metadata(&extra) {
                 newest = newest.max(mtime_ns(&m));

@@ -74,6 +74,12 @@ for i in 0..5 { p.set(i + 1, format!("step {i}")); }
 p.finish();
 // %% a figure: saved as PNG when the terminal shows no images
 show(&MimeBundle::text("tiny figure").with_png(&[137, 80, 78, 71, 13, 10, 26, 10]));
+// %% the prelude is one shared library that every cell links (prelude/dylib); a tensor op
+// inlined into the cell calls torch-sys's C API, which that library must export
+let t = Tensor::arange(6, (Kind::Float, Device::Cpu)).reshape([2, 3]);
+println!("tensor sum = {}", t.sum(Kind::Float).double_value(&[]));
+let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+println!("prelude libraries mapped: {}", maps.lines().filter(|l| l.ends_with("/libpivot.so")).map(|l| l.split_whitespace().last().unwrap()).collect::<std::collections::BTreeSet<_>>().len());
 // %%
 println!("total = {total}");
 total * 2.0
@@ -81,6 +87,8 @@ total * 2.0
     )
     r = run_repl([str(script)], tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "tensor sum = 15" in r.stdout, r.stdout
+    assert "prelude libraries mapped: 1" in r.stdout, r.stdout
     assert "total = 10" in r.stdout
     assert re.search(r"^20(\.0)?$", r.stdout, re.M), r.stdout
     assert "steps 5/5" in r.stderr, r.stderr
