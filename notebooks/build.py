@@ -1658,12 +1658,12 @@ const MEASURES: [(&str, &str, &str, f64); 6] = [
 ];
 
 /// The pilot behind the default power table: SD of DPO − SFT over the 24 paired seeds of 09 at these
-/// defaults (2026-12-07; notebooks/pilot_per_seed.csv is its summary_per_seed.csv: 02's base of seed 0 from
-/// the tag-only tower, stage 2 at 48 steps × 8 on 128 rows per arm, 120 + 60 probe images, 192 + 64
-/// segmentation images, 12 localisation questions, 128 caption pairs against all-MiniLM-L6-v2, 64 choice
-/// pairs). Its first 8 seeds gave smaller SDs (choice − blank 0.0186, patch-seg 0.0050), a 2-seed pilot
-/// smaller still: a few seeds do not say the SD.
-const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0508), ("seg_recall", 0.0085), ("loc_energy", 0.0266), ("align_mknn", 0.0090), ("vqa_choice", 0.0308)];
+/// defaults (`make demo`, 2026-12-07; notebooks/pilot_per_seed.csv is its summary_per_seed.csv: 02's base
+/// of seed 0 from the patch-objective tower, stage 2 at 48 steps × 8 on 128 rows per arm, 120 + 60 probe
+/// images, 192 + 64 segmentation images, 12 localisation questions, 128 caption pairs against
+/// all-MiniLM-L6-v2, 64 choice pairs). The 24 seeds on the earlier tag-only tower gave 0.0508, 0.0085,
+/// 0.0266, 0.0090, 0.0308; their first 8 seeds smaller SDs still: a few seeds do not say the SD.
+const PILOT_SD: [(&str, f64); 5] = [("probe_top1", 0.0453), ("seg_recall", 0.0069), ("loc_energy", 0.0219), ("align_mknn", 0.0068), ("vqa_choice", 0.0338)];
 
 /// 04-07's and 03's measurements of one stage-2 model on the world of `seed`: `own` is the loss the
 /// model was trained with (06 scores each model's gradient map under its own loss, the DPO map summed
