@@ -71,19 +71,29 @@ pub fn torch() -> anyhow::Result<Torch> {
     }
     let py = python();
     let torch_dir = torch_package_dir(&py)?;
-    // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: put ours first. The
-    // values must be identical at every start, or cargo rebuilds torch-sys (fingerprints).
-    let bin = py.parent().map(Path::to_path_buf).unwrap_or_default();
+    // torch-sys runs `python3` from PATH when LIBTORCH_USE_PYTORCH is set: ours must come first.
+    // `prepare_process_env` puts it first in this process's PATH, which cargo inherits; only where
+    // that did not happen does the build get its own PATH, because a command with PATH in its
+    // environment and a bare program name (evcxr's `cargo`, our `mold`) makes std fork instead of
+    // posix_spawn, and forking the engine (gigabytes of rust-analyzer state) cost every cell
+    // ~0.1 CPU-s of page-table copies and copy-on-write faults. Either way cargo sees the same
+    // PATH at every start (torch-sys's fingerprint).
+    let mut build_env = vec![("LIBTORCH_USE_PYTORCH".to_string(), "1".to_string())];
     let path = std::env::var("PATH").unwrap_or_default();
-    let path = if bin.as_os_str().is_empty() || path.split(':').next() == Some(bin.to_str().unwrap_or("")) {
-        path
+    if let Some(path) = python_first_on_path(&py, &path) {
+        build_env.push(("PATH".into(), path));
+    }
+    Ok(Torch { lib_dir: torch_dir.join("lib"), build_env })
+}
+
+/// `path` with `py`'s folder in front, or `None` when it is in front already.
+pub fn python_first_on_path(py: &Path, path: &str) -> Option<String> {
+    let bin = py.parent().filter(|b| !b.as_os_str().is_empty())?;
+    if path.split(':').next() == Some(bin.to_str().unwrap_or("")) {
+        None
     } else {
-        format!("{}:{path}", bin.display())
-    };
-    Ok(Torch {
-        lib_dir: torch_dir.join("lib"),
-        build_env: vec![("LIBTORCH_USE_PYTORCH".into(), "1".into()), ("PATH".into(), path)],
-    })
+        Some(format!("{}:{path}", bin.display()))
+    }
 }
 
 /// The folder of `py`'s torch package, checked to hold libtorch.
@@ -159,6 +169,14 @@ pub fn rustc_version() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_goes_first_on_path_once() {
+        let py = Path::new("/venv/bin/python");
+        assert_eq!(python_first_on_path(py, "/usr/bin:/bin").as_deref(), Some("/venv/bin:/usr/bin:/bin"));
+        assert_eq!(python_first_on_path(py, "/venv/bin:/usr/bin"), None);
+        assert_eq!(python_first_on_path(Path::new("python3"), "/usr/bin"), None);
+    }
 
     #[test]
     fn cells_get_the_prelude_through_its_dylib_where_it_has_one() {

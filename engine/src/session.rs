@@ -107,24 +107,28 @@ fn prepare_process_env_inner(slot_dir: &Path, shim_exe: Option<&Path>) {
         Some(exe) if std::env::var_os(crate::fastbuild::DISABLE_ENV).is_none() => Some(crate::fastbuild::install(&paths::cache_dir(), exe)),
         _ => None,
     };
-    let path = match shim {
+    let shim_dir = match shim {
         None => None,
-        Some(Ok(dir)) => {
-            let mut dirs = vec![dir];
-            dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
-            std::env::join_paths(dirs).ok()
-        }
+        Some(Ok(dir)) => Some(dir),
         Some(Err(e)) => {
             eprintln!("pivot: cell builds go through cargo every time (cannot install the build shim: {e})");
             None
         }
     };
+    let mut path = std::env::var("PATH").unwrap_or_default();
+    if let Some(dir) = &shim_dir {
+        path = format!("{}:{path}", dir.display());
+    }
+    // Our Python in front of that (see `paths::torch`): cargo then needs no PATH of its own.
+    if let Some(with_python) = paths::python_first_on_path(&paths::python(), &path) {
+        path = with_python;
+    }
     // SAFETY: called before any thread is started (documented requirement of this function).
     unsafe {
         std::env::set_var("EVCXR_TMPDIR", slot_dir);
         std::env::set_var("EVCXR_CONFIG_DIR", &config);
-        if let Some(path) = &path {
-            std::env::set_var("PATH", path);
+        std::env::set_var("PATH", &path);
+        if shim_dir.is_some() {
             std::env::set_var(SHIM_ON_ENV, "1");
         }
     }
