@@ -441,13 +441,15 @@ impl Session {
         Ok(session)
     }
 
-    /// `:dep pivot` and the prelude cell (`use pivot::prelude::*`, the panic hook).
+    /// The prelude cell: `:dep pivot` (`paths::prelude_dep`), `use pivot::prelude::*`, the panic hook.
+    fn prelude_cell(&self) -> String {
+        format!(":dep {}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}", paths::prelude_dep(&self.opts.prelude_dir))
+    }
+
+    /// Runs the prelude cell at a start.
     fn load_prelude(&mut self) -> anyhow::Result<()> {
         seed_cargo_lock(&self.opts.prelude_dir);
-        let code = format!(
-            ":dep {}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
-            paths::prelude_dep(&self.opts.prelude_dir)
-        );
+        let code = self.prelude_cell();
         let mut r = self.execute(&code, &|_, _| String::new());
         if r.error.as_ref().is_some_and(|e| e.evalue.contains("--offline") || e.traceback.iter().any(|l| l.contains("--offline"))) {
             // Some crate of the prelude's dependency graph is not in cargo's local cache
@@ -584,10 +586,7 @@ impl Session {
         self.child_pid = pid;
         if code.lines().any(|l| l.trim() == ":clear") && self.opts.preload {
             // `:clear` drops our `:dep`/`use` lines too; bring the prelude back.
-            let code = format!(
-                ":dep {}\nuse pivot::prelude::*;\n{PANIC_HOOK_CODE}",
-                paths::prelude_dep(&self.opts.prelude_dir)
-            );
+            let code = self.prelude_cell();
             let _ = catch(|| self.ctx.execute(&code));
             self.pump.flush();
         }
