@@ -58,7 +58,9 @@ build: venv rust-src cuda-headers
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel -p pivot-repl
 
 # The Jupyter kernel: build it, pre-build the prelude into build slot 0 (so the first notebook
-# cell does not wait for tch and polars), and register "Rust (PIVOT)" in .venv's Jupyter.
+# cell does not wait for tch and polars), and register "Rust (PIVOT)" in .venv's Jupyter. `warm`
+# is a whole engine start (~40 s); it does nothing when it last ran for this same binary, prelude
+# and environment (`--force` makes it run).
 kernel: venv rust-src
 	cargo fetch --quiet
 	CARGO_TARGET_DIR=$(KERNEL_TARGET) cargo build -p pivot-kernel -p pivot-repl
@@ -68,7 +70,8 @@ kernel: venv rust-src
 # The study: every notebooks/NN_*.ipynb in order on the "pivot" kernel, in one folder (OUT), sharing
 # checkpoints through `out_dir`, then an HTML report (OUT/index.html). Re-running skips notebooks
 # already done with the same source; STUDY_ARGS=--force runs them all (see tools/run_study.py).
-# PIVOT_SPARE_ENGINE=1: each notebook's kernel, once its engine is up, starts a spare engine for the
+# PIVOT_SPARE_ENGINE=1: run_study.py starts the first notebook's engine before it (`pivot-kernel
+# spare --detach`), and each notebook's kernel, once its engine is up, starts a spare engine for the
 # next notebook (engine/src/spare.rs), which adopts it instead of starting its own, waiting up to
 # PIVOT_SPARE_WAIT_SECS for it when it is still warming up (run_study.py gives a kernel 1800 s to
 # answer). PIVOT_SPARE_ENGINE=0 turns it off; the last spare exits after PIVOT_SPARE_IDLE_SECS

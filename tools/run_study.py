@@ -127,6 +127,27 @@ class StudyFailure(Exception):
     pass
 
 
+def prestart_engine(out: Path, timeout: int) -> None:
+    """With PIVOT_SPARE_ENGINE=1 (`make demo`), starts the first notebook's engine before it: a
+    spare engine (`pivot-kernel spare --detach`) in the environment and working directory its
+    kernel will have, so that kernel adopts a ready engine (engine/src/spare.rs); every later
+    notebook's kernel adopts the engine its predecessor left. Without it the first kernel starts
+    its own engine (~40 s, most of it rust-analyzer loading the prelude's crate graph) after the
+    notebook began. A failure here only costs that: the notebook starts its engine itself."""
+    if os.environ.get("PIVOT_SPARE_ENGINE") != "1":
+        return
+    spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    env = {**os.environ, **(spec.env or {})}
+    cmd = [spec.argv[0], "spare", "--detach", "--timeout", str(timeout)]
+    t0 = time.monotonic()
+    log("starting the first notebook's engine (a spare engine its kernel adopts)")
+    r = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        log(f"  the engine could not be pre-started (exit {r.returncode}); the first notebook starts its own:\n{r.stderr[-2000:]}")
+        return
+    log(f"  engine ready in {time.monotonic() - t0:.1f} s: {r.stdout.strip()}")
+
+
 class Runner:
     def __init__(self, out: Path, params: dict[str, str], timeout: int, startup_timeout: int):
         self.out = out
@@ -295,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     rerun_rest = args.force
     failure = None
+    prestarted = False
     for src in notebooks:
         dst = out / src.name
         source_sha = sha1(src.read_bytes())
@@ -312,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["status"] = "skipped"
                 row["seconds"] = nbformat.read(dst, as_version=4).metadata.get(META, {}).get("seconds")
         else:
+            if not prestarted:
+                prestart_engine(out, args.startup_timeout)
+                prestarted = True
             rerun_rest = True
             log(f"{src.name}: running ({title})")
             try:

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 const LOCK_FILE: &str = "pivot-slot.lock";
 /// Written after the prelude built successfully in a slot: it may be cloned.
 pub const WARM_MARK: &str = "pivot-warm";
+/// The configuration `pivot-kernel warm` warmed the slot for (`Slot::warmed_for`).
+const WARMED_FOR: &str = "pivot-warmed-for";
 const MAX_SLOTS: usize = 32;
 
 pub struct Slot {
@@ -34,6 +36,14 @@ impl Slot {
     }
     pub fn mark_warm(&self) {
         let _ = std::fs::write(self.dir.join(WARM_MARK), env!("CARGO_PKG_VERSION"));
+    }
+    /// The configuration key (`spare::Config::key`) `pivot-kernel warm` last warmed this slot
+    /// for, if the slot is still warm.
+    pub fn warmed_for(&self) -> Option<String> {
+        self.is_warm().then(|| std::fs::read_to_string(self.dir.join(WARMED_FOR)).ok()).flatten()
+    }
+    pub fn mark_warmed_for(&self, key: &str) {
+        let _ = std::fs::write(self.dir.join(WARMED_FOR), key);
     }
 }
 

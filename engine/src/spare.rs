@@ -907,6 +907,78 @@ pub fn spawn(frontend: Frontend, args: &[&str]) -> anyhow::Result<u32> {
     Ok(pid)
 }
 
+/// A spare that `prestart` saw ready.
+pub struct ReadySpare {
+    pub pid: i32,
+    /// Time from the call to the spare's socket being bound (zero when one was ready already).
+    pub waited: Duration,
+    /// True when this call started the spare, false when it found one (warming up or ready).
+    pub started_here: bool,
+}
+
+/// Makes sure a spare of this process's configuration is ready to be adopted, and waits for it:
+/// one already waiting is kept, one warming up is waited for, otherwise one is started (`spawn`
+/// with `args`). For a launcher that knows the next launches' environment and working directory
+/// (tools/run_study.py, before its first notebook), so that the engine's start happens before
+/// the first notebook instead of inside it. Fails, with the end of the spare's log, if the spare
+/// ends before it is ready or is not ready within `limit`.
+pub fn prestart(frontend: Frontend, args: &[&str], limit: Duration) -> anyhow::Result<ReadySpare> {
+    let key = Config::current(frontend).key();
+    let dir = spares_dir()?;
+    let (sock, log) = (dir.join(format!("{key}.sock")), dir.join(format!("{key}.log")));
+    let t0 = Instant::now();
+    let (pid, started_here) = match (sock.exists(), warming_spare(&dir, &key)) {
+        (true, Some(pid)) => return Ok(ReadySpare { pid, waited: Duration::ZERO, started_here: false }),
+        (_, Some(pid)) => (pid, false),
+        (_, None) => {
+            let log_len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            let pid = spawn(frontend, args)? as i32;
+            // The lock shows the spare's own pid once it has claimed the key; until then (it
+            // is still execing) only the pid we started is known.
+            let claimed = loop {
+                if let Some(p) = warming_spare(&dir, &key).filter(|&p| p == pid) {
+                    break p;
+                }
+                if !alive(pid) {
+                    anyhow::bail!("the spare engine (pid {pid}) ended before it claimed its configuration:\n{}", log_tail(&log, log_len));
+                }
+                if t0.elapsed() > Duration::from_secs(30) {
+                    anyhow::bail!("the spare engine (pid {pid}) did not claim its configuration within 30 s:\n{}", log_tail(&log, log_len));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            (claimed, true)
+        }
+    };
+    loop {
+        if sock.exists() && warming_spare(&dir, &key) == Some(pid) {
+            return Ok(ReadySpare { pid, waited: t0.elapsed(), started_here });
+        }
+        if !alive(pid) {
+            anyhow::bail!("the spare engine (pid {pid}) ended before it was ready:\n{}", log_tail(&log, 0));
+        }
+        if t0.elapsed() > limit {
+            anyhow::bail!("the spare engine (pid {pid}) was not ready after {} s; it keeps warming up for the next launch", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists. A zombie (exited, not yet reaped by
+    // `spawn`'s reaper thread) counts as ended.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
+}
+
+/// The last lines of a spare's log written after byte `from`.
+fn log_tail(log: &Path, from: u64) -> String {
+    let text = std::fs::read(log).unwrap_or_default();
+    let text = String::from_utf8_lossy(&text[(from as usize).min(text.len())..]).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    format!("{} (the whole log: {})", lines[lines.len().saturating_sub(20)..].join("\n"), log.display())
+}
+
 /// The idle timeout: `PIVOT_SPARE_IDLE_SECS` or 20 min.
 pub fn idle_timeout() -> Duration {
     Duration::from_secs(std::env::var(IDLE_ENV).ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_IDLE_SECS))

@@ -3,8 +3,9 @@
 //!   pivot-kernel kernel --connection-file FILE   serve Jupyter (what kernel.json runs)
 //!   pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name N]
 //!   pivot-kernel uninstall [same location flags]
-//!   pivot-kernel warm [--slot K]                 build the prelude into a slot (default 0)
+//!   pivot-kernel warm [--slot K] [--force]       build the prelude into a slot (default 0)
 //!   pivot-kernel spare                           start an engine and wait for a kernel to adopt it
+//!   pivot-kernel spare --detach [--timeout S]    the same in the background; returns once it is ready
 //!   pivot-kernel run NB.ipynb [--allow-errors] [-p name=value]... [--output OUT.ipynb]
 
 use std::path::PathBuf;
@@ -36,8 +37,8 @@ fn main() -> ExitCode {
 const USAGE: &str = "usage: pivot-kernel kernel --connection-file FILE
        pivot-kernel install [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
        pivot-kernel uninstall [--user|--sys-prefix|--prefix P|--dir D] [--name NAME]
-       pivot-kernel warm [--slot K]
-       pivot-kernel spare
+       pivot-kernel warm [--slot K] [--force]
+       pivot-kernel spare [--detach [--timeout SECONDS]]
        pivot-kernel run NOTEBOOK.ipynb [--allow-errors] [-p NAME=RUST_EXPR]... [--output OUT.ipynb]";
 
 fn take_value(args: &[String], i: &mut usize, flag: &str) -> anyhow::Result<String> {
@@ -199,10 +200,25 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "spare" => {
-            if let Some(other) = rest.first() {
-                anyhow::bail!("unknown option {other}\n{USAGE}");
+            let (mut detach, mut timeout) = (false, 1800u64);
+            let mut i = 0;
+            while i < rest.len() {
+                match rest[i].as_str() {
+                    "--detach" => detach = true,
+                    "--timeout" => timeout = take_value(rest, &mut i, "--timeout")?.parse()?,
+                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+                }
+                i += 1;
             }
-            spare()
+            if !detach {
+                return spare();
+            }
+            // The engine of the next kernel launched with this environment and working
+            // directory, started now (tools/run_study.py, before its first notebook).
+            let p = engine::spare::prestart(engine::Frontend::Jupyter, &["spare"], std::time::Duration::from_secs(timeout))?;
+            let how = if p.started_here { "started" } else if p.waited.is_zero() { "found waiting" } else { "found warming up" };
+            println!("spare engine pid {} {how}, ready after {:.1} s", p.pid, p.waited.as_secs_f64());
+            Ok(ExitCode::SUCCESS)
         }
         "install" => {
             let (loc, name) = location(rest)?;
@@ -217,16 +233,26 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "warm" => {
-            let mut want = Some(0);
+            let (mut want, mut force) = (Some(0), false);
             let mut i = 0;
             while i < rest.len() {
                 match rest[i].as_str() {
                     "--slot" => want = Some(take_value(rest, &mut i, "--slot")?.parse()?),
+                    "--force" => force = true,
                     other => anyhow::bail!("unknown option {other}\n{USAGE}"),
                 }
                 i += 1;
             }
             let slot = take_slot(want, std::time::Duration::ZERO)?;
+            // A warm-up is a whole engine start (~40 s, most of it rust-analyzer). Done already for
+            // this configuration (this binary, the prelude's sources and Cargo.lock, the
+            // environment: what keys a spare), the slot's build is current and it would only
+            // repeat it.
+            let key = engine::spare::Config::current(engine::Frontend::Jupyter).key();
+            if !force && slot.warmed_for() == Some(key.clone()) {
+                println!("slot {} ({}) is warm for this configuration already (--force warms it again)", slot.index, slot.dir.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             slot.seed_if_cold();
             let started = std::time::Instant::now();
             let sink: engine::Sink = std::sync::Arc::new(|e| {
@@ -236,6 +262,7 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             });
             let session = engine::Session::start(engine::SessionOptions::new(engine::Frontend::Jupyter)?, sink)?;
             slot.mark_warm();
+            slot.mark_warmed_for(&key);
             drop(session);
             println!("slot {} ({}) is warm: {:.1} s", slot.index, slot.dir.display(), started.elapsed().as_secs_f64());
             Ok(ExitCode::SUCCESS)

@@ -4,11 +4,13 @@
 //!   pivot-repl [--edit-mode emacs|vi] [--no-color]          interactive (stdin is a terminal)
 //!   pivot-repl [options] SCRIPT.rs                          run a script cell by cell
 //!   echo 'CODE' | pivot-repl                                run stdin, statement by statement
+//!   pivot-repl --spare [--detach [--timeout S]]             a pre-started engine for the next REPL
 //!
 //! Environment: PIVOT_REPL_HISTORY (history file; default `<data dir>/pivot-lab/history.txt`),
 //! PIVOT_FIGURES_DIR (where figures are saved; default ./pivot-figures), PIVOT_IMAGES
 //! (kitty|iterm|file: force the image protocol), PIVOT_SLOT (build slot), NO_COLOR, and the
-//! kernel's PIVOT_CACHE_DIR / PIVOT_PYTHON / PIVOT_PRELUDE / PIVOT_INTERRUPT_GRACE_SECS.
+//! kernel's PIVOT_CACHE_DIR / PIVOT_PYTHON / PIVOT_PRELUDE / PIVOT_INTERRUPT_GRACE_SECS;
+//! PIVOT_SPARE_ENGINE=1 keeps a spare engine for the next REPL (`engine::spare`).
 
 mod cells;
 mod engine;
@@ -64,10 +66,11 @@ fn main() -> ExitCode {
     pivot_engine::spare::snapshot_env();
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let result = if argv.first().map(String::as_str) == Some("--spare") {
-        if argv.len() > 1 {
-            Err(anyhow::anyhow!("--spare takes no other arguments"))
-        } else {
-            spare()
+        match &argv[1..] {
+            [] => spare(),
+            [d] if d == "--detach" => prestart(1800),
+            [d, t, secs] if d == "--detach" && t == "--timeout" => secs.parse().map_err(anyhow::Error::from).and_then(prestart),
+            _ => Err(anyhow::anyhow!("usage: pivot-repl --spare [--detach [--timeout SECONDS]]")),
         }
     } else {
         real_main(argv, None)
@@ -114,6 +117,27 @@ fn spare() -> anyhow::Result<ExitCode> {
     };
     spare::record_adoption(&adoption, session.startup, warm.cpu_s, 1);
     real_main(adoption.args, Some(Prestarted { session, switch, slot }))
+}
+
+/// `pivot-repl --spare --detach`: a spare (`spare`) in the background for the next `pivot-repl`
+/// launched with this environment and working directory; returns once it is ready.
+fn prestart(timeout_s: u64) -> anyhow::Result<ExitCode> {
+    let p = pivot_engine::spare::prestart(pivot_engine::Frontend::Repl, &["--spare"], std::time::Duration::from_secs(timeout_s))?;
+    let how = if p.started_here { "started" } else if p.waited.is_zero() { "found waiting" } else { "found warming up" };
+    println!("spare engine pid {} {how}, ready after {:.1} s", p.pid, p.waited.as_secs_f64());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// With `PIVOT_SPARE_ENGINE=1`, once this REPL's engine is up: a spare for the next `pivot-repl`
+/// of this configuration (environment, working directory), which adopts it instead of starting
+/// its own engine.
+pub fn keep_a_spare() {
+    if std::env::var(pivot_engine::spare::ENABLE_ENV).is_ok_and(|v| v == "1") {
+        match pivot_engine::spare::spawn(pivot_engine::Frontend::Repl, &["--spare"]) {
+            Ok(pid) => eprintln!("pivot-repl: started spare engine pid {pid} for the next REPL ({}=1)", pivot_engine::spare::ENABLE_ENV),
+            Err(e) => eprintln!("pivot-repl: could not start a spare engine: {e:#}"),
+        }
+    }
 }
 
 /// ", N builds, code ran T s" for the timing notes: where a cell's time went.

@@ -1,9 +1,12 @@
 """tools/run_study.py (`make demo`) on two tiny notebooks and the real "pivot" kernel: a shared
 `out_dir`, the HTML report with embedded figures, a failing cell that stops the run with the
-notebook and cell named, and a re-run that reuses the notebook already done."""
+notebook and cell named, and a re-run that reuses the notebook already done. As in `make demo`
+(PIVOT_SPARE_ENGINE=1), the first notebook's engine is started before it (`pivot-kernel spare
+--detach`) and its kernel adopts that engine."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from pivot_testing import built_binary
+from pivot_testing import SpareChain, built_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNNER = ROOT / "tools" / "run_study.py"
@@ -65,9 +68,24 @@ def test_study_runs_in_order_reports_failures_and_resumes(tmp_path, env):
     notebook(nb_dir / "01_write.ipynb", "Write", WRITE)
     notebook(nb_dir / "02_read.ipynb", "Read", [READ, 'assert_eq!(got.len(), 0, "checks fail here");', 'println!("not reached");'])
 
+    chain = SpareChain(idle_s=300)
+    env = {**env, **chain.env}
+    try:
+        check_runs(nb_dir, out, env)
+    finally:
+        chain.stop()
+
+
+def check_runs(nb_dir: Path, out: Path, env: dict) -> None:
     r = run(nb_dir, out, env)
     log = r.stdout + r.stderr
     assert r.returncode == 1, log
+    # The first notebook's kernel adopted the engine started before it (its own stderr is the runner's).
+    started = re.search(r"engine ready in [0-9.]+ s: spare engine pid (\d+) started", log)
+    assert started, log
+    first = log.index("01_write.ipynb: running")
+    assert log.index(started.group(0)) < first, log
+    assert re.search(rf"handed .+? over to the spare engine pid {started.group(1)} \(", log[first:]), log
     assert "02_read.ipynb failed at cell 5 of 6 (code cell 4 of 5): assert_eq!(got.len(), 0" in log, log
     assert "checks fail here" in log, log
     # 01 wrote into the shared folder and 02 read it there (the injected out_dir, not the default).
