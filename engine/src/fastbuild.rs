@@ -63,12 +63,14 @@ pub fn install(cache_dir: &Path, exe: &Path) -> std::io::Result<PathBuf> {
     let exe = exe.canonicalize()?;
     let dir = cache_dir.join("fastbuild-bin").join(format!("{:x}", fnv(exe.as_os_str().as_encoded_bytes())));
     std::fs::create_dir_all(&dir)?;
-    let link = dir.join(SHIM_NAME);
-    if std::fs::read_link(&link).ok().as_deref() != Some(exe.as_path()) {
-        let tmp = dir.join(format!(".{SHIM_NAME}.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&exe, &tmp)?;
-        std::fs::rename(&tmp, &link)?;
+    for name in [SHIM_NAME, crate::celllink::LINKER_NAME] {
+        let link = dir.join(name);
+        if std::fs::read_link(&link).ok().as_deref() != Some(exe.as_path()) {
+            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&exe, &tmp)?;
+            std::fs::rename(&tmp, &link)?;
+        }
     }
     Ok(dir)
 }
@@ -76,8 +78,11 @@ pub fn install(cache_dir: &Path, exe: &Path) -> std::io::Result<PathBuf> {
 /// Call first in `main`: when this process was started as the `mold` shim, runs it and exits.
 pub fn shim_hook() {
     let mut args = std::env::args_os();
-    let is_shim = args.next().is_some_and(|a0| Path::new(&a0).file_name().is_some_and(|n| n == SHIM_NAME));
-    if !is_shim {
+    let name = args.next().and_then(|a0| Path::new(&a0).file_name().map(|n| n.to_owned()));
+    if name.as_deref() == Some(crate::celllink::LINKER_NAME.as_ref()) {
+        std::process::exit(crate::celllink::link_main(&args.collect::<Vec<_>>()));
+    }
+    if name.as_deref() != Some(SHIM_NAME.as_ref()) {
         return;
     }
     let rest: Vec<OsString> = args.collect();
@@ -97,8 +102,18 @@ pub fn wrapper_hook() {
     let Some(dir) = std::env::var_os(RECORD_ENV).map(PathBuf::from) else { return };
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
     let Some((rustc, rest)) = args.split_first() else { return };
-    let text: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let mut rest = rest.to_vec();
+    let mut text: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     if text.windows(2).any(|w| w[0] == "--crate-name" && w[1] == "ctx") {
+        // The cell links through `celllink` unless a linker was configured: this executable's
+        // `pivot-cc` link, which `install` made beside the `mold` that runs this build.
+        let configured = text.iter().any(|a| a.starts_with("linker=") || a.starts_with("-Clinker="));
+        let linker = std::env::current_exe().ok().and_then(|exe| install(&crate::paths::cache_dir(), &exe).ok()).map(|d| d.join(crate::celllink::LINKER_NAME));
+        if let (false, Some(linker)) = (configured, linker) {
+            let flag = format!("linker={}", linker.display());
+            rest.extend([OsString::from("-C"), OsString::from(&flag)]);
+            text.extend(["-C".to_string(), flag]);
+        }
         let env: BTreeMap<String, String> = std::env::vars_os()
             .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
             .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
@@ -107,7 +122,7 @@ pub fn wrapper_hook() {
         let _ = std::fs::create_dir_all(&dir);
         let _ = std::fs::write(dir.join("ctx.json"), json!({ "args": text, "env": env, "cwd": cwd }).to_string());
     }
-    let code = match Command::new(rustc).args(rest).env_remove(RECORD_ENV).status() {
+    let code = match Command::new(rustc).args(&rest).env_remove(RECORD_ENV).status() {
         Ok(s) => s.code().unwrap_or(101),
         Err(e) => {
             eprintln!("pivot: cannot run {}: {e}", Path::new(rustc).display());
@@ -226,7 +241,11 @@ fn inputs(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Value {
         .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
         .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
         .collect();
+    // This executable records and rewrites the invocation (`wrapper_hook`): another build of it
+    // may record another one.
+    let exe = std::env::current_exe().ok().and_then(|p| std::fs::metadata(&p).ok().map(|m| format!("{} {} {:?}", p.display(), m.len(), m.modified().ok())));
     json!({
+        "engine": exe,
         "cargo": cargo.to_string_lossy(),
         "args": args.iter().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>(),
         "env": env,

@@ -7,6 +7,7 @@
 //! Jupyter wire protocol (libzmq, tokio, hmac) is linked here, so the REPL does not carry it.
 
 pub mod buildlog;
+pub mod celllink;
 pub mod child;
 pub mod fastbuild;
 pub mod jobctl;
