@@ -13,7 +13,7 @@
 //! executable as its linker under the name `pivot-cc` (`link_main`). It drops `-lNAME` when
 //! `libNAME.so` is among the DT_NEEDED entries of a Rust dylib on the same command line, keeps
 //! the C runtime's own libraries, and runs `cc` with the rest, as rustc would have. A library the
-//! dylibs do not already load (a cell's own `#[link]`) is kept.
+//! dylibs do not already load (a cell's own `#[link]`) is kept. `PIVOT_NO_CELLLINK=1` turns it off.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -21,6 +21,8 @@ use std::path::Path;
 
 /// The name rustc runs as the cell's linker; `fastbuild::install` puts it beside `mold`.
 pub const LINKER_NAME: &str = "pivot-cc";
+/// Set (to anything): cells link with every library rustc names, as without this module.
+pub const DISABLE_ENV: &str = "PIVOT_NO_CELLLINK";
 /// The linker rustc runs for this target when none is configured (`-C linker`).
 const DEFAULT_LINKER: &str = "cc";
 /// Kept even when a dylib needs them: the C runtime, which costs the linker nothing.

@@ -107,7 +107,8 @@ pub fn wrapper_hook() {
     if text.windows(2).any(|w| w[0] == "--crate-name" && w[1] == "ctx") {
         // The cell links through `celllink` unless a linker was configured: this executable's
         // `pivot-cc` link, which `install` made beside the `mold` that runs this build.
-        let configured = text.iter().any(|a| a.starts_with("linker=") || a.starts_with("-Clinker="));
+        let configured = text.iter().any(|a| a.starts_with("linker=") || a.starts_with("-Clinker="))
+            || std::env::var_os(crate::celllink::DISABLE_ENV).is_some();
         let linker = std::env::current_exe().ok().and_then(|exe| install(&crate::paths::cache_dir(), &exe).ok()).map(|d| d.join(crate::celllink::LINKER_NAME));
         if let (false, Some(linker)) = (configured, linker) {
             let flag = format!("linker={}", linker.display());
