@@ -927,11 +927,12 @@ pub fn prestart(frontend: Frontend, args: &[&str], limit: Duration) -> anyhow::R
     let dir = spares_dir()?;
     let (sock, log) = (dir.join(format!("{key}.sock")), dir.join(format!("{key}.log")));
     let t0 = Instant::now();
+    // What the log held before: an error shows only what this spare wrote.
+    let log_len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let (pid, started_here) = match (sock.exists(), warming_spare(&dir, &key)) {
         (true, Some(pid)) => return Ok(ReadySpare { pid, waited: Duration::ZERO, started_here: false }),
         (_, Some(pid)) => (pid, false),
         (_, None) => {
-            let log_len = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
             let pid = spawn(frontend, args)? as i32;
             // The lock shows the spare's own pid once it has claimed the key; until then (it
             // is still execing) only the pid we started is known.
@@ -951,11 +952,17 @@ pub fn prestart(frontend: Frontend, args: &[&str], limit: Duration) -> anyhow::R
         }
     };
     loop {
-        if sock.exists() && warming_spare(&dir, &key) == Some(pid) {
+        let holder = warming_spare(&dir, &key);
+        if sock.exists() && holder == Some(pid) {
             return Ok(ReadySpare { pid, waited: t0.elapsed(), started_here });
         }
         if !alive(pid) {
-            anyhow::bail!("the spare engine (pid {pid}) ended before it was ready:\n{}", log_tail(&log, 0));
+            anyhow::bail!("the spare engine (pid {pid}) ended before it was ready:\n{}", log_tail(&log, log_len));
+        }
+        if holder.is_none_or(|h| h != pid && h != 0) {
+            // It let go of its configuration while alive: a launch adopted it between two looks.
+            // (0: the lock file was being rewritten as we read it.)
+            anyhow::bail!("the spare engine (pid {pid}) was adopted by another launch as soon as it was ready");
         }
         if t0.elapsed() > limit {
             anyhow::bail!("the spare engine (pid {pid}) was not ready after {} s; it keeps warming up for the next launch", limit.as_secs());

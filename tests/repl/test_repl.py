@@ -282,16 +282,50 @@ def wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+class DetachedSpare:
+    """A spare started with `--detach` (not a child of this test): ended by pid at the end."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def stop(self) -> None:
+        import signal
+
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.time() + wait
+            while time.time() < deadline:
+                try:
+                    state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    return
+                if state == "Z":
+                    return
+                time.sleep(0.2)
+
+
 def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_path: Path):
     """Job control through a spare's adoption (engine/src/jobctl.rs). The adopted engine runs in a
     session of its own, where a stop signal does nothing; Ctrl-Z must still suspend the REPL as
     the shell sees it (the launcher) and the engine with it, and `fg` must bring both back with
     the session's variables. Both at the prompt (rustyline reads Ctrl-Z as a key) and while a
-    cell runs (the terminal sends SIGTSTP to the launcher). Cost: one spare's start."""
+    cell runs (the terminal sends SIGTSTP to the launcher). The spare is started as a user starts
+    one by hand, `pivot-repl --spare --detach`, which returns once it is ready. Cost: one spare's
+    start."""
     if shutil.which("tmux") is None or shutil.which("bash") is None:
         pytest.skip("tmux and bash are needed (apt-get install -y tmux)")
     env, assign = terminal_env(tmp_path, tmp_path / "h.txt")
-    spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
+    r = subprocess.run([str(BIN), "--spare", "--detach", "--timeout", str(int(STARTUP_TIMEOUT))], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=STARTUP_TIMEOUT + 60)
+    ready = re.search(r"^spare engine pid (\d+) started, ready after [0-9.]+ s$", r.stdout, re.M)
+    assert r.returncode == 0 and ready, (r.returncode, r.stdout, r.stderr)
+    spare = DetachedSpare(int(ready.group(1)))
+    # A second call finds it waiting instead of starting another.
+    again = subprocess.run([str(BIN), "--spare", "--detach"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert again.stdout.strip() == f"spare engine pid {spare.pid} found waiting, ready after 0.0 s", (again.stdout, again.stderr)
     # An interactive shell: job control (Ctrl-Z, fg) is what is tested.
     t = Tmux("env -i TERM=xterm-256color PS1='$ ' bash --norc --noprofile -i", tmp_path)
     try:
