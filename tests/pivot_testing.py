@@ -162,20 +162,25 @@ class SpareChain:
         return pids
 
     def stop(self) -> None:
-        import signal
-        import time
+        stop_pids(self.spare_pids())
 
-        pids = self.spare_pids()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        deadline = time.time() + 30
-        while pids and time.time() < deadline:
-            pids = [p for p in pids if Path(f"/proc/{p}").exists() and b"(Z" not in Path(f"/proc/{p}/stat").read_bytes()[:64]]
-            time.sleep(0.2)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+
+def stop_pids(pids: list[int], grace_s: float = 30.0) -> None:
+    """SIGTERM to each process, up to `grace_s` for them to end (a zombie has ended), then SIGKILL
+    to those left: for spares that are not this test's children (started detached)."""
+    import signal
+    import time
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while pids and time.time() < deadline:
+        pids = [p for p in pids if Path(f"/proc/{p}").exists() and b"(Z" not in Path(f"/proc/{p}/stat").read_bytes()[:64]]
+        time.sleep(0.2)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager

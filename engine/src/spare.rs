@@ -971,6 +971,32 @@ pub fn prestart(frontend: Frontend, args: &[&str], limit: Duration) -> anyhow::R
     }
 }
 
+impl std::fmt::Display for ReadySpare {
+    /// The line `pivot-kernel spare --detach` and `pivot-repl --spare --detach` print (run_study.py
+    /// and the tests read it).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = if self.started_here { "started" } else if self.waited.is_zero() { "found waiting" } else { "found warming up" };
+        write!(f, "spare engine pid {} {how}, ready after {:.1} s", self.pid, self.waited.as_secs_f64())
+    }
+}
+
+/// With `PIVOT_SPARE_ENGINE=1`, once a front end's engine is up: a spare for the next launch of
+/// its configuration (`spawn` with `args`, the front end's spare subcommand), with one line on
+/// stderr saying so. The kernel and the REPL call it.
+pub fn keep_one(frontend: Frontend, args: &[&str]) {
+    if !std::env::var(ENABLE_ENV).is_ok_and(|v| v == "1") {
+        return;
+    }
+    let (program, next) = match frontend {
+        Frontend::Jupyter => ("pivot-kernel", "kernel"),
+        Frontend::Repl => ("pivot-repl", "REPL"),
+    };
+    match spawn(frontend, args) {
+        Ok(pid) => eprintln!("{program}: started spare engine pid {pid} for the next {next} ({ENABLE_ENV}=1)"),
+        Err(e) => eprintln!("{program}: could not start a spare engine: {e:#}"),
+    }
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists. A zombie (exited, not yet reaped by
     // `spawn`'s reaper thread) counts as ended.

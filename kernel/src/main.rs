@@ -215,9 +215,8 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             }
             // The engine of the next kernel launched with this environment and working
             // directory, started now (tools/run_study.py, before its first notebook).
-            let p = engine::spare::prestart(engine::Frontend::Jupyter, &["spare"], std::time::Duration::from_secs(timeout))?;
-            let how = if p.started_here { "started" } else if p.waited.is_zero() { "found waiting" } else { "found warming up" };
-            println!("spare engine pid {} {how}, ready after {:.1} s", p.pid, p.waited.as_secs_f64());
+            let ready = engine::spare::prestart(engine::Frontend::Jupyter, &["spare"], std::time::Duration::from_secs(timeout))?;
+            println!("{ready}");
             Ok(ExitCode::SUCCESS)
         }
         "install" => {
@@ -249,7 +248,7 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             // environment: what keys a spare), the slot's build is current and it would only
             // repeat it.
             let key = engine::spare::Config::current(engine::Frontend::Jupyter).key();
-            if !force && slot.warmed_for() == Some(key.clone()) {
+            if !force && slot.warmed_for().as_deref() == Some(key.as_str()) {
                 println!("slot {} ({}) is warm for this configuration already (--force warms it again)", slot.index, slot.dir.display());
                 return Ok(ExitCode::SUCCESS);
             }

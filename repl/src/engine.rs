@@ -68,7 +68,7 @@ impl Engine {
         std::thread::Builder::new()
             .name("pivot-engine".into())
             .spawn(move || {
-                crate::keep_a_spare();
+                pivot_engine::spare::keep_one(Frontend::Repl, &["--spare"]);
                 serve(session, rx);
                 drop(slot);
             })
@@ -171,7 +171,7 @@ fn run(
         let code = "let _pivot_warmup = 1u8;\n_pivot_warm";
         let _ = session.complete(code, code.len());
     }
-    crate::keep_a_spare();
+    pivot_engine::spare::keep_one(Frontend::Repl, &["--spare"]);
     serve(session, rx);
     drop(slot);
 }

@@ -122,22 +122,9 @@ fn spare() -> anyhow::Result<ExitCode> {
 /// `pivot-repl --spare --detach`: a spare (`spare`) in the background for the next `pivot-repl`
 /// launched with this environment and working directory; returns once it is ready.
 fn prestart(timeout_s: u64) -> anyhow::Result<ExitCode> {
-    let p = pivot_engine::spare::prestart(pivot_engine::Frontend::Repl, &["--spare"], std::time::Duration::from_secs(timeout_s))?;
-    let how = if p.started_here { "started" } else if p.waited.is_zero() { "found waiting" } else { "found warming up" };
-    println!("spare engine pid {} {how}, ready after {:.1} s", p.pid, p.waited.as_secs_f64());
+    let ready = pivot_engine::spare::prestart(pivot_engine::Frontend::Repl, &["--spare"], std::time::Duration::from_secs(timeout_s))?;
+    println!("{ready}");
     Ok(ExitCode::SUCCESS)
-}
-
-/// With `PIVOT_SPARE_ENGINE=1`, once this REPL's engine is up: a spare for the next `pivot-repl`
-/// of this configuration (environment, working directory), which adopts it instead of starting
-/// its own engine.
-pub fn keep_a_spare() {
-    if std::env::var(pivot_engine::spare::ENABLE_ENV).is_ok_and(|v| v == "1") {
-        match pivot_engine::spare::spawn(pivot_engine::Frontend::Repl, &["--spare"]) {
-            Ok(pid) => eprintln!("pivot-repl: started spare engine pid {pid} for the next REPL ({}=1)", pivot_engine::spare::ENABLE_ENV),
-            Err(e) => eprintln!("pivot-repl: could not start a spare engine: {e:#}"),
-        }
-    }
 }
 
 /// ", N builds, code ran T s" for the timing notes: where a cell's time went.

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from pivot_testing import STARTUP_TIMEOUT, Spare, built_binary
+from pivot_testing import STARTUP_TIMEOUT, Spare, built_binary, stop_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 CELL_TIMEOUT = 240.0
@@ -282,31 +282,6 @@ def wait_state(pid: int, state: str, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-class DetachedSpare:
-    """A spare started with `--detach` (not a child of this test): ended by pid at the end."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-
-    def stop(self) -> None:
-        import signal
-
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.kill(self.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.time() + wait
-            while time.time() < deadline:
-                try:
-                    state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                except (OSError, IndexError):
-                    return
-                if state == "Z":
-                    return
-                time.sleep(0.2)
-
-
 def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_path: Path):
     """Job control through a spare's adoption (engine/src/jobctl.rs). The adopted engine runs in a
     session of its own, where a stop signal does nothing; Ctrl-Z must still suspend the REPL as
@@ -322,10 +297,10 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
                        capture_output=True, text=True, timeout=STARTUP_TIMEOUT + 60)
     ready = re.search(r"^spare engine pid (\d+) started, ready after [0-9.]+ s$", r.stdout, re.M)
     assert r.returncode == 0 and ready, (r.returncode, r.stdout, r.stderr)
-    spare = DetachedSpare(int(ready.group(1)))
+    spare_pid = int(ready.group(1))
     # A second call finds it waiting instead of starting another.
     again = subprocess.run([str(BIN), "--spare", "--detach"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert again.stdout.strip() == f"spare engine pid {spare.pid} found waiting, ready after 0.0 s", (again.stdout, again.stderr)
+    assert again.stdout.strip() == f"spare engine pid {spare_pid} found waiting, ready after 0.0 s", (again.stdout, again.stderr)
     # An interactive shell: job control (Ctrl-Z, fg) is what is tested.
     t = Tmux("env -i TERM=xterm-256color PS1='$ ' bash --norc --noprofile -i", tmp_path)
     try:
@@ -340,9 +315,9 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
         # At the prompt.
         t.keys("C-z")
         stopped = t.wait_for(r"Stopped", after=first.end())
-        wait_state(spare.pid, "T")
+        wait_state(spare_pid, "T")
         t.line("fg")
-        wait_state(spare.pid, "S")
+        wait_state(spare_pid, "S")
         t.line("keep * 2")
         second = t.wait_for(r"^82$", after=stopped.end())
 
@@ -351,7 +326,7 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
         running = t.wait_for(r"^sleeping$", after=second.end())
         t.keys("C-z")
         stopped = t.wait_for(r"Stopped", after=running.end())
-        wait_state(spare.pid, "T")
+        wait_state(spare_pid, "T")
         time.sleep(1.0)
         assert not re.search(r"^141$", t.screen()[stopped.end():], re.M), "the cell went on while stopped"
         t.line("fg")
@@ -367,9 +342,9 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
         listed = t.wait_for(r"^\$ jobs$", after=stopped.end())
         t.wait_for(r"Stopped", after=listed.end())
         assert "Running" not in t.screen()[listed.end():], t.screen()
-        assert proc_state(spare.pid) == "T"
+        assert proc_state(spare_pid) == "T"
         t.line("fg")
-        wait_state(spare.pid, "S")
+        wait_state(spare_pid, "S")
         t.line("keep - 1")
         last = t.wait_for(r"^40$", after=stopped.end())
         t.keys("C-d")
@@ -381,4 +356,4 @@ def test_ctrl_z_suspends_an_adopted_repl_with_its_engine_and_fg_resumes_it(tmp_p
         assert "is gone" not in t.screen()[last.end():], t.screen()
     finally:
         t.close()
-        spare.stop()
+        stop_pids([spare_pid])

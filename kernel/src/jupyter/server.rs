@@ -632,16 +632,6 @@ fn engine_sink(shared: &Arc<Shared>) -> engine::Sink {
     })
 }
 
-/// With `PIVOT_SPARE_ENGINE=1`, once this kernel's engine is up: a spare for the next kernel.
-fn keep_a_spare() {
-    if std::env::var(engine::spare::ENABLE_ENV).is_ok_and(|v| v == "1") {
-        match engine::spare::spawn(Frontend::Jupyter, &["spare"]) {
-            Ok(pid) => eprintln!("pivot-kernel: started spare engine pid {pid} for the next kernel ({}=1)", engine::spare::ENABLE_ENV),
-            Err(e) => eprintln!("pivot-kernel: could not start a spare engine: {e:#}"),
-        }
-    }
-}
-
 fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, slot: slots::Slot, prestarted: Option<Prestarted>) {
     let sink = engine_sink(&shared);
     buildlog::set_sink(Some(sink.clone()));
@@ -657,7 +647,7 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
         shared.ready.store(true, Ordering::SeqCst);
         // A recycled engine becomes the next spare itself when this kernel ends.
         if !engine::spare::recycling() {
-            keep_a_spare();
+            engine::spare::keep_one(Frontend::Jupyter, &["spare"]);
         }
     }
     let start = |session: &mut Option<Session>, start_error: &mut Option<String>, slot: &slots::Slot| {
@@ -686,7 +676,7 @@ fn engine_thread(shared: Arc<Shared>, jobs: crossbeam_channel::Receiver<Job>, sl
     if session.is_none() {
         start(&mut session, &mut start_error, &slot);
         if session.is_some() {
-            keep_a_spare();
+            engine::spare::keep_one(Frontend::Jupyter, &["spare"]);
         }
     }
 
