@@ -205,7 +205,10 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             while i < rest.len() {
                 match rest[i].as_str() {
                     "--detach" => detach = true,
-                    "--timeout" => timeout = take_value(rest, &mut i, "--timeout")?.parse()?,
+                    "--timeout" => {
+                        let v = take_value(rest, &mut i, "--timeout")?;
+                        timeout = v.parse().map_err(|e| anyhow::anyhow!("--timeout wants whole seconds, got {v:?} ({e})"))?;
+                    }
                     other => anyhow::bail!("unknown option {other}\n{USAGE}"),
                 }
                 i += 1;

@@ -69,7 +69,9 @@ fn main() -> ExitCode {
         match &argv[1..] {
             [] => spare(),
             [d] if d == "--detach" => prestart(1800),
-            [d, t, secs] if d == "--detach" && t == "--timeout" => secs.parse().map_err(anyhow::Error::from).and_then(prestart),
+            [d, t, secs] if d == "--detach" && t == "--timeout" => {
+                secs.parse().map_err(|e| anyhow::anyhow!("--timeout wants whole seconds, got {secs:?} ({e})")).and_then(prestart)
+            }
             _ => Err(anyhow::anyhow!("usage: pivot-repl --spare [--detach [--timeout SECONDS]]")),
         }
     } else {
