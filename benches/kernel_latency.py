@@ -128,16 +128,20 @@ def pct(v: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
-def repl_warm_start(binary: Path, out_dir: str, spare: bool = False) -> None:
+def repl_warm_start(binary: Path, out_dir: str, spare: bool = False, recycled: int = 0) -> None:
     """`pivot-repl SCRIPT` on a script whose first cell is the parameters cell: the REPL's own
     timing line gives engine start and start -> that cell done (PIVOT_REPL_TIMINGS=1; with a
-    spare, from the handover)."""
+    spare, from the handover). `recycled` > 0 (with a spare, PIVOT_SPARE_ENGINE=1): that many
+    more launches follow back to back, each adopting the spare's engine recycled after the one
+    before (a launch that comes before the recycling is done waits for it: counted)."""
     import re
 
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "params.rs"
         script.write_text(PARAMS_CELL + "\n// %%\nsteps * 2 + 1\n")
         env = dict(os.environ, PIVOT_REPL_TIMINGS="1", NO_COLOR="1")
+        if recycled:
+            env.update(PIVOT_SPARE_ENGINE="1", PIVOT_SPARE_WAIT_SECS="120")
         sp, spare_start = None, None
         if spare:
             t = time.perf_counter()
@@ -146,6 +150,15 @@ def repl_warm_start(binary: Path, out_dir: str, spare: bool = False) -> None:
         t0 = time.perf_counter()
         r = subprocess.run([str(binary), str(script)], capture_output=True, text=True, cwd=tmp, env=env, timeout=3600)
         wall = time.perf_counter() - t0
+        again = []
+        for _ in range(recycled if sp is not None else 0):
+            t = time.perf_counter()
+            ra = subprocess.run([str(binary), str(script)], capture_output=True, text=True, cwd=tmp, env=env, timeout=600)
+            w = time.perf_counter() - t
+            ma = re.search(r"first result ([0-9.]+) s", ra.stderr)
+            if ra.returncode != 0 or not ma or f"adopted spare engine pid {sp.pid}" not in ra.stderr:
+                raise RuntimeError(f"a launch after the first did not run on the recycled engine ({ra.returncode}):\n{ra.stderr}")
+            again.append({"process_wall_s": w, "start_to_params_cell_done_s": float(ma.group(1))})
         if sp is not None:
             sp.stop()
     m = re.search(r"engine ready ([0-9.]+) s, first result ([0-9.]+) s", r.stderr)
@@ -153,9 +166,16 @@ def repl_warm_start(binary: Path, out_dir: str, spare: bool = False) -> None:
         raise RuntimeError(f"pivot-repl failed ({r.returncode}):\n{r.stderr}")
     res = {"kernel": "pivot-repl" + ("-spare" if spare else ""), "engine_ready_s": float(m.group(1)), "start_to_params_cell_done_s": float(m.group(2)),
            "process_wall_s": wall, "spare_start_s": spare_start, "timing_lines": [l for l in r.stderr.splitlines() if "[timings]" in l],
-           "machine": {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()}}
+           "recycled_launches": again, "machine": {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()}}
+    if again:
+        res["kernel"] += "-recycled"
     print(f"{res['kernel']}: engine ready {res['engine_ready_s']:.2f} s, warm start to the parameters cell done "
           f"{res['start_to_params_cell_done_s']:.2f} s (whole script {wall:.2f} s)")
+    if again:
+        walls = [x["process_wall_s"] for x in again]
+        firsts = [x["start_to_params_cell_done_s"] for x in again]
+        print(f"  {len(again)} launches back to back on the recycled engine: whole script p50 {statistics.median(walls):.2f} s "
+              f"(max {max(walls):.2f}), launch to the parameters cell done p50 {statistics.median(firsts):.2f} s (max {max(firsts):.2f})")
     os.makedirs(out_dir, exist_ok=True)
     path = Path(out_dir) / f"repl-warm-start-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(res, indent=1))
@@ -175,9 +195,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
     ap.add_argument("--repl", default=None, help="measure the warm start of this pivot-repl binary instead")
     ap.add_argument("--spare", action="store_true", help="start a spare engine first and measure the launch that adopts it")
+    ap.add_argument("--recycled", type=int, default=0, help="with --repl --spare: this many more launches back to back on the recycled engine")
     a = ap.parse_args()
     if a.repl:
-        repl_warm_start(Path(a.repl), a.out, a.spare)
+        repl_warm_start(Path(a.repl), a.out, a.spare, a.recycled)
         return
 
     env_path = None

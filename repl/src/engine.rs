@@ -21,6 +21,8 @@ pub type Completions = (usize, usize, Vec<(String, String)>);
 enum Request {
     Execute(String, Sender<CellResult>),
     Complete(String, usize, Sender<Completions>),
+    /// Stop serving and hand the session and its slot back (`Engine::finish`).
+    Finish(Sender<(Session, slots::Slot)>),
 }
 
 struct Shared {
@@ -68,9 +70,11 @@ impl Engine {
         std::thread::Builder::new()
             .name("pivot-engine".into())
             .spawn(move || {
-                pivot_engine::spare::keep_one(Frontend::Repl, &["--spare"]);
-                serve(session, rx);
-                drop(slot);
+                // A recycled engine becomes the next spare itself when this REPL ends.
+                if !pivot_engine::spare::recycling() {
+                    pivot_engine::spare::keep_one(Frontend::Repl, &["--spare"]);
+                }
+                serve(session, slot, rx);
             })
             .expect("spawn engine thread");
         Engine { state, tx, started, ready_after, pending }
@@ -112,6 +116,19 @@ impl Engine {
             return dead();
         }
         rx.recv().unwrap_or_else(|_| dead())
+    }
+
+    /// The session and its build slot, back from the engine thread once it is idle: for a spare
+    /// engine to serve the next REPL (`pivot_engine::spare::recycling`). None if the engine never
+    /// started, has gone, or is still busy after 5 s (a completion; cells run on the caller's
+    /// thread, so none is running).
+    pub fn finish(&self) -> Option<(Session, slots::Slot)> {
+        if !self.is_ready() {
+            return None;
+        }
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.tx.send(Request::Finish(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(5)).ok()
     }
 
     /// Completions, or nothing while the engine is still starting or too slow to answer.
@@ -172,11 +189,12 @@ fn run(
         let _ = session.complete(code, code.len());
     }
     pivot_engine::spare::keep_one(Frontend::Repl, &["--spare"]);
-    serve(session, rx);
-    drop(slot);
+    serve(session, slot, rx);
 }
 
-fn serve(mut session: Session, rx: Receiver<Request>) {
+/// Serves requests until the front end goes (the session ends with the thread, the slot's lock
+/// with it) or asks for the session back.
+fn serve(mut session: Session, slot: slots::Slot, rx: Receiver<Request>) {
     for req in rx {
         match req {
             Request::Execute(code, reply) => {
@@ -185,6 +203,10 @@ fn serve(mut session: Session, rx: Receiver<Request>) {
             }
             Request::Complete(code, pos, reply) => {
                 let _ = reply.send(session.complete(&code, pos));
+            }
+            Request::Finish(reply) => {
+                let _ = reply.send((session, slot));
+                return;
             }
         }
     }

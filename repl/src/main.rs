@@ -75,20 +75,25 @@ fn main() -> ExitCode {
             _ => Err(anyhow::anyhow!("usage: pivot-repl --spare [--detach [--timeout SECONDS]]")),
         }
     } else {
-        real_main(argv, None)
+        real_main(argv)
     };
-    let code = match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("pivot-repl: {e:#}");
-            ExitCode::FAILURE
-        }
-    };
+    let code = report(result);
     if pivot_engine::spare::adopted() {
         // The launcher exits with this status.
         pivot_engine::spare::exit(if code == ExitCode::SUCCESS { 0 } else { 1 });
     }
     code
+}
+
+/// The exit status of a REPL's result, with the error (if any) on stderr.
+fn report(result: anyhow::Result<ExitCode>) -> ExitCode {
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pivot-repl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// A session a spare engine started before this REPL was launched.
@@ -101,10 +106,14 @@ struct Prestarted {
 /// `pivot-repl --spare`: starts an engine as the REPL would (same slot choice, same session),
 /// makes rust-analyzer do its first inference, and waits for a `pivot-repl` of the same
 /// configuration to hand over its terminal and arguments (`pivot_engine::spare`); then it is
-/// that REPL.
+/// that REPL. With `PIVOT_SPARE_ENGINE=1` the engine is recycled when that REPL ends (its script
+/// done, or the user quit at the prompt, with no cell running): the launcher exits with the
+/// REPL's status, `Session::recycle` gives the engine a fresh child process and evcxr state
+/// while rust-analyzer and the build slot stay warm, and it waits for the next `pivot-repl` of
+/// this configuration, as the kernel's spare does.
 fn spare() -> anyhow::Result<ExitCode> {
     use pivot_engine::spare;
-    let Some(claim) = spare::claim(pivot_engine::Frontend::Repl)? else {
+    let Some(mut claim) = spare::claim(pivot_engine::Frontend::Repl)? else {
         eprintln!("pivot-repl --spare: a spare engine for this configuration is already running");
         return Ok(ExitCode::SUCCESS);
     };
@@ -112,13 +121,49 @@ fn spare() -> anyhow::Result<ExitCode> {
     let slot = slots::acquire_warm(&paths::cache_dir(), want, spare::SLOT_PATIENCE)?;
     pivot_engine::prepare_process_env(&slot.dir);
     let (warm, switch) = spare::start_warm(pivot_engine::Frontend::Repl, &slot, "pivot-repl --spare")?;
-    let session = warm.session;
-    let interrupter = session.interrupter();
-    let Some(adoption) = claim.wait(spare::idle_timeout(), 2, move || interrupter.kill_child())? else {
-        return Ok(ExitCode::SUCCESS);
-    };
-    spare::record_adoption(&adoption, session.startup, warm.cpu_s, 1);
-    real_main(adoption.args, Some(Prestarted { session, switch, slot }))
+    let warm_up_cpu_s = warm.cpu_s;
+    let mut engine = Prestarted { session: warm.session, switch, slot };
+    // Each round serves one REPL; a recycled engine goes round again.
+    for served in 1u64.. {
+        let interrupter = engine.session.interrupter();
+        let Some(adoption) = claim.wait(spare::idle_timeout(), 2, move || interrupter.kill_child())? else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        spare::record_adoption(&adoption, engine.session.startup, if served == 1 { warm_up_cpu_s } else { 0.0 }, served);
+        let (result, back) = serve_adopted(adoption.args, engine);
+        let code = if report(result) == ExitCode::SUCCESS { 0 } else { 1 };
+        let Some(back) = back.filter(|_| spare::recycling()) else { spare::exit(code) };
+        // The key is taken before the launcher goes, so a launch that follows at once waits for
+        // the recycling instead of starting a second engine.
+        claim = match spare::claim(pivot_engine::Frontend::Repl) {
+            Ok(Some(c)) => c,
+            Ok(None) => {
+                eprintln!("pivot-repl --spare: another spare of this configuration started meanwhile; exiting");
+                spare::exit(code)
+            }
+            Err(e) => {
+                eprintln!("pivot-repl --spare: cannot take this configuration's spare lock again ({e:#}); exiting");
+                spare::exit(code)
+            }
+        };
+        sys::clear_sigint();
+        sys::discard_buffered_stdin();
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        spare::release_launcher(code);
+        engine = back;
+        engine.switch.clear();
+        let t0 = std::time::Instant::now();
+        if let Err(e) = engine.session.recycle() {
+            eprintln!("pivot-repl --spare: recycling the engine failed ({e:#}); exiting");
+            return Ok(ExitCode::FAILURE);
+        }
+        eprintln!(
+            "pivot-repl --spare: engine recycled in {:.1} s after REPL {served} (slot {})",
+            t0.elapsed().as_secs_f64(),
+            engine.slot.index
+        );
+    }
+    unreachable!("the rounds above end the process or return")
 }
 
 /// `pivot-repl --spare --detach`: a spare (`spare`) in the background for the next `pivot-repl`
@@ -175,34 +220,55 @@ fn parse_args(args: &[String]) -> anyhow::Result<Option<Args>> {
     Ok(Some(a))
 }
 
-fn real_main(argv: Vec<String>, prestarted: Option<Prestarted>) -> anyhow::Result<ExitCode> {
-    let Some(args) = parse_args(&argv)? else { return Ok(ExitCode::SUCCESS) };
-    let interactive = args.script.is_none() && std::io::stdin().is_terminal();
+/// The parsed arguments and the script's text; None when they asked for help or the version.
+fn prepare(argv: &[String]) -> anyhow::Result<Option<(Args, Option<String>)>> {
+    let Some(args) = parse_args(argv)? else { return Ok(None) };
     let script_src = match &args.script {
         Some(p) if p.as_os_str() != "-" => {
             Some(std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?)
         }
         _ => None,
     };
+    Ok(Some((args, script_src)))
+}
 
-    if prestarted.is_none() {
-        // A spare engine of this exact configuration runs this REPL on our terminal if one
-        // waits; this process then only stands in for it (signals, exit status).
-        let log = |m: &str| eprintln!("pivot-repl: {m}");
-        if let Some(adopted) = pivot_engine::spare::try_adopt(pivot_engine::Frontend::Repl, &argv, &log) {
-            adopted.proxy();
-        }
+/// A launched REPL: a spare engine of this exact configuration runs it on our terminal if one
+/// waits (this process then only stands in for it: signals, exit status); else it starts its own.
+fn real_main(argv: Vec<String>) -> anyhow::Result<ExitCode> {
+    let Some((args, script_src)) = prepare(&argv)? else { return Ok(ExitCode::SUCCESS) };
+    let log = |m: &str| eprintln!("pivot-repl: {m}");
+    if let Some(adopted) = pivot_engine::spare::try_adopt(pivot_engine::Frontend::Repl, &argv, &log) {
+        adopted.proxy();
     }
-    let (slot, prestarted) = match prestarted {
-        Some(p) => (p.slot, Some((p.session, p.switch))),
-        None => {
-            // Still single-threaded: lock a build slot and export it to evcxr.
-            let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
-            let slot = slots::acquire(&paths::cache_dir(), want)?;
-            pivot_engine::prepare_process_env(&slot.dir);
-            (slot, None)
+    // Still single-threaded: lock a build slot and export it to evcxr.
+    let want = std::env::var("PIVOT_SLOT").ok().and_then(|s| s.parse().ok());
+    let slot = slots::acquire(&paths::cache_dir(), want)?;
+    pivot_engine::prepare_process_env(&slot.dir);
+    run(&args, script_src, slot, None).0
+}
+
+/// The REPL a spare engine runs for the launch that handed it `argv`; with the engine back when
+/// it ended idle, for the next launch. Bad arguments leave the engine as it was.
+fn serve_adopted(argv: Vec<String>, p: Prestarted) -> (anyhow::Result<ExitCode>, Option<Prestarted>) {
+    match prepare(&argv) {
+        Ok(Some((args, script_src))) => {
+            let Prestarted { session, switch, slot } = p;
+            run(&args, script_src, slot, Some((session, switch)))
         }
-    };
+        Ok(None) => (Ok(ExitCode::SUCCESS), Some(p)),
+        Err(e) => (Err(e), Some(p)),
+    }
+}
+
+/// Runs the REPL (interactive, a script, or piped input) on `slot` with its own engine, or with a
+/// spare's session; an adopted session comes back with its slot once the REPL is done.
+fn run(
+    args: &Args,
+    script_src: Option<String>,
+    slot: slots::Slot,
+    prestarted: Option<(pivot_engine::Session, pivot_engine::spare::SinkSwitch)>,
+) -> (anyhow::Result<ExitCode>, Option<Prestarted>) {
+    let interactive = args.script.is_none() && std::io::stdin().is_terminal();
     let adopted = prestarted.is_some();
     let out = Arc::new(Out::new(args.no_color));
     if interactive && !adopted {
@@ -219,6 +285,7 @@ fn real_main(argv: Vec<String>, prestarted: Option<Prestarted>) -> anyhow::Resul
         Arc::new(move |m: &str| if interactive || std::io::stderr().is_terminal() { out.note(m) })
     };
     let slot_index = slot.index;
+    let switch = prestarted.as_ref().map(|(_, switch)| switch.clone());
     let engine = Arc::new(match prestarted {
         Some((session, switch)) => {
             switch.set(sink);
@@ -255,19 +322,22 @@ fn real_main(argv: Vec<String>, prestarted: Option<Prestarted>) -> anyhow::Resul
     }
     let mut repl = Repl { engine, out, accepted: Vec::new(), timing: false, interactive, running: repl_state, first_result: None, failed: false };
 
-    if interactive {
+    let result = if interactive {
         repl.out.note(&format!(
             "PIVOT Lab REPL {} — {}; type ahead. :help for help, Ctrl-D to exit.",
             env!("CARGO_PKG_VERSION"),
             if adopted { format!("engine ready (a spare, build slot {slot_index})") } else { format!("starting the engine in the background (build slot {slot_index})") }
         ));
-        return interactive::run(&mut repl, args.vi);
-    }
-    let ok = match script_src {
-        Some(src) => repl.run_script(&src),
-        None => repl.run_stream(std::io::stdin().lock()),
+        interactive::run(&mut repl, args.vi)
+    } else {
+        let ok = match script_src {
+            Some(src) => repl.run_script(&src),
+            None => repl.run_stream(std::io::stdin().lock()),
+        };
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    let back = switch.and_then(|switch| repl.engine.finish().map(|(session, slot)| Prestarted { session, switch, slot }));
+    (result, back)
 }
 
 pub enum Flow {

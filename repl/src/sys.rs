@@ -17,9 +17,20 @@ extern "C" fn on_sigint(_: libc::c_int) {
     }
 }
 
+/// What SIGINT calls now: `install_sigint` sets it, `clear_sigint` removes it. One pipe and one
+/// thread serve every handler, because a recycled spare engine runs one REPL after another in
+/// this process (`pivot_engine::spare::recycling`).
+type SigintHandler = Box<dyn Fn() + Send>;
+static SIGINT_HANDLER: Mutex<Option<SigintHandler>> = Mutex::new(None);
+
 /// Ctrl-C while a cell runs (the terminal is in cooked mode then) reaches us as SIGINT; the
 /// handler wakes a thread that calls `handler`. At the prompt rustyline reads Ctrl-C as a key.
+/// A later call replaces the handler.
 pub fn install_sigint(handler: impl Fn() + Send + 'static) {
+    *SIGINT_HANDLER.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(handler));
+    if SIGINT_PIPE.load(Ordering::SeqCst) >= 0 {
+        return;
+    }
     let mut fds = [0; 2];
     // SAFETY: fds has room for two descriptors.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -35,9 +46,44 @@ pub fn install_sigint(handler: impl Fn() + Send + 'static) {
         use std::io::Read;
         let mut b = [0u8; 64];
         while matches!(reader.read(&mut b), Ok(n) if n > 0) {
-            handler();
+            if let Some(h) = SIGINT_HANDLER.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                h();
+            }
         }
     });
+}
+
+/// SIGINT does nothing until the next `install_sigint` (a recycled engine between two REPLs).
+pub fn clear_sigint() {
+    drop(SIGINT_HANDLER.lock().unwrap_or_else(|e| e.into_inner()).take());
+    take_sigints();
+}
+
+/// Empties std's stdin buffer, which outlives a REPL that stopped reading before its input's
+/// end (`:quit` in piped input, an `input()` answered with lines to spare): the next REPL a
+/// recycled engine serves must read only its own input. fd 0 is /dev/null meanwhile, so the
+/// buffer drains without waiting for more input; fd 0 is restored after.
+pub fn discard_buffered_stdin() {
+    use std::io::BufRead;
+    let Ok(null) = std::fs::File::open("/dev/null") else { return };
+    // SAFETY: dup/dup2/close of descriptors this process owns; fd 0 is put back before return.
+    unsafe {
+        let saved = libc::dup(0);
+        if saved < 0 {
+            return;
+        }
+        libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0);
+        let mut stdin = std::io::stdin().lock();
+        while let Ok(n) = stdin.fill_buf().map(|b| b.len()) {
+            if n == 0 {
+                break;
+            }
+            stdin.consume(n);
+        }
+        drop(stdin);
+        libc::dup2(saved, 0);
+        libc::close(saved);
+    }
 }
 
 /// Returns and resets the number of SIGINTs since the last call.
