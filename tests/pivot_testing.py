@@ -165,6 +165,36 @@ class SpareChain:
         stop_pids(self.spare_pids())
 
 
+_KERNEL_CHAIN: SpareChain | None = None
+
+
+def chained_kernel_env() -> dict[str, str]:
+    """The whole environment for a "pivot" kernel of tests/kernel's chain: the kernels of
+    test_clients, test_conformance and test_interrupt all start with this one configuration
+    (cwd: the test run's; PIVOT_INTERRUPT_GRACE_SECS=3) on a `SpareChain`. The first starts
+    normally and, once its engine is up, a spare; later ones adopt that spare or, most of them,
+    the engine a kernel before them gave back at its shutdown (recycled), instead of each paying
+    a whole engine start. So these suites also check that a recycled engine serves a kernel as a
+    fresh one does; the normal start stays covered by the chain's first kernel, test_spare, the
+    REPL and `pivot-kernel run`. PIVOT_TEST_SPARE=1 (each kernel adopts a spare of its own,
+    tests/kernel/conftest.py) turns the chain off."""
+    global _KERNEL_CHAIN
+    env = {**os.environ, "PIVOT_INTERRUPT_GRACE_SECS": "3"}
+    if os.environ.get("PIVOT_TEST_SPARE") == "1":
+        return env
+    if _KERNEL_CHAIN is None:
+        # A launch waits up to 90 s for a spare still warming up: inside the 120 s the clients
+        # here give a kernel to answer.
+        _KERNEL_CHAIN = SpareChain(wait_s=90, idle_s=1800)
+    return {**env, **_KERNEL_CHAIN.env}
+
+
+def stop_kernel_chain() -> None:
+    """Ends the spare the kernel chain left, if any (`chained_kernel_env`)."""
+    if _KERNEL_CHAIN is not None:
+        _KERNEL_CHAIN.stop()
+
+
 def stop_pids(pids: list[int], grace_s: float = 30.0) -> None:
     """SIGTERM to each process, up to `grace_s` for them to end (a zombie has ended), then SIGKILL
     to those left: for spares that are not this test's children (started detached)."""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from pivot_testing import Spare, built_binary, kernel_launch_env, private_kernelspec
+from pivot_testing import Spare, built_binary, kernel_launch_env, private_kernelspec, stop_kernel_chain
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,6 +21,15 @@ def pivot_kernelspec() -> Path:
     """The private JUPYTER_PATH holding the "pivot" spec (set in the environment meanwhile)."""
     with private_kernelspec("pivot-jupyter-") as path:
         yield path
+
+
+@pytest.fixture(scope="package", autouse=True)
+def kernel_chain_ends():
+    """The spare left by the chain of kernels that share one configuration
+    (`pivot_testing.chained_kernel_env`) ends after the last test here, so it does not hold a
+    build slot through the suites that follow in the same run."""
+    yield
+    stop_kernel_chain()
 
 
 @pytest.fixture(scope="session")

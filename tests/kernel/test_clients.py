@@ -17,7 +17,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from pivot_testing import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT, chained_kernel_env
 
 # A 1x1 PNG, as a plot would produce.
 PNG = bytes.fromhex(
@@ -26,10 +26,12 @@ PNG = bytes.fromhex(
 )
 
 
-def start_kernel(env: dict[str, str] | None = None):
+def start_kernel():
+    """A kernel of the suite's chain (`chained_kernel_env`: 3 s interrupt grace, a recycled engine
+    when one is waiting)."""
     km = KernelManager(kernel_name="pivot")
     # jupyter_client uses `env` as the whole environment, not as additions.
-    km.start_kernel(env={**os.environ, **env}) if env else km.start_kernel()
+    km.start_kernel(env=chained_kernel_env())
     kc = km.client()
     kc.start_channels()
     kc.wait_for_ready(timeout=120)
@@ -53,7 +55,7 @@ def text_of(msgs, name="stdout"):
 
 @pytest.fixture(scope="module")
 def kernel():
-    km, kc = start_kernel({"PIVOT_INTERRUPT_GRACE_SECS": "3"})
+    km, kc = start_kernel()
     reply, _ = run(kc, "let _warm = 1;", timeout=STARTUP_TIMEOUT)
     assert reply["status"] == "ok", reply
     yield km, kc
@@ -402,7 +404,7 @@ def check_notebook_outputs(nb):
 
 def test_nbclient_executes_notebook_with_rich_outputs(tmp_path):
     nb = make_notebook(NOTEBOOK_CELLS)
-    NotebookClient(nb, kernel_name="pivot", timeout=STARTUP_TIMEOUT, startup_timeout=120).execute()
+    NotebookClient(nb, kernel_name="pivot", timeout=STARTUP_TIMEOUT, startup_timeout=120).execute(env=chained_kernel_env())
     check_notebook_outputs(nb)
     assert nb.metadata["language_info"]["name"] == "rust"
     path = tmp_path / "out.ipynb"
@@ -414,7 +416,7 @@ def test_nbclient_raises_on_panicking_cell():
     nb = make_notebook(['println!("ok");', 'panic!("cell failed on purpose");', 'println!("never");'])
     client = NotebookClient(nb, kernel_name="pivot", timeout=STARTUP_TIMEOUT, startup_timeout=120)
     with pytest.raises(CellExecutionError) as e:
-        client.execute()
+        client.execute(env=chained_kernel_env())
     assert "cell failed on purpose" in str(e.value)
     assert nb.cells[2].outputs == []
 

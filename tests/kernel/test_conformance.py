@@ -6,7 +6,7 @@ import unittest
 import jupyter_kernel_test as jkt
 from jupyter_client.manager import start_new_kernel
 
-from pivot_testing import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT, chained_kernel_env
 
 
 class PivotKernelTests(jkt.KernelTests):
@@ -16,7 +16,7 @@ class PivotKernelTests(jkt.KernelTests):
 
     @classmethod
     def setUpClass(cls) -> None:
-        cls.km, cls.kc = start_new_kernel(kernel_name=cls.kernel_name, startup_timeout=120)
+        cls.km, cls.kc = start_new_kernel(kernel_name=cls.kernel_name, startup_timeout=120, env=chained_kernel_env())
         # Wait for the prelude once, so every test's 15 s budget is about the test itself.
         cls.kc.execute_interactive("let _warm = 1;", timeout=STARTUP_TIMEOUT)
 

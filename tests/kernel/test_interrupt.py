@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 from jupyter_client.manager import KernelManager
 
-from pivot_testing import STARTUP_TIMEOUT
+from pivot_testing import STARTUP_TIMEOUT, chained_kernel_env
 
-GRACE_SECS = 3
+# The chain's interrupt grace period (`chained_kernel_env`).
+GRACE_SECS = int(chained_kernel_env()["PIVOT_INTERRUPT_GRACE_SECS"])
 
 
 def run(kc, code: str, timeout: float = 120):
@@ -63,7 +64,8 @@ def kernel():
     import os
 
     km = KernelManager(kernel_name="pivot")
-    km.start_kernel(env={**os.environ, "PIVOT_INTERRUPT_GRACE_SECS": str(GRACE_SECS)})
+    # The suite's chain (`chained_kernel_env`), whose interrupt grace is GRACE_SECS.
+    km.start_kernel(env=chained_kernel_env())
     kc = km.client()
     kc.start_channels()
     kc.wait_for_ready(timeout=120)

@@ -11,12 +11,13 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from pivot_testing import STARTUP_TIMEOUT, Spare, built_binary, stop_pids
+from pivot_testing import STARTUP_TIMEOUT, Spare, SpareChain, built_binary, stop_pids
 
 ROOT = Path(__file__).resolve().parents[2]
 CELL_TIMEOUT = 240.0
@@ -34,26 +35,72 @@ BIN = repl_bin()
 WITH_SPARE = os.environ.get("PIVOT_TEST_SPARE") == "1"
 
 
+class ReplChain:
+    """The script and piped-input REPLs of this module share one configuration (a working
+    directory and an environment with PIVOT_SPARE_ENGINE=1) and so one engine: `pivot-repl --spare
+    --detach` starts it before the first, each REPL adopts it, and at its end gives it back to be
+    recycled (a fresh child process and evcxr state; rust-analyzer and the build slot stay warm)
+    for the next. One engine start instead of one per test, and each test checks that a recycled
+    engine runs its REPL as a fresh one would. The normal start is the tmux session's below."""
+
+    def __init__(self) -> None:
+        self.home = Path(tempfile.mkdtemp(prefix="pivot-repl-chain-"))
+        self.chain = SpareChain(wait_s=120, idle_s=1800)
+        self.figs = self.home / "figs"
+        self.env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(self.figs), PIVOT_REPL_TIMINGS="1", **self.chain.env)
+        r = subprocess.run([str(BIN), "--spare", "--detach", "--timeout", str(int(STARTUP_TIMEOUT))], env=self.env, cwd=self.home,
+                           capture_output=True, text=True, timeout=STARTUP_TIMEOUT + 60)
+        ready = re.search(r"^spare engine pid (\d+) ", r.stdout, re.M)
+        assert r.returncode == 0 and ready, (r.returncode, r.stdout, r.stderr)
+        self.pid = int(ready.group(1))
+
+    def run(self, args, stdin: str | None, extra_env: dict[str, str]) -> subprocess.CompletedProcess:
+        assert all(self.env.get(k) == v for k, v in extra_env.items()), f"{extra_env} is not the chain's configuration"
+        shutil.rmtree(self.figs, ignore_errors=True)
+        r = subprocess.run([str(BIN), *args], input=stdin if stdin is not None else "", capture_output=True, text=True,
+                           timeout=STARTUP_TIMEOUT, cwd=self.home, env=self.env)
+        assert f"adopted spare engine pid {self.pid}" in r.stderr, (r.stdout, r.stderr)
+        return r
+
+    def stop(self) -> None:
+        self.chain.stop()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+_CHAIN: ReplChain | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def repl_chain_ends():
+    global _CHAIN
+    yield
+    if _CHAIN is not None:
+        _CHAIN.stop()
+        _CHAIN = None
+
+
+def figures_dir(tmp_path: Path) -> Path:
+    """Where `run_repl`'s REPL saves figures."""
+    return tmp_path / "figs" if WITH_SPARE else _CHAIN.figs
+
+
 def run_repl(args, tmp_path: Path, stdin: str | None = None, **extra_env: str):
+    """`pivot-repl ARGS` with `stdin`: on the module's `ReplChain`, or (PIVOT_TEST_SPARE=1) in
+    `tmp_path` on a spare of its own."""
+    global _CHAIN
+    if not WITH_SPARE:
+        if _CHAIN is None:
+            _CHAIN = ReplChain()
+        return _CHAIN.run(args, stdin, extra_env)
     env = dict(os.environ, NO_COLOR="1", PIVOT_FIGURES_DIR=str(tmp_path / "figs"), **extra_env)
-    if WITH_SPARE:
-        spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
-        try:
-            r = subprocess.run([str(BIN), *args], input=stdin if stdin is not None else "", capture_output=True, text=True,
-                               timeout=STARTUP_TIMEOUT, cwd=tmp_path, env=env)
-            assert f"adopted spare engine pid {spare.pid}" in r.stderr, r.stderr
-            return r
-        finally:
-            spare.stop()
-    return subprocess.run(
-        [str(BIN), *args],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=STARTUP_TIMEOUT,
-        cwd=tmp_path,
-        env=env,
-    )
+    spare = Spare([str(BIN), "--spare"], env, cwd=str(tmp_path))
+    try:
+        r = subprocess.run([str(BIN), *args], input=stdin if stdin is not None else "", capture_output=True, text=True,
+                           timeout=STARTUP_TIMEOUT, cwd=tmp_path, env=env)
+        assert f"adopted spare engine pid {spare.pid}" in r.stderr, r.stderr
+        return r
+    finally:
+        spare.stop()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +139,7 @@ total * 2.0
     assert "total = 10" in r.stdout
     assert re.search(r"^20(\.0)?$", r.stdout, re.M), r.stdout
     assert "steps 5/5" in r.stderr, r.stderr
-    figs = list((tmp_path / "figs").glob("fig-*.png"))
+    figs = list(figures_dir(tmp_path).glob("fig-*.png"))
     assert len(figs) == 1 and figs[0].read_bytes().startswith(b"\x89PNG"), figs
     assert f"[tiny figure] saved to {figs[0]}" in r.stdout
 
