@@ -98,8 +98,8 @@ fn kernel_args(rest: &[String]) -> anyhow::Result<(String, server::ConnectionInf
 
 /// `pivot-kernel spare`: starts an engine as `kernel` would (same slot choice, same session, its
 /// build log on the same pipe), makes rust-analyzer do its first inference, and waits for a
-/// `pivot-kernel kernel` of the same configuration to hand itself over (`engine::spare`). Then
-/// it is that kernel.
+/// `pivot-kernel kernel` (or `pivot-kernel run`) of the same configuration to hand itself over
+/// (`engine::spare`). Then it is that kernel (or runs that notebook).
 fn spare() -> anyhow::Result<ExitCode> {
     let Some(mut claim) = engine::spare::claim(engine::Frontend::Jupyter)? else {
         eprintln!("pivot-kernel spare: a spare engine for this configuration is already running");
@@ -116,22 +116,22 @@ fn spare() -> anyhow::Result<ExitCode> {
         let Some(adoption) = claim.wait(engine::spare::idle_timeout(), buildlog::original_stderr(), move || interrupter.kill_child())? else {
             return Ok(ExitCode::SUCCESS);
         };
-        let (file, conn) = match adoption.args.split_first() {
-            Some((cmd, rest)) if cmd == "kernel" => match kernel_args(rest) {
-                Ok(x) => x,
-                Err(e) => {
-                    eprintln!("pivot-kernel: {e:#}");
-                    engine::spare::exit(1);
-                }
-            },
+        let round = match adoption.args.split_first() {
+            Some((cmd, rest)) if cmd == "kernel" => kernel_args(rest).map(|(file, conn)| Round::Kernel(file, conn)),
+            Some((cmd, rest)) if cmd == "run" => run_args(rest).map(|(nb, opts)| Round::Run(nb, opts)),
             _ => {
-                eprintln!("pivot-kernel: a spare engine was handed {:?}, not a kernel command", adoption.args);
+                eprintln!("pivot-kernel: a spare engine was handed {:?}, not a kernel or run command", adoption.args);
                 engine::spare::exit(2);
             }
         };
+        let round = round.unwrap_or_else(|e| {
+            eprintln!("pivot-kernel: {e:#}");
+            engine::spare::exit(2);
+        });
         eprintln!(
-            "pivot-kernel: adopted spare engine pid {} for {file} (launcher pid {}, which waited {:.1} s for the warm-up; engine ready {:.1} s before, handover {:.0} ms; kernel {served} of this engine) with build slot {} ({})",
+            "pivot-kernel: adopted spare engine pid {} for {} (launcher pid {}, which waited {:.1} s for the warm-up; engine ready {:.1} s before, handover {:.0} ms; launch {served} of this engine) with build slot {} ({})",
             std::process::id(),
+            round.target(),
             adoption.launcher_pid,
             adoption.launcher_waited.as_secs_f64(),
             ready_at.elapsed().as_secs_f64(),
@@ -140,25 +140,50 @@ fn spare() -> anyhow::Result<ExitCode> {
             slot.dir.display()
         );
         engine::spare::record_adoption(&adoption, session.startup, if served == 1 { warm_up_cpu_s } else { 0.0 }, served);
-        let recycled = match server::run(conn, slot, Some(server::Prestarted { session, switch })) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("pivot-kernel: {e:#}");
-                engine::spare::exit(1);
+        let code = match round {
+            Round::Kernel(_, conn) => {
+                // Returns only when the kernel shut down cleanly with its engine idle and recycling
+                // is on; otherwise the process ends in there.
+                let recycled = match server::run(conn, slot, Some(server::Prestarted { session, switch })) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("pivot-kernel: {e:#}");
+                        engine::spare::exit(1);
+                    }
+                };
+                (session, slot, switch) = (recycled.session, recycled.slot, recycled.switch);
+                0
+            }
+            Round::Run(nb, opts) => {
+                ignore_sigxfsz();
+                let (failure, back) = match nbrun::run(&nb, &opts, Some((session, switch.clone()))) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("pivot-kernel run: {e:#}");
+                        engine::spare::exit(1);
+                    }
+                };
+                slot.mark_warm();
+                let code = if run_status(&nb, &opts, failure) == ExitCode::SUCCESS { 0 } else { 1 };
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                match back {
+                    Some(s) if engine::spare::recycling() => session = s,
+                    _ => engine::spare::exit(code),
+                }
+                code
             }
         };
-        // The kernel shut down cleanly and its engine was idle: it becomes the spare for the next
-        // kernel of this configuration. The key is taken before the launcher goes, so a launch
+        // The kernel shut down cleanly (or the notebook ran) and the engine is idle: it becomes the
+        // spare for the next launch of this configuration. The key is taken before the launcher goes, so a launch
         // that follows at once waits for the recycling instead of starting a second engine.
         claim = match engine::spare::claim(engine::Frontend::Jupyter)? {
             Some(c) => c,
             None => {
                 eprintln!("pivot-kernel spare: another spare of this configuration started meanwhile; exiting");
-                engine::spare::exit(0);
+                engine::spare::exit(code);
             }
         };
-        engine::spare::release_launcher(0);
-        (session, slot, switch) = (recycled.session, recycled.slot, recycled.switch);
+        engine::spare::release_launcher(code);
         switch.clear();
         let t0 = std::time::Instant::now();
         if let Err(e) = session.recycle() {
@@ -166,9 +191,68 @@ fn spare() -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(1));
         }
         ready_at = std::time::Instant::now();
-        eprintln!("pivot-kernel spare: engine recycled in {:.1} s after kernel {served} (slot {})", t0.elapsed().as_secs_f64(), slot.index);
+        eprintln!("pivot-kernel spare: engine recycled in {:.1} s after launch {served} (slot {})", t0.elapsed().as_secs_f64(), slot.index);
     }
     unreachable!("the rounds above end the process or return")
+}
+
+/// What a spare engine was handed: a kernel (connection file) or a headless run (`run`).
+enum Round {
+    Kernel(String, server::ConnectionInfo),
+    Run(PathBuf, nbrun::RunOptions),
+}
+
+impl Round {
+    fn target(&self) -> String {
+        match self {
+            Round::Kernel(file, _) => file.clone(),
+            Round::Run(nb, _) => format!("run {}", nb.display()),
+        }
+    }
+}
+
+/// `run NOTEBOOK [--allow-errors] [-p NAME=VALUE]... [-o OUT]`.
+fn run_args(rest: &[String]) -> anyhow::Result<(PathBuf, nbrun::RunOptions)> {
+    let mut nb = None;
+    let mut opts = nbrun::RunOptions { allow_errors: false, params: vec![], output: None };
+    let mut i = 0;
+    while i < rest.len() {
+        match rest[i].as_str() {
+            "--allow-errors" => opts.allow_errors = true,
+            "-p" | "--param" => {
+                let kv = take_value(rest, &mut i, "-p")?;
+                let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("-p wants NAME=VALUE, got {kv:?}"))?;
+                opts.params.push((k.trim().to_string(), v.to_string()));
+            }
+            "--output" | "-o" => opts.output = Some(PathBuf::from(take_value(rest, &mut i, "--output")?)),
+            other if !other.starts_with('-') && nb.is_none() => nb = Some(PathBuf::from(other)),
+            other => anyhow::bail!("unknown option {other}\n{USAGE}"),
+        }
+        i += 1;
+    }
+    Ok((nb.ok_or_else(|| anyhow::anyhow!("which notebook?\n{USAGE}"))?, opts))
+}
+
+/// A write over RLIMIT_FSIZE then fails with EFBIG like a full disk (an error that names the
+/// notebook, the temporary file removed) instead of killing the process.
+fn ignore_sigxfsz() {
+    // SAFETY: only changes the disposition of one signal.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+}
+
+/// What `run` says and its exit status, once the notebook is written.
+fn run_status(nb: &std::path::Path, opts: &nbrun::RunOptions, failure: Option<String>) -> ExitCode {
+    let written = opts.output.as_deref().unwrap_or(nb).display();
+    match failure {
+        None => {
+            println!("executed {written}");
+            ExitCode::SUCCESS
+        }
+        Some(msg) => {
+            eprintln!("pivot-kernel run: {msg} (outputs written to {written})");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
@@ -270,42 +354,20 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "run" => {
-            let mut nb = None;
-            let mut opts = nbrun::RunOptions { allow_errors: false, params: vec![], output: None };
-            let mut i = 0;
-            while i < rest.len() {
-                match rest[i].as_str() {
-                    "--allow-errors" => opts.allow_errors = true,
-                    "-p" | "--param" => {
-                        let kv = take_value(rest, &mut i, "-p")?;
-                        let (k, v) = kv.split_once('=').ok_or_else(|| anyhow::anyhow!("-p wants NAME=VALUE, got {kv:?}"))?;
-                        opts.params.push((k.trim().to_string(), v.to_string()));
-                    }
-                    "--output" | "-o" => opts.output = Some(PathBuf::from(take_value(rest, &mut i, "--output")?)),
-                    other if !other.starts_with('-') && nb.is_none() => nb = Some(PathBuf::from(other)),
-                    other => anyhow::bail!("unknown option {other}\n{USAGE}"),
-                }
-                i += 1;
+            let (nb, opts) = run_args(rest)?;
+            // A spare engine of this configuration (`pivot-kernel spare`: same environment and
+            // folder) runs the notebook if one waits, as for `kernel`: a sweep of `run -p ...`
+            // with PIVOT_SPARE_ENGINE=1 pays one engine start, then recycled engines.
+            let log = |m: &str| eprintln!("pivot-kernel run: {m}");
+            if let Some(adopted) = engine::spare::try_adopt(engine::Frontend::Jupyter, &args, &log) {
+                adopted.proxy();
             }
-            let nb = nb.ok_or_else(|| anyhow::anyhow!("which notebook?\n{USAGE}"))?;
-            // A write over RLIMIT_FSIZE then fails with EFBIG like a full disk (an error that
-            // names the notebook, the temporary file removed) instead of killing the process.
-            // SAFETY: only changes the disposition of one signal.
-            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+            ignore_sigxfsz();
             let slot = take_slot(None, std::time::Duration::ZERO)?;
             slot.seed_if_cold();
-            let failure = nbrun::run(&nb, &opts)?;
+            let (failure, _) = nbrun::run(&nb, &opts, None)?;
             slot.mark_warm();
-            match failure {
-                None => {
-                    println!("executed {}", opts.output.as_ref().unwrap_or(&nb).display());
-                    Ok(ExitCode::SUCCESS)
-                }
-                Some(msg) => {
-                    eprintln!("pivot-kernel run: {msg} (outputs written to {})", opts.output.as_ref().unwrap_or(&nb).display());
-                    Ok(ExitCode::FAILURE)
-                }
-            }
+            Ok(run_status(&nb, &opts, failure))
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

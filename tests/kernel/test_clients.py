@@ -17,7 +17,7 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
-from pivot_testing import STARTUP_TIMEOUT, chained_kernel_env
+from pivot_testing import STARTUP_TIMEOUT, Spare, chained_kernel_env
 
 # A 1x1 PNG, as a plot would produce.
 PNG = bytes.fromhex(
@@ -422,20 +422,40 @@ def test_nbclient_raises_on_panicking_cell():
 
 
 def test_headless_run_writes_outputs_and_fails_on_error(tmp_path, kernel_bin_path):
+    """`pivot-kernel run`: the first run starts its own engine (PIVOT_NO_SPARE=1). Meanwhile a spare
+    of the runs' configuration warms up (`pivot-kernel spare`, PIVOT_SPARE_ENGINE=1); the second
+    run adopts it and the third the same engine, recycled after the second. Each launcher exits
+    with its own run's status."""
+    env = {**os.environ, "PIVOT_SPARE_ENGINE": "1"}
     path = tmp_path / "nb.ipynb"
     nbformat.write(make_notebook(NOTEBOOK_CELLS), path)
-    r = subprocess.run([str(kernel_bin_path), "run", str(path)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
-    assert r.returncode == 0, r.stderr
-    check_notebook_outputs(nbformat.read(path, as_version=4))
+    first = subprocess.Popen([str(kernel_bin_path), "run", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=tmp_path, env={**env, "PIVOT_NO_SPARE": "1"})
+    spare = Spare([str(kernel_bin_path), "spare"], env, cwd=str(tmp_path))
+    try:
+        out, err = first.communicate(timeout=STARTUP_TIMEOUT)
+        assert first.returncode == 0, err
+        assert "adopted spare engine" not in err, err
+        check_notebook_outputs(nbformat.read(path, as_version=4))
 
-    bad = tmp_path / "bad.ipynb"
-    nbformat.write(make_notebook(["let a = 1;", 'panic!("nope");', "a"]), bad)
-    r = subprocess.run([str(kernel_bin_path), "run", str(bad)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
-    assert r.returncode != 0 and "cell 2 failed" in r.stderr
-    out = nbformat.read(bad, as_version=4)
-    assert out.cells[1].outputs[0].output_type == "error"
-    r = subprocess.run([str(kernel_bin_path), "run", str(bad), "--allow-errors", "-p", "a=41"], capture_output=True, text=True, timeout=STARTUP_TIMEOUT)
-    assert r.returncode == 0, r.stderr
+        bad = tmp_path / "bad.ipynb"
+        nbformat.write(make_notebook(["let a = 1;", 'panic!("nope");', "a"]), bad)
+        r = subprocess.run([str(kernel_bin_path), "run", str(bad)], capture_output=True, text=True, timeout=STARTUP_TIMEOUT, cwd=tmp_path, env=env)
+        assert f"adopted spare engine pid {spare.pid} for run {bad}" in r.stderr, r.stderr
+        assert r.returncode != 0 and "cell 2 failed" in r.stderr, r.stderr
+        out = nbformat.read(bad, as_version=4)
+        assert out.cells[1].outputs[0].output_type == "error"
+        r = subprocess.run([str(kernel_bin_path), "run", str(bad), "--allow-errors", "-p", "a=41"], capture_output=True, text=True,
+                           timeout=STARTUP_TIMEOUT, cwd=tmp_path, env=env)
+        assert f"adopted spare engine pid {spare.pid} for run {bad}" in r.stderr, r.stderr
+        assert r.returncode == 0, r.stderr
+        # Past the failing cell: the injected parameter cell comes first, then `let a = 1;`.
+        cells = nbformat.read(bad, as_version=4).cells
+        assert cells[0].source == "let a = 41;\n" and cells[3].outputs[0].data["text/plain"] == "1", cells
+    finally:
+        spare.stop()
+        if first.poll() is None:
+            first.kill()
 
 
 # ------------------------------------------------------------------------------------------

@@ -214,9 +214,14 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every code cell. Returns Ok(None) on success, Ok(Some(message)) when a cell failed
-/// (the notebook is written either way).
-pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<Option<String>> {
+/// Runs every code cell, on a session of its own or on `prestarted` (a spare's, whose output the
+/// switch sends here meanwhile). Returns None on success, Some(message) when a cell failed (the
+/// notebook is written either way), and the prestarted session back, to be recycled.
+pub fn run(
+    path: &Path,
+    opts: &RunOptions,
+    prestarted: Option<(Session, crate::engine::spare::SinkSwitch)>,
+) -> anyhow::Result<(Option<String>, Option<Session>)> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut nb = parse_notebook(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     inject_parameters(&mut nb, &opts.params);
@@ -225,8 +230,18 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<Option<String>> {
     let sink_outputs = outputs.clone();
     let sink: crate::engine::Sink = Arc::new(move |e| sink_outputs.lock().unwrap_or_else(|p| p.into_inner()).event(e));
     crate::engine::buildlog::set_sink(None);
-    let mut session = Session::start(SessionOptions::new(Frontend::Jupyter)?, sink)?;
-    eprintln!("pivot-kernel run: engine ready in {:.1} s", session.startup.as_secs_f64());
+    let adopted = prestarted.is_some();
+    let mut session = match prestarted {
+        Some((session, switch)) => {
+            switch.set(sink);
+            session
+        }
+        None => {
+            let session = Session::start(SessionOptions::new(Frontend::Jupyter)?, sink)?;
+            eprintln!("pivot-kernel run: engine ready in {:.1} s", session.startup.as_secs_f64());
+            session
+        }
+    };
     let mut failure = None;
     let mut count = 0u64;
     let mut last_run = None;
@@ -265,12 +280,12 @@ pub fn run(path: &Path, opts: &RunOptions) -> anyhow::Result<Option<String>> {
             }
         }
     }
-    drop(session);
+    let back = if adopted { Some(session) } else { None };
     let o = outputs.lock().unwrap_or_else(|p| p.into_inner());
     record_outputs(&mut nb, &o.cells, last_run, &crate::engine::paths::rustc_version());
     let out_path = opts.output.clone().unwrap_or_else(|| path.to_path_buf());
     write_atomic(&out_path, (serde_json::to_string_pretty(&nb)? + "\n").as_bytes())?;
-    Ok(failure)
+    Ok((failure, back))
 }
 
 /// Writes the outputs of the cells that ran (up to `last_run`) and the kernel's metadata into a
