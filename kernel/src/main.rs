@@ -323,7 +323,10 @@ fn real_main(args: Vec<String>) -> anyhow::Result<ExitCode> {
             let mut i = 0;
             while i < rest.len() {
                 match rest[i].as_str() {
-                    "--slot" => want = Some(take_value(rest, &mut i, "--slot")?.parse()?),
+                    "--slot" => {
+                        let v = take_value(rest, &mut i, "--slot")?;
+                        want = Some(v.parse().map_err(|e| anyhow::anyhow!("--slot wants a slot number, got {v:?} ({e})"))?);
+                    }
                     "--force" => force = true,
                     other => anyhow::bail!("unknown option {other}\n{USAGE}"),
                 }
