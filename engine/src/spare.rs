@@ -696,6 +696,49 @@ pub fn release_launcher(code: i32) {
     }
 }
 
+/// After an adopted front end ended with its engine idle and exit status `code` (`recycling`):
+/// takes this configuration's key again before the launcher goes, so a launch that follows at once
+/// waits for the recycling instead of starting a second engine; runs `before_release` (what the
+/// front end must undo while the launcher's descriptors are still ours); lets the launcher exit
+/// with `code`; and recycles `session`, its output back on the spare's log. Returns the claim to
+/// wait on for the next launch, or None (said on stderr) when recycling failed. Ends the process
+/// with `code` when another spare took the key meanwhile. The kernel's and the REPL's spares share it.
+pub fn recycle_for_next(
+    frontend: Frontend,
+    session: &mut Session,
+    switch: &SinkSwitch,
+    code: i32,
+    served: u64,
+    slot_index: usize,
+    before_release: impl FnOnce(),
+) -> Option<Claim> {
+    let program = match frontend {
+        Frontend::Jupyter => "pivot-kernel spare",
+        Frontend::Repl => "pivot-repl --spare",
+    };
+    let claim = match claim(frontend) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            eprintln!("{program}: another spare of this configuration started meanwhile; exiting");
+            exit(code)
+        }
+        Err(e) => {
+            eprintln!("{program}: cannot take this configuration's spare lock again ({e:#}); exiting");
+            exit(code)
+        }
+    };
+    before_release();
+    release_launcher(code);
+    switch.clear();
+    let t0 = Instant::now();
+    if let Err(e) = session.recycle() {
+        eprintln!("{program}: recycling the engine failed ({e:#}); exiting");
+        return None;
+    }
+    eprintln!("{program}: engine recycled in {:.1} s after launch {served} (slot {slot_index})", t0.elapsed().as_secs_f64());
+    Some(claim)
+}
+
 /// The spare that took this launch over.
 pub struct Adopted {
     pub spare_pid: i32,

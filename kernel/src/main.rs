@@ -174,24 +174,12 @@ fn spare() -> anyhow::Result<ExitCode> {
             }
         };
         // The kernel shut down cleanly (or the notebook ran) and the engine is idle: it becomes the
-        // spare for the next launch of this configuration. The key is taken before the launcher goes, so a launch
-        // that follows at once waits for the recycling instead of starting a second engine.
-        claim = match engine::spare::claim(engine::Frontend::Jupyter)? {
-            Some(c) => c,
-            None => {
-                eprintln!("pivot-kernel spare: another spare of this configuration started meanwhile; exiting");
-                engine::spare::exit(code);
-            }
-        };
-        engine::spare::release_launcher(code);
-        switch.clear();
-        let t0 = std::time::Instant::now();
-        if let Err(e) = session.recycle() {
-            eprintln!("pivot-kernel spare: recycling the engine failed ({e:#}); exiting");
+        // spare for the next launch of this configuration.
+        let Some(next) = engine::spare::recycle_for_next(engine::Frontend::Jupyter, &mut session, &switch, code, served, slot.index, || {}) else {
             return Ok(ExitCode::from(1));
-        }
+        };
+        claim = next;
         ready_at = std::time::Instant::now();
-        eprintln!("pivot-kernel spare: engine recycled in {:.1} s after launch {served} (slot {})", t0.elapsed().as_secs_f64(), slot.index);
     }
     unreachable!("the rounds above end the process or return")
 }

@@ -133,35 +133,16 @@ fn spare() -> anyhow::Result<ExitCode> {
         let (result, back) = serve_adopted(adoption.args, engine);
         let code = if report(result) == ExitCode::SUCCESS { 0 } else { 1 };
         let Some(back) = back.filter(|_| spare::recycling()) else { spare::exit(code) };
-        // The key is taken before the launcher goes, so a launch that follows at once waits for
-        // the recycling instead of starting a second engine.
-        claim = match spare::claim(pivot_engine::Frontend::Repl) {
-            Ok(Some(c)) => c,
-            Ok(None) => {
-                eprintln!("pivot-repl --spare: another spare of this configuration started meanwhile; exiting");
-                spare::exit(code)
-            }
-            Err(e) => {
-                eprintln!("pivot-repl --spare: cannot take this configuration's spare lock again ({e:#}); exiting");
-                spare::exit(code)
-            }
-        };
-        sys::clear_sigint();
-        sys::discard_buffered_stdin();
-        let _ = std::io::Write::flush(&mut std::io::stdout());
-        spare::release_launcher(code);
         engine = back;
-        engine.switch.clear();
-        let t0 = std::time::Instant::now();
-        if let Err(e) = engine.session.recycle() {
-            eprintln!("pivot-repl --spare: recycling the engine failed ({e:#}); exiting");
+        let before_release = || {
+            sys::clear_sigint();
+            sys::discard_buffered_stdin();
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        };
+        let Some(next) = spare::recycle_for_next(pivot_engine::Frontend::Repl, &mut engine.session, &engine.switch, code, served, engine.slot.index, before_release) else {
             return Ok(ExitCode::FAILURE);
-        }
-        eprintln!(
-            "pivot-repl --spare: engine recycled in {:.1} s after REPL {served} (slot {})",
-            t0.elapsed().as_secs_f64(),
-            engine.slot.index
-        );
+        };
+        claim = next;
     }
     unreachable!("the rounds above end the process or return")
 }
