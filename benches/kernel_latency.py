@@ -28,6 +28,16 @@ Stock `evcxr_jupyter` side by side (built outside the repository, e.g.
     python benches/kernel_latency.py --stock-evcxr /tmp/stock-evcxr/bin/evcxr_jupyter --with-prelude \
         --stock-tmpdir /tmp/stock-slot   # our setup + `:dep pivot`, typed in as a user would
 
+A change whose effect is smaller than the spread between two runs (often 10-15 % here) is measured
+interleaved, in one run:
+
+    python benches/kernel_latency.py --ab PIVOT_CELL_THINLTO=1 --cells 30 --tensor-cells 16
+
+starts two of our kernels at once, A with the environment as it is and B with NAME=VALUE added, and
+runs each cell on both, alternating which goes first (ABBA), so that whatever else the machine does
+falls on both alike. It reports each side's p50 and, for each kind of cell, the paired difference
+B - A: its median, a 95 % bootstrap interval of that median, and the Wilcoxon signed-rank test.
+
 --with-prelude runs, as the first cell, the settings and `:dep` our kernel runs at start; with a copy of a
 warm build slot as --stock-tmpdir (EVCXR_TMPDIR) the stock kernel finds the prelude compiled, as ours does.
 Without the prelude there is no `Tensor`, so the tensor cells are skipped.
@@ -182,6 +192,82 @@ def repl_warm_start(binary: Path, out_dir: str, spare: bool = False, recycled: i
     print(f"results: {path}")
 
 
+def paired_difference(a: list[float], b: list[float], seed: int = 0) -> dict:
+    """B - A cell by cell: the median difference, a 95 % percentile-bootstrap interval of that
+    median (10,000 resamples of the pairs) and the two-sided Wilcoxon signed-rank test."""
+    import numpy as np
+    from scipy.stats import wilcoxon
+    d = np.asarray(b) - np.asarray(a)
+    rng = np.random.default_rng(seed)
+    boot = np.median(d[rng.integers(0, len(d), size=(10_000, len(d)))], axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {
+        "n": int(len(d)),
+        "median_b_minus_a_s": float(np.median(d)),
+        "ci95_s": [float(lo), float(hi)],
+        "median_ratio_b_over_a": float(np.median(b) / np.median(a)),
+        "wilcoxon_p": float(wilcoxon(d).pvalue),
+    }
+
+
+def ab_interleaved(a) -> None:
+    """Two of our kernels, A (this environment) and B (plus --ab NAME=VALUE), started together
+    and given the same cells alternately (ABBA order), so that slow phases of the machine fall on
+    both; see the module's doc."""
+    name, _, value = a.ab.partition("=")
+    if not name or not _:
+        raise SystemExit(f"--ab wants NAME=VALUE, got {a.ab!r}")
+    binary = Path(a.kernel_bin) if a.kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
+    env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
+    subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
+    os.environ["JUPYTER_PATH"] = str(env_path)
+    sides = {}
+    for side, extra in (("A", {}), ("B", {name: value})):
+        env = dict(os.environ)
+        env["PIVOT_NO_SPARE"] = "1"  # each side starts its own engine, in its own build slot
+        env.update(extra)
+        km = KernelManager(kernel_name="pivot")
+        km.start_kernel(env=env)
+        kc = km.client()
+        kc.start_channels()
+        sides[side] = (km, kc)
+    for side, (km, kc) in sides.items():
+        kc.kernel_info()
+        kc.get_shell_msg(timeout=600)
+        run_cell(kc, PARAMS_CELL, timeout=3600, want_result=False)
+    kinds = [("trivial", "{i} * 2 + 1", a.cells), ("let", "let x{i} = {i};\nx{i} + 1", a.cells),
+             ("tensor", TENSOR_CELL, a.tensor_cells)]
+    times = {side: {k: [] for k, _, _ in kinds} for side in sides}
+    for kind, cell, n in kinds:
+        for side, (_, kc) in sides.items():
+            run_cell(kc, cell.replace("{i}", "0"))  # warm-up, not counted
+        for i in range(n):
+            order = ("A", "B") if i % 4 in (0, 3) else ("B", "A")
+            for side in order:
+                times[side][kind].append(run_cell(sides[side][1], cell.replace("{i}", str(i + 1))))
+    for km, kc in sides.values():
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    res = {"a": "environment as is", "b": a.ab, "cells": {}, "machine": {
+        "cpu_cores": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
+        "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}}
+    print(f"A = environment as is, B = {a.ab}; cells interleaved ABBA")
+    for kind, _, _ in kinds:
+        ta, tb = times["A"][kind], times["B"][kind]
+        diff = paired_difference(ta, tb)
+        res["cells"][kind] = {"a_s": ta, "b_s": tb, "a_p50_s": statistics.median(ta), "b_p50_s": statistics.median(tb), **diff}
+        lo, hi = diff["ci95_s"]
+        print(f"{kind:8s} A p50 {statistics.median(ta):.3f} s, B p50 {statistics.median(tb):.3f} s; "
+              f"B - A median {diff['median_b_minus_a_s']*1000:+.0f} ms (95 % CI {lo*1000:+.0f} .. {hi*1000:+.0f} ms), "
+              f"B/A {diff['median_ratio_b_over_a']:.2f}, Wilcoxon p = {diff['wilcoxon_p']:.3g}; n={diff['n']}")
+    os.makedirs(a.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    label = a.label or "ab-" + name.lower()
+    path = Path(a.out) / f"kernel-latency-{label}-{stamp}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"results: {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kernel-bin", default=None)
@@ -195,10 +281,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benches" / "results"))
     ap.add_argument("--repl", default=None, help="measure the warm start of this pivot-repl binary instead")
     ap.add_argument("--spare", action="store_true", help="start a spare engine first and measure the launch that adopts it")
+    ap.add_argument("--ab", default=None, metavar="NAME=VALUE", help="our kernel: interleave cells on two kernels, B with NAME=VALUE in its environment")
     ap.add_argument("--recycled", type=int, default=0, help="with --repl --spare: this many more launches back to back on the recycled engine")
     a = ap.parse_args()
     if a.repl:
         repl_warm_start(Path(a.repl), a.out, a.spare, a.recycled)
+        return
+    if a.ab:
+        ab_interleaved(a)
         return
 
     env_path = None

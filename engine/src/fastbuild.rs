@@ -29,6 +29,15 @@
 //! configuration files and the path dependencies' workspaces, so a successful answer is kept
 //! (`metadata_cached`) and given again while none of these changed. Failures are never kept.
 //!
+//! The cell crate is compiled without rustc's local ThinLTO (`-C lto=off`, added by
+//! `wrapper_hook` to the cell's rustc only, so it is in the recorded invocation too). At
+//! opt-level 2 rustc splits even a one-line cell into 16 codegen units and then runs ThinLTO
+//! across them; the cell's code is a few small functions that call into the prelude's dylib, so
+//! inlining between its own units buys nothing, and the ThinLTO pass was 0.078 s of a tensor
+//! cell's 0.373 s rustc run (`-Z time-passes`, benches/README.md "Issue 16, session 14").
+//! The opt-level itself and the prelude's build are unchanged. `PIVOT_CELL_THINLTO=1` keeps
+//! rustc's default, for comparisons.
+//!
 //! Cargo's fingerprint of `ctx` goes stale on a replay; that costs nothing, because the next real
 //! cargo build rebuilds `ctx` anyway (its source changed).
 //!
@@ -45,6 +54,8 @@ use serde_json::{json, Value};
 
 /// The name evcxr runs for `:linker mold`.
 pub const SHIM_NAME: &str = "mold";
+/// Set (to anything): the cell crate keeps rustc's local ThinLTO between its codegen units.
+pub const CELL_THINLTO_ENV: &str = "PIVOT_CELL_THINLTO";
 /// Set on the real cargo run: the folder where the wrapper records what rustc compiled.
 const RECORD_ENV: &str = "PIVOT_FASTBUILD_RECORD";
 /// Set to anything to make every build run cargo (for comparisons and as an escape hatch).
@@ -105,16 +116,13 @@ pub fn wrapper_hook() {
     let mut rest = rest.to_vec();
     let mut text: Vec<String> = args.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     if text.windows(2).any(|w| w[0] == "--crate-name" && w[1] == "ctx") {
-        // The cell links through `celllink` unless a linker was configured: this executable's
-        // `pivot-cc` link, which `install` made beside the `mold` that runs this build.
-        let configured = text.iter().any(|a| a.starts_with("linker=") || a.starts_with("-Clinker="))
-            || std::env::var_os(crate::celllink::DISABLE_ENV).is_some();
+        // The cell links through `celllink`: this executable's `pivot-cc` link, which `install`
+        // made beside the `mold` that runs this build.
         let linker = std::env::current_exe().ok().and_then(|exe| install(&crate::paths::cache_dir(), &exe).ok()).map(|d| d.join(crate::celllink::LINKER_NAME));
-        if let (false, Some(linker)) = (configured, linker) {
-            let flag = format!("linker={}", linker.display());
-            rest.extend([OsString::from("-C"), OsString::from(&flag)]);
-            text.extend(["-C".to_string(), flag]);
-        }
+        let linker = linker.filter(|_| std::env::var_os(crate::celllink::DISABLE_ENV).is_none());
+        let extra = cell_codegen_flags(&text, linker.as_deref(), std::env::var_os(CELL_THINLTO_ENV).is_none());
+        rest.extend(extra.iter().map(OsString::from));
+        text.extend(extra);
         let env: BTreeMap<String, String> = std::env::vars_os()
             .filter(|(k, _)| !DROPPED_ENV.iter().any(|d| k == d))
             .map(|(k, v)| (k.to_string_lossy().into_owned(), v.to_string_lossy().into_owned()))
@@ -131,6 +139,20 @@ pub fn wrapper_hook() {
         }
     };
     std::process::exit(code);
+}
+
+/// The flags the cell crate's rustc gets on top of cargo's `args`: `-C linker=LINKER` unless a
+/// linker is configured, and `-C lto=off` (when `no_thinlto`) unless an LTO mode is.
+fn cell_codegen_flags(args: &[String], linker: Option<&Path>, no_thinlto: bool) -> Vec<String> {
+    let configured = |key: &str| args.iter().any(|a| a.starts_with(key) || a.strip_prefix("-C").is_some_and(|f| f.starts_with(key)));
+    let mut extra = Vec::new();
+    if let (false, Some(linker)) = (configured("linker="), linker) {
+        extra.extend(["-C".to_string(), format!("linker={}", linker.display())]);
+    }
+    if no_thinlto && !configured("lto") {
+        extra.extend(["-C".to_string(), "lto=off".to_string()]);
+    }
+    extra
 }
 
 /// Appends `line` and a newline to `path`, creating it; a log that cannot be written is skipped.
@@ -485,6 +507,19 @@ fn fnv(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cell_gets_our_linker_and_no_thinlto_unless_configured() {
+        let cargo = |extra: &[&str]| -> Vec<String> {
+            ["rustc", "--crate-name", "ctx", "-C", "opt-level=2"].iter().chain(extra).map(|a| a.to_string()).collect()
+        };
+        let linker = Path::new("/cache/fastbuild-bin/x/pivot-cc");
+        assert_eq!(cell_codegen_flags(&cargo(&[]), Some(linker), true), ["-C", "linker=/cache/fastbuild-bin/x/pivot-cc", "-C", "lto=off"]);
+        assert_eq!(cell_codegen_flags(&cargo(&[]), None, false), Vec::<String>::new());
+        assert_eq!(cell_codegen_flags(&cargo(&["-C", "linker=clang"]), Some(linker), true), ["-C", "lto=off"]);
+        assert_eq!(cell_codegen_flags(&cargo(&["-Clinker=clang", "-Clto=fat"]), Some(linker), true), Vec::<String>::new());
+        assert_eq!(cell_codegen_flags(&cargo(&["-C", "lto"]), None, true), Vec::<String>::new());
+    }
 
     #[test]
     fn path_dependencies_are_found_in_the_dependency_tables_only() {
