@@ -14,6 +14,17 @@
 //! `libNAME.so` is among the DT_NEEDED entries of a Rust dylib on the same command line, keeps
 //! the C runtime's own libraries, and runs `cc` with the rest, as rustc would have. A library the
 //! dylibs do not already load (a cell's own `#[link]`) is kept. `PIVOT_NO_CELLLINK=1` turns it off.
+//!
+//! Some of those libraries are not among the dylib's DT_NEEDED either: `libpivot.so` was itself
+//! linked `--as-needed`, and referenced nothing in `libtorch_cuda.so` or `libtorch.so` (the
+//! prelude loads the CUDA library at run time, `device.rs`). They cost the cell's link 0.02 s
+//! (measured, benches/README.md "Issue 16, session 14"). A `-lNAME` is also dropped when it sits in
+//! an `--as-needed`, dynamic part of the command line, its `libNAME.so` is found in a `-L` folder,
+//! and that library defines none of the symbols that anything on the command line leaves
+//! undefined: the cell's objects, the archives' members and the Rust dylibs. Such a library
+//! can neither bind a symbol nor become a dependency of the cell, so the link's output is the
+//! same without it. The definitions are looked up in the library's GNU hash table, so even a
+//! gigabyte library costs a few reads. Anything this cannot read or decide keeps the library.
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -57,7 +68,175 @@ fn filtered(args: &[OsString]) -> Vec<OsString> {
             }
         }
     }
-    without_needed(args, &needed)
+    let args = without_needed(args, &needed);
+    without_unreferenced(&args)
+}
+
+/// `args` without each `-lNAME` that cannot change the link (module doc): dynamic and
+/// `--as-needed` at its place, `libNAME.so` the first match in the `-L` folders, and defining
+/// none of the symbols left undefined by the objects, archives and shared objects on the line.
+fn without_unreferenced(args: &[OsString]) -> Vec<OsString> {
+    let candidates = droppable_positions(args);
+    if candidates.is_empty() {
+        return args.to_vec();
+    }
+    let Some(undefined) = undefined_symbols(args) else { return args.to_vec() };
+    let dirs = search_dirs(args);
+    let mut drop = BTreeSet::new();
+    for (i, name) in candidates {
+        let Some(so) = find_library(&dirs, &name) else { continue };
+        if let Ok(false) = defines_any(&so, &undefined) {
+            drop.insert(i);
+        }
+    }
+    args.iter().enumerate().filter(|(i, _)| !drop.contains(i)).map(|(_, a)| a.clone()).collect()
+}
+
+/// The positions and names of the `-lNAME`s (not the C runtime's) that the linker would look up
+/// as shared libraries with `--as-needed` in effect. `-static` anywhere makes none.
+fn droppable_positions(args: &[OsString]) -> Vec<(usize, String)> {
+    let (mut as_needed, mut dynamic) = (false, true);
+    let mut out = Vec::new();
+    for (i, a) in args.iter().enumerate() {
+        let Some(a) = a.to_str() else { continue };
+        if a == "-static" {
+            return Vec::new();
+        }
+        for flag in a.strip_prefix("-Wl,").map(|f| f.split(',').collect()).unwrap_or_else(|| vec![a]) {
+            match flag {
+                "--as-needed" | "-as-needed" => as_needed = true,
+                "--no-as-needed" | "-no-as-needed" => as_needed = false,
+                "-Bstatic" | "-dn" | "-non_shared" | "-static" => dynamic = false,
+                "-Bdynamic" | "-dy" | "-call_shared" => dynamic = true,
+                _ => {}
+            }
+        }
+        if let Some(name) = a.strip_prefix("-l") {
+            if as_needed && dynamic && !name.is_empty() && !name.starts_with(':') && !ALWAYS_KEPT.contains(&name) {
+                out.push((i, name.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The `-L` folders, in order (`-L DIR` and `-LDIR`).
+fn search_dirs(args: &[OsString]) -> Vec<std::path::PathBuf> {
+    let mut dirs = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let bytes = a.as_encoded_bytes();
+        if bytes == b"-L" {
+            dirs.extend(it.next().map(std::path::PathBuf::from));
+        } else if let Some(d) = a.to_str().and_then(|s| s.strip_prefix("-L")) {
+            dirs.push(std::path::PathBuf::from(d));
+        }
+    }
+    dirs
+}
+
+/// Where the linker finds `-lNAME` among `dirs` when that is a shared object; `None` when the
+/// first match is an archive or there is none (the compiler's own folders are not searched).
+fn find_library(dirs: &[std::path::PathBuf], name: &str) -> Option<std::path::PathBuf> {
+    for d in dirs {
+        let so = d.join(format!("lib{name}.so"));
+        if so.is_file() {
+            return Some(so);
+        }
+        if d.join(format!("lib{name}.a")).is_file() {
+            return None;
+        }
+    }
+    None
+}
+
+/// Every symbol that the objects, the archives' members and the shared objects on the command
+/// line leave undefined; `None` when one of them cannot be read.
+fn undefined_symbols(args: &[OsString]) -> Option<BTreeSet<Vec<u8>>> {
+    use object::read::archive::ArchiveFile;
+    let mut out = BTreeSet::new();
+    for a in args {
+        let p = Path::new(a);
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if !matches!(ext, "o" | "a" | "rlib" | "so") || !p.is_file() {
+            continue;
+        }
+        let data = mapped(p).ok()?;
+        match ext {
+            "so" => out.extend(dylib_undefined(&data).ok()?),
+            "o" => object_undefined(&data, &mut out).ok()?,
+            _ => {
+                let archive = ArchiveFile::parse(&*data).ok()?;
+                for member in archive.members() {
+                    // Rust archives also hold their metadata (`lib.rmeta`), which is not an object.
+                    if let Ok(bytes) = member.ok()?.data(&*data) {
+                        let _ = object_undefined(bytes, &mut out);
+                    }
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
+/// The file mapped read-only: parsing touches a few pages of files up to gigabytes (libtorch's),
+/// where reading would copy them whole.
+fn mapped(path: &Path) -> std::io::Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path)?;
+    // SAFETY: the map is only read, while the link that named the file runs; build outputs and
+    // toolchain libraries are not rewritten in place during a link.
+    unsafe { memmap2::Mmap::map(&file) }
+}
+
+fn object_undefined(data: &[u8], out: &mut BTreeSet<Vec<u8>>) -> Result<(), String> {
+    use object::{Object, ObjectSymbol};
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    for sym in file.symbols() {
+        if sym.is_undefined() {
+            if let Ok(name) = sym.name_bytes() {
+                if !name.is_empty() {
+                    out.insert(name.to_vec());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The undefined dynamic symbols of a 64-bit ELF shared object.
+fn dylib_undefined(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use object::read::elf::{FileHeader, Sym};
+    use object::{elf, Endianness};
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+    let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for sym in symbols.symbols().iter().skip(1) {
+        if sym.is_undefined(endian) {
+            out.push(sym.name(endian, symbols.strings()).map_err(|e| e.to_string())?.to_vec());
+        }
+    }
+    Ok(out)
+}
+
+/// Whether the shared object at `path` defines (exports) any of `names`, by its GNU hash table.
+/// An error when it is not a 64-bit ELF shared object with one (a linker script, say).
+fn defines_any(path: &Path, names: &BTreeSet<Vec<u8>>) -> Result<bool, String> {
+    use object::read::elf::{FileHeader, Sym, VersionTable};
+    use object::{elf, Endianness};
+    let data = mapped(path).map_err(|e| e.to_string())?;
+    let data = &*data;
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+    let (hash, _) = sections.gnu_hash(endian, data).map_err(|e| e.to_string())?.ok_or("no GNU hash table")?;
+    let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(|e| e.to_string())?;
+    let versions = VersionTable::default();
+    Ok(names.iter().any(|name| {
+        hash.find(endian, name, elf::gnu_hash(name), None, &symbols, &versions)
+            .is_some_and(|(_, sym)| !sym.is_undefined(endian))
+    }))
 }
 
 /// `args` without each `-lNAME` whose `libNAME.so` (or `libNAME.so.VERSION`) is in `needed`,
@@ -135,6 +314,53 @@ mod tests {
             assert_eq!(kept.len(), if dropped { 2 } else { 3 }, "{needed:?} {kept:?}");
             assert!(kept.contains(&OsString::from("-lsurely_not_needed")));
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_dynamic_as_needed_libraries_are_candidates() {
+        let args = os(&["-lfirst", "-Wl,--as-needed", "-Wl,-Bdynamic", "-la", "-lc", "-l:libz.so", "-Wl,-Bstatic", "-lb", "-Wl,-Bdynamic", "-lc10", "-Wl,--no-as-needed", "-ld"]);
+        assert_eq!(droppable_positions(&args), vec![(3, "a".to_string()), (9, "c10".to_string())]);
+        assert!(droppable_positions(&os(&["-Wl,--as-needed", "-la", "-static"])).is_empty());
+        let dirs = search_dirs(&os(&["-L", "/one", "-L/two", "-Lthree", "x.o"]));
+        assert_eq!(dirs, ["/one", "/two", "three"].map(std::path::PathBuf::from));
+    }
+
+    #[test]
+    fn a_library_that_defines_nothing_the_link_needs_is_dropped() {
+        // Real files, built with the C compiler that links every cell: an object that calls
+        // `pivot_used`, a library that defines it, one that defines something else, and an
+        // archive that comes first under one name and so is never dropped.
+        let dir = std::env::temp_dir().join(format!("pivot-celllink-syms-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cc = |args: &[&str]| assert!(std::process::Command::new(DEFAULT_LINKER).args(args).current_dir(&dir).status().unwrap().success(), "cc {args:?}");
+        std::fs::write(dir.join("used.c"), "int pivot_used(void) { return 1; }\n").unwrap();
+        std::fs::write(dir.join("other.c"), "int pivot_other(void) { return 2; }\n").unwrap();
+        std::fs::write(dir.join("cell.c"), "int pivot_used(void);\nint cell(void) { return pivot_used(); }\n").unwrap();
+        cc(&["-shared", "-fPIC", "used.c", "-o", "libused.so"]);
+        cc(&["-shared", "-fPIC", "other.c", "-o", "libother.so"]);
+        cc(&["-c", "-fPIC", "cell.c", "-o", "cell.o"]);
+        std::fs::copy(dir.join("libother.so"), dir.join("libarchived.so")).unwrap();
+        std::fs::write(dir.join("libarchived.a"), b"!<arch>\n").unwrap();
+        let first = dir.join("first");
+        std::fs::create_dir_all(&first).unwrap();
+        std::fs::rename(dir.join("libarchived.a"), first.join("libarchived.a")).unwrap();
+        let d = dir.display().to_string();
+        let f = first.display().to_string();
+        let cell = dir.join("cell.o").display().to_string();
+        let args = os(&["-shared", &cell, "-Wl,--as-needed", "-L", &f, "-L", &d, "-lused", "-lother", "-larchived", "-lnowhere", "-o", "libcell.so"]);
+        let kept = without_unreferenced(&args);
+        assert_eq!(kept, os(&["-shared", &cell, "-Wl,--as-needed", "-L", &f, "-L", &d, "-lused", "-larchived", "-lnowhere", "-o", "libcell.so"]));
+        // The link with what is kept (less the two made-up names) succeeds, and the cell still
+        // needs the library it uses.
+        let link: Vec<&str> = kept.iter().map(|a| a.to_str().unwrap()).filter(|a| !["-larchived", "-lnowhere"].contains(a)).collect();
+        assert_eq!(without_unreferenced(&os(&link)), os(&link));
+        cc(&link);
+        let needed = dt_needed(&dir.join("libcell.so")).unwrap();
+        assert!(needed.contains(&"libused.so".to_string()), "{needed:?}");
+        // Without --as-needed a listed library always becomes a dependency: nothing is dropped.
+        let plain = os(&["-shared", &cell, "-L", &d, "-lused", "-lother"]);
+        assert_eq!(without_unreferenced(&plain), plain);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
