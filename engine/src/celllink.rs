@@ -168,10 +168,13 @@ fn undefined_symbols(args: &[OsString]) -> Option<BTreeSet<Vec<u8>>> {
             _ => {
                 let archive = ArchiveFile::parse(&*data).ok()?;
                 for member in archive.members() {
-                    // Rust archives also hold their metadata (`lib.rmeta`), which is not an object.
-                    if let Ok(bytes) = member.ok()?.data(&*data) {
-                        let _ = object_undefined(bytes, &mut out);
+                    let member = member.ok()?;
+                    // Rust archives also hold their metadata (`lib.rmeta`), which is not an object;
+                    // any other member that is not one (bitcode, say) leaves the answer unknown.
+                    if member.name().ends_with(b".rmeta") {
+                        continue;
                     }
+                    object_undefined(member.data(&*data).ok()?, &mut out).ok()?;
                 }
             }
         }
@@ -361,6 +364,19 @@ mod tests {
         // Without --as-needed a listed library always becomes a dependency: nothing is dropped.
         let plain = os(&["-shared", &cell, "-L", &d, "-lused", "-lother"]);
         assert_eq!(without_unreferenced(&plain), plain);
+        // Nor when an archive on the line holds a member that is not an object (its undefined
+        // symbols are unknown); Rust metadata members are not objects and are passed over.
+        std::fs::write(dir.join("lib.rmeta"), b"rust metadata").unwrap();
+        std::fs::write(dir.join("notes.bc"), b"not an object").unwrap();
+        let ar = |args: &[&str]| assert!(std::process::Command::new("ar").args(args).current_dir(&dir).status().unwrap().success());
+        ar(&["crs", "librust.rlib", "cell.o", "lib.rmeta"]);
+        ar(&["crs", "libmixed.a", "cell.o", "notes.bc"]);
+        let rlib = dir.join("librust.rlib").display().to_string();
+        let mixed = dir.join("libmixed.a").display().to_string();
+        let with_rlib = os(&["-shared", &rlib, "-Wl,--as-needed", "-L", &d, "-lused", "-lother"]);
+        assert_eq!(without_unreferenced(&with_rlib), os(&["-shared", &rlib, "-Wl,--as-needed", "-L", &d, "-lused"]));
+        let with_mixed = os(&["-shared", &mixed, "-Wl,--as-needed", "-L", &d, "-lused", "-lother"]);
+        assert_eq!(without_unreferenced(&with_mixed), with_mixed);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
