@@ -208,12 +208,9 @@ fn object_undefined(data: &[u8], out: &mut BTreeSet<Vec<u8>>) -> Result<(), Stri
 
 /// The undefined dynamic symbols of a 64-bit ELF shared object.
 fn dylib_undefined(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    use object::read::elf::{FileHeader, Sym};
-    use object::{elf, Endianness};
-    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
-    let endian = header.endian().map_err(|e| e.to_string())?;
-    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
-    let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(|e| e.to_string())?;
+    use object::read::elf::Sym;
+    let (endian, sections) = elf_sections(data)?;
+    let symbols = sections.symbols(endian, data, object::elf::SHT_DYNSYM).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     for sym in symbols.symbols().iter().skip(1) {
         if sym.is_undefined(endian) {
@@ -226,13 +223,11 @@ fn dylib_undefined(data: &[u8]) -> Result<Vec<Vec<u8>>, String> {
 /// Whether the shared object at `path` defines (exports) any of `names`, by its GNU hash table.
 /// An error when it is not a 64-bit ELF shared object with one (a linker script, say).
 fn defines_any(path: &Path, names: &BTreeSet<Vec<u8>>) -> Result<bool, String> {
-    use object::read::elf::{FileHeader, Sym, VersionTable};
-    use object::{elf, Endianness};
+    use object::elf;
+    use object::read::elf::{Sym, VersionTable};
     let data = mapped(path).map_err(|e| e.to_string())?;
     let data = &*data;
-    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(|e| e.to_string())?;
-    let endian = header.endian().map_err(|e| e.to_string())?;
-    let sections = header.sections(endian, data).map_err(|e| e.to_string())?;
+    let (endian, sections) = elf_sections(data)?;
     let (hash, _) = sections.gnu_hash(endian, data).map_err(|e| e.to_string())?.ok_or("no GNU hash table")?;
     let symbols = sections.symbols(endian, data, elf::SHT_DYNSYM).map_err(|e| e.to_string())?;
     let versions = VersionTable::default();
@@ -258,22 +253,19 @@ fn without_needed(args: &[OsString], needed: &BTreeSet<String>) -> Vec<OsString>
         .collect()
 }
 
-/// The DT_NEEDED entries of an ELF shared object, read lazily (only the headers, the dynamic
-/// section and its string table: `libpivot.so` is ~100 MB).
+/// The DT_NEEDED entries of an ELF shared object (mapped: only the headers, the dynamic section and
+/// its string table are touched, and `libpivot.so` is ~100 MB).
 fn dt_needed(path: &Path) -> Result<Vec<String>, String> {
-    use object::read::elf::{Dyn, FileHeader, SectionHeader};
-    use object::{elf, Endianness};
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let cache = object::read::ReadCache::new(file);
-    let header = elf::FileHeader64::<Endianness>::parse(&cache).map_err(|e| e.to_string())?;
-    let endian = header.endian().map_err(|e| e.to_string())?;
-    let sections = header.sections(endian, &cache).map_err(|e| e.to_string())?;
+    use object::read::elf::{Dyn, SectionHeader};
+    let data = mapped(path).map_err(|e| e.to_string())?;
+    let data = &*data;
+    let (endian, sections) = elf_sections(data)?;
     let mut out = Vec::new();
     for section in sections.iter() {
-        let Some((entries, link)) = section.dynamic(endian, &cache).map_err(|e| e.to_string())? else { continue };
-        let strings = sections.strings(endian, &cache, link).map_err(|e| e.to_string())?;
+        let Some((entries, link)) = section.dynamic(endian, data).map_err(|e| e.to_string())? else { continue };
+        let strings = sections.strings(endian, data, link).map_err(|e| e.to_string())?;
         for d in entries {
-            if d.tag(endian) == elf::DT_NEEDED {
+            if d.tag(endian) == object::elf::DT_NEEDED {
                 let name = d.string(endian, strings).map_err(|e| e.to_string())?;
                 out.push(String::from_utf8_lossy(name).into_owned());
             }
@@ -281,6 +273,16 @@ fn dt_needed(path: &Path) -> Result<Vec<String>, String> {
     }
     Ok(out)
 }
+
+/// The section table of a 64-bit ELF file, and its byte order.
+fn elf_sections(data: &[u8]) -> Result<(object::Endianness, ElfSections<'_>), String> {
+    use object::read::elf::FileHeader;
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).map_err(|e| e.to_string())?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    Ok((endian, header.sections(endian, data).map_err(|e| e.to_string())?))
+}
+
+type ElfSections<'a> = object::read::elf::SectionTable<'a, object::elf::FileHeader64<object::Endianness>>;
 
 #[cfg(test)]
 mod tests {
