@@ -111,10 +111,14 @@ fn droppable_positions(args: &[OsString]) -> Vec<(usize, String)> {
                 _ => {}
             }
         }
-        if let Some(name) = a.strip_prefix("-l") {
-            if as_needed && dynamic && !name.is_empty() && !name.starts_with(':') && !ALWAYS_KEPT.contains(&name) {
-                out.push((i, name.to_string()));
-            }
+        if let Some(name) = a.strip_prefix("-l")
+            && as_needed
+            && dynamic
+            && !name.is_empty()
+            && !name.starts_with(':')
+            && !ALWAYS_KEPT.contains(&name)
+        {
+            out.push((i, name.to_string()));
         }
     }
     out
@@ -195,12 +199,11 @@ fn object_undefined(data: &[u8], out: &mut BTreeSet<Vec<u8>>) -> Result<(), Stri
     use object::{Object, ObjectSymbol};
     let file = object::File::parse(data).map_err(|e| e.to_string())?;
     for sym in file.symbols() {
-        if sym.is_undefined() {
-            if let Ok(name) = sym.name_bytes() {
-                if !name.is_empty() {
-                    out.insert(name.to_vec());
-                }
-            }
+        if sym.is_undefined()
+            && let Ok(name) = sym.name_bytes()
+            && !name.is_empty()
+        {
+            out.insert(name.to_vec());
         }
     }
     Ok(())
