@@ -63,6 +63,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from pivot_testing import Spare, built_binary, kernel_launch_env  # noqa: E402
 
 
+TRIVIAL_CELL = "{i} * 2 + 1"
+LET_CELL = "let x{i} = {i};\nx{i} + 1"
 TENSOR_CELL = "Tensor::ones([2, 2], (Kind::Float, Device::Cpu)).sum(Kind::Float)"
 PARAMS_CELL = 'let lr = 3e-4;\nlet steps: usize = 20;\nlet run_name = String::from("warm-start");'
 
@@ -133,6 +135,35 @@ def stock_prelude_setup() -> tuple[str, dict[str, str]]:
     return setup, {"LD_LIBRARY_PATH": ld, "PATH": path}
 
 
+def install_our_kernel(kernel_bin: str | None) -> None:
+    """Installs the "pivot" kernel of `kernel_bin` (default: the built one) into a private
+    JUPYTER_PATH, where KernelManager finds it."""
+    binary = Path(kernel_bin) if kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
+    env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
+    subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
+    os.environ["JUPYTER_PATH"] = str(env_path)
+
+
+def machine(**extra) -> dict:
+    """What a result file records of the machine and the code it measured."""
+    return {
+        "cpu_cores": os.cpu_count(),
+        **extra,
+        "load_average": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    }
+
+
+def write_results(out_dir: str, name: str, res: dict) -> None:
+    """Writes `res` as OUT_DIR/NAME-<time>.json and says where."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = Path(out_dir) / f"{name}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(res, indent=1))
+    print(f"results: {path}")
+
+
 def pct(v: list[float], q: float) -> float:
     s = sorted(v)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -176,7 +207,7 @@ def repl_warm_start(binary: Path, out_dir: str, spare: bool = False, recycled: i
         raise RuntimeError(f"pivot-repl failed ({r.returncode}):\n{r.stderr}")
     res = {"kernel": "pivot-repl" + ("-spare" if spare else ""), "engine_ready_s": float(m.group(1)), "start_to_params_cell_done_s": float(m.group(2)),
            "process_wall_s": wall, "spare_start_s": spare_start, "timing_lines": [l for l in r.stderr.splitlines() if "[timings]" in l],
-           "recycled_launches": again, "machine": {"cpu_cores": os.cpu_count(), "load_average": os.getloadavg()}}
+           "recycled_launches": again, "machine": machine()}
     if again:
         res["kernel"] += "-recycled"
     print(f"{res['kernel']}: engine ready {res['engine_ready_s']:.2f} s, warm start to the parameters cell done "
@@ -186,10 +217,7 @@ def repl_warm_start(binary: Path, out_dir: str, spare: bool = False, recycled: i
         firsts = [x["start_to_params_cell_done_s"] for x in again]
         print(f"  {len(again)} launches back to back on the recycled engine: whole script p50 {statistics.median(walls):.2f} s "
               f"(max {max(walls):.2f}), launch to the parameters cell done p50 {statistics.median(firsts):.2f} s (max {max(firsts):.2f})")
-    os.makedirs(out_dir, exist_ok=True)
-    path = Path(out_dir) / f"repl-warm-start-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(f"results: {path}")
+    write_results(out_dir, "repl-warm-start", res)
 
 
 def paired_difference(a: list[float], b: list[float], seed: int = 0) -> dict:
@@ -217,10 +245,7 @@ def ab_interleaved(a) -> None:
     name, _, value = a.ab.partition("=")
     if not name or not _:
         raise SystemExit(f"--ab wants NAME=VALUE, got {a.ab!r}")
-    binary = Path(a.kernel_bin) if a.kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
-    env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
-    subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
-    os.environ["JUPYTER_PATH"] = str(env_path)
+    install_our_kernel(a.kernel_bin)
     sides = {}
     for side, extra in (("A", {}), ("B", {name: value})):
         env = dict(os.environ)
@@ -235,7 +260,7 @@ def ab_interleaved(a) -> None:
         kc.kernel_info()
         kc.get_shell_msg(timeout=600)
         run_cell(kc, PARAMS_CELL, timeout=3600, want_result=False)
-    kinds = [("trivial", "{i} * 2 + 1", a.cells), ("let", "let x{i} = {i};\nx{i} + 1", a.cells),
+    kinds = [("trivial", TRIVIAL_CELL, a.cells), ("let", LET_CELL, a.cells),
              ("tensor", TENSOR_CELL, a.tensor_cells)]
     times = {side: {k: [] for k, _, _ in kinds} for side in sides}
     for kind, cell, n in kinds:
@@ -248,9 +273,7 @@ def ab_interleaved(a) -> None:
     for km, kc in sides.values():
         kc.stop_channels()
         km.shutdown_kernel(now=True)
-    res = {"a": "environment as is", "b": a.ab, "cells": {}, "machine": {
-        "cpu_cores": os.cpu_count(), "load_average": os.getloadavg(), "platform": platform.platform(),
-        "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}}
+    res = {"a": "environment as is", "b": a.ab, "cells": {}, "machine": machine()}
     print(f"A = environment as is, B = {a.ab}; cells interleaved ABBA")
     for kind, _, _ in kinds:
         ta, tb = times["A"][kind], times["B"][kind]
@@ -260,12 +283,7 @@ def ab_interleaved(a) -> None:
         print(f"{kind:8s} A p50 {statistics.median(ta):.3f} s, B p50 {statistics.median(tb):.3f} s; "
               f"B - A median {diff['median_b_minus_a_s']*1000:+.0f} ms (95 % CI {lo*1000:+.0f} .. {hi*1000:+.0f} ms), "
               f"B/A {diff['median_ratio_b_over_a']:.2f}, Wilcoxon p = {diff['wilcoxon_p']:.3g}; n={diff['n']}")
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    label = a.label or "ab-" + name.lower()
-    path = Path(a.out) / f"kernel-latency-{label}-{stamp}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(f"results: {path}")
+    write_results(a.out, f"kernel-latency-{a.label or 'ab-' + name.lower()}", res)
 
 
 def main() -> None:
@@ -310,10 +328,7 @@ def main() -> None:
         }))
         os.environ["JUPYTER_PATH"] = str(env_path)
     elif a.kernel_name == "pivot":
-        binary = Path(a.kernel_bin) if a.kernel_bin else built_binary("pivot-kernel", "PIVOT_KERNEL_BIN")
-        env_path = Path(tempfile.mkdtemp(prefix="pivot-latency-"))
-        subprocess.run([str(binary), "install", "--dir", str(env_path / "kernels" / "pivot")], check=True, stdout=subprocess.DEVNULL)
-        os.environ["JUPYTER_PATH"] = str(env_path)
+        install_our_kernel(a.kernel_bin)
 
     spare, spare_start, spare_cpu0 = None, None, None
     if a.spare:
@@ -362,8 +377,8 @@ def main() -> None:
         c1 = cpu_seconds(pid) if pid else None
         return times, ((c1 - c0) / len(times) if None not in (c0, c1) else None)
 
-    trivial, trivial_cpu = timed(["{i} * 2 + 1"] * a.cells)
-    lets, let_cpu = timed(["let x{i} = {i};\nx{i} + 1"] * a.cells)
+    trivial, trivial_cpu = timed([TRIVIAL_CELL] * a.cells)
+    lets, let_cpu = timed([LET_CELL] * a.cells)
     tensor, tensor_cpu = timed([TENSOR_CELL] * a.tensor_cells) if with_tensor else ([], None)
     kc.stop_channels()
     km.shutdown_kernel(now=True)
@@ -397,14 +412,7 @@ def main() -> None:
         "tensor_s": tensor,
         "trivial_cpu_per_cell_s": trivial_cpu,
         "tensor_cpu_per_cell_s": tensor_cpu,
-        "machine": {
-            "cpu_cores": os.cpu_count(),
-            "load_average_before": load_before,
-            "load_average": os.getloadavg(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "git": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        },
+        "machine": machine(load_average_before=load_before),
     }
     tensor_p50 = "-" if not tensor else f"{res['tensor_p50_s']:.3f} s"
     cpu = lambda c: "-" if c is None else f"{c:.3f} s"  # noqa: E731
@@ -415,11 +423,7 @@ def main() -> None:
           f"let {res['let_p50_s']:.3f} / {res['let_p95_s']:.3f} s ({cpu(let_cpu)}), "
           f"tensor {tensor_p50} / {tensor_p95} ({cpu(tensor_cpu)}); n={len(trivial)}/{len(lets)}/{len(tensor)}; "
           f"load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}")
-    os.makedirs(a.out, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = Path(a.out) / f"kernel-latency-{label}-{stamp}.json"
-    path.write_text(json.dumps(res, indent=1))
-    print(f"results: {path}")
+    write_results(a.out, f"kernel-latency-{label}", res)
 
 
 if __name__ == "__main__":
