@@ -2,7 +2,7 @@
 """Per-cell overhead of real notebook cells: wall time minus the time the cell's code ran.
 
 The engine appends one JSON line per cell to $PIVOT_CELL_STATS (engine/src/session.rs): wall time,
-the time the code ran (evcxr's "Execution" phase), builds, and the CPU seconds the engine process
+the time the code ran (evcxr's "Execution" phase), builds (and what evcxr fixed before each rebuild), and the CPU seconds the engine process
 and its finished children spent (rust-analyzer, cargo, rustc, the linker; the code's own process
 is not counted). Collect it while the notebooks run, e.g.
 
@@ -21,6 +21,7 @@ import datetime
 import json
 import os
 import statistics
+from collections import Counter
 from pathlib import Path
 
 
@@ -51,6 +52,8 @@ def main() -> None:
         "engine_cpu_per_cell_mean_s": statistics.fmean(cpu),
         "cells_built_once": sum(1 for b in builds if b == 1),
         "cells_built_more": sum(1 for b in builds if b > 1),
+        # What evcxr fixed before rebuilding (engine stats from session 15 on; older files lack it).
+        "rebuild_fixes": dict(Counter(f for c in cells for f in c.get("fixes", [])).most_common()),
         "start_cell_p50_s": statistics.median([s["wall_s"] for s in starts]) if starts else None,
         "load_average": os.getloadavg(),
     }
@@ -59,6 +62,8 @@ def main() -> None:
           f"(mean {res['engine_cpu_per_cell_mean_s']:.3f} s); built once {res['cells_built_once']}, "
           f"more than once {res['cells_built_more']}; prelude start cell p50 "
           f"{'-' if res['start_cell_p50_s'] is None else format(res['start_cell_p50_s'], '.1f') + ' s'}")
+    if res["rebuild_fixes"]:
+        print("rebuilt after: " + ", ".join(f"{name} x{n}" for name, n in res["rebuild_fixes"].items()))
     start_lines = [l for l in lines if l["cell"] == 0 and "start_phases" in l]
     if start_lines:
         names = list(start_lines[0]["start_phases"])

@@ -160,6 +160,9 @@ pub struct CellResult {
     /// Builds of the cell crate this cell took (0 for commands only; evcxr rebuilds after fixing
     /// what a failed build told it, e.g. the `Debug` fallback of a final expression).
     pub builds: usize,
+    /// What evcxr fixed before each rebuild, in order (its phase names: "Fallback", "Captured
+    /// value", ...): why `builds` is more than one.
+    pub fixes: Vec<String>,
     /// Time the cell's own code ran in the child (evcxr's "Execution" phase), when it ran.
     pub run_time: Option<Duration>,
 }
@@ -558,7 +561,7 @@ impl Session {
             }
             Ok(Ok(outputs)) => {
                 let phases: Vec<(&str, Duration)> = outputs.phases.iter().map(|p| (p.name.as_str(), p.duration)).collect();
-                (out.builds, out.run_time) = build_phases(&phases);
+                (out.builds, out.run_time, out.fixes) = build_phases(&phases);
                 if let Some(err) = signal_error(&signals, interrupted) {
                     out.error = Some(err);
                 } else if !outputs.content_by_mime_type.is_empty() {
@@ -783,6 +786,7 @@ fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
         "run_s": run,
         "overhead_s": run.map(|run| wall - run),
         "builds": r.builds,
+        "fixes": r.fixes,
         "engine_cpu_s": cpu,
         "error": r.error.as_ref().map(|e| e.ename.clone()),
     });
@@ -842,11 +846,12 @@ pub(crate) fn cpu_seconds() -> f64 {
 
 /// Counts the builds in evcxr's phases of a cell that ran, and finds the time its code ran. A
 /// successful cell ends with "Final compile" then "Execution"; every retry before it adds one
-/// phase named after what was fixed ("Fallback", "Captured value", ...).
-fn build_phases(phases: &[(&str, Duration)]) -> (usize, Option<Duration>) {
-    let Some(last_build) = phases.iter().rposition(|(name, _)| *name == "Final compile") else { return (0, None) };
+/// phase named after what was fixed ("Fallback", "Captured value", ...), returned in order.
+fn build_phases(phases: &[(&str, Duration)]) -> (usize, Option<Duration>, Vec<String>) {
+    let Some(last_build) = phases.iter().rposition(|(name, _)| *name == "Final compile") else { return (0, None, Vec::new()) };
     let run_time = phases.get(last_build + 1).filter(|(name, _)| *name == "Execution").map(|(_, d)| *d);
-    (last_build + 1, run_time)
+    let fixes = phases[..last_build].iter().map(|(name, _)| name.to_string()).collect();
+    (last_build + 1, run_time, fixes)
 }
 
 /// The `?` and panic signals the child reported, as an error.
@@ -964,9 +969,12 @@ mod tests {
     #[test]
     fn builds_are_counted_from_phases() {
         let ms = Duration::from_millis;
-        assert_eq!(build_phases(&[("Final compile", ms(900)), ("Execution", ms(5))]), (1, Some(ms(5))));
-        assert_eq!(build_phases(&[("Fallback", ms(800)), ("Final compile", ms(900)), ("Execution", ms(5))]), (2, Some(ms(5))));
-        assert_eq!(build_phases(&[("Execution", ms(1))]), (0, None));
+        assert_eq!(build_phases(&[("Final compile", ms(900)), ("Execution", ms(5))]), (1, Some(ms(5)), vec![]));
+        assert_eq!(
+            build_phases(&[("Fallback", ms(800)), ("Final compile", ms(900)), ("Execution", ms(5))]),
+            (2, Some(ms(5)), vec!["Fallback".to_string()])
+        );
+        assert_eq!(build_phases(&[("Execution", ms(1))]), (0, None, vec![]));
     }
 
     #[test]
