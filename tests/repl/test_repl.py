@@ -173,17 +173,22 @@ def test_piped_stdin(tmp_path: Path):
     # Not a terminal: each statement runs once the scanner says it is complete.
     # The final expressions are std types that evcxr shows with `Debug`: the prelude's displays
     # for them let each cell build once (evcxr alone builds twice: its first try, calling
-    # `evcxr_display`, fails to compile).
+    # `evcxr_display`, fails to compile). The `?` cell builds once too: the engine has turned on
+    # evcxr's `Result` wrapper at its start (evcxr alone turns it on after a failed build).
     r = run_repl(
-        [], tmp_path, stdin='println!("piped");\nformat!("{}",\n    2 * 21)\n6 * 7\n(1.5f64, "pair")\n', PIVOT_REPL_TIMINGS="1"
+        [],
+        tmp_path,
+        stdin='println!("piped");\nformat!("{}",\n    2 * 21)\n6 * 7\n(1.5f64, "pair")\nlet parsed: u8 = "17".parse()?;\nparsed\n',
+        PIVOT_REPL_TIMINGS="1",
     )
     assert r.returncode == 0, r.stderr
     assert "piped" in r.stdout
     assert '"42"' in r.stdout, r.stdout
     assert re.search(r"^42$", r.stdout, re.M), r.stdout
     assert '(1.5, "pair")' in r.stdout, r.stdout
+    assert re.search(r"^17$", r.stdout, re.M), r.stdout
     builds = re.findall(r"\[timings\].*this input [0-9.]+ s, (\d+) builds?, code ran", r.stderr)
-    assert builds == ["1", "1", "1", "1"], r.stderr
+    assert builds == ["1", "1", "1", "1", "1", "1"], r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
