@@ -379,6 +379,10 @@ const PANIC_HOOK_CODE: &str = "pivot::runtime::install_panic_hook();";
 /// Paying it here moves it off the user's cell: at a start, a recycle, or a spare's warm-up.
 const QUESTION_MARK_CELL: &str = "Ok::<(), std::fmt::Error>(())?;";
 
+/// Set (to anything): skip `QUESTION_MARK_CELL`, leaving the `Result` wrapper to evcxr's first
+/// failed build, as before (for side-by-side measurements, `kernel_latency.py --ab`).
+pub const LAZY_QUESTION_MARK_ENV: &str = "PIVOT_LAZY_QUESTION_MARK";
+
 impl Session {
     /// Creates the evcxr context in the current slot (see `prepare_process_env`) and loads the
     /// prelude. This is the slow part of a kernel start: minutes in a cold slot, seconds warm.
@@ -477,6 +481,9 @@ impl Session {
     /// Runs `QUESTION_MARK_CELL`. Should it fail, cells still work: the first `?` cell then
     /// builds twice, as under evcxr alone.
     fn allow_question_mark(&mut self) {
+        if std::env::var_os(LAZY_QUESTION_MARK_ENV).is_some() {
+            return;
+        }
         let _ = catch(|| self.ctx.execute(QUESTION_MARK_CELL));
         self.pump.flush();
         let _ = self.pump.take_signals();
