@@ -205,7 +205,8 @@ fn main() -> Result<()> {
                 for (i, body) in nb.iter().enumerate() {
                     let (took, types) = a.cell(&wrapper(&params, body));
                     times[i].push(took);
-                    for (name, ty) in types {
+                    // A type this analysis cannot name would make the next cells' parameters invalid.
+                    for (name, ty) in types.into_iter().filter(|(_, ty)| ty != "?") {
                         params.retain(|(n, _)| *n != name);
                         params.push((name, ty));
                     }
@@ -216,5 +217,6 @@ fn main() -> Result<()> {
             println!("{layout}: the notebook's {} code cells, s, first pass: {}; again (the slower of 2 more rounds): {}", nb.len(), first.join(" "), again.join(" "));
         }
     }
+    let _ = std::fs::remove_dir_all(dir.as_path());
     Ok(())
 }
