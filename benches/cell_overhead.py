@@ -2,9 +2,9 @@
 """Per-cell overhead of real notebook cells: wall time minus the time the cell's code ran.
 
 The engine appends one JSON line per cell to $PIVOT_CELL_STATS (engine/src/session.rs): wall time,
-the time the code ran (evcxr's "Execution" phase), builds (and what evcxr fixed before each rebuild), and the CPU seconds the engine process
-and its finished children spent (rust-analyzer, cargo, rustc, the linker; the code's own process
-is not counted). Collect it while the notebooks run, e.g.
+the time the code ran (evcxr's "Execution" phase), builds (and what evcxr fixed before each
+rebuild), and the CPU seconds the engine process and its finished children spent (rust-analyzer,
+cargo, rustc, the linker; the code's own process is not counted). Collect it while the notebooks run, e.g.
 
     PIVOT_CELL_STATS=/tmp/cells.jsonl python -m pytest -q tests/notebooks
     python benches/cell_overhead.py /tmp/cells.jsonl [--out benches/results]
