@@ -54,6 +54,9 @@ def main() -> None:
         "cells_built_more": sum(1 for b in builds if b > 1),
         # What evcxr fixed before rebuilding (engine stats from session 15 on; older files lack it).
         "rebuild_fixes": dict(Counter(f for c in cells for f in c.get("fixes", [])).most_common()),
+        # Variables whose types the engine wrote into their cells (session 16 on; older files lack it).
+        "cells_typed_by_engine": sum(1 for c in cells if c.get("typed", 0) > 0),
+        "variables_typed_by_engine": sum(c.get("typed", 0) for c in cells),
         "start_cell_p50_s": statistics.median([s["wall_s"] for s in starts]) if starts else None,
         "load_average": os.getloadavg(),
     }
@@ -62,6 +65,7 @@ def main() -> None:
           f"(mean {res['engine_cpu_per_cell_mean_s']:.3f} s); built once {res['cells_built_once']}, "
           f"more than once {res['cells_built_more']}; prelude start cell p50 "
           f"{'-' if res['start_cell_p50_s'] is None else format(res['start_cell_p50_s'], '.1f') + ' s'}")
+    print(f"types written by the engine: {res['variables_typed_by_engine']} variables in {res['cells_typed_by_engine']} cells")
     if res["rebuild_fixes"]:
         print("rebuilt after: " + ", ".join(f"{name} x{n}" for name, n in res["rebuild_fixes"].items()))
     start_lines = [l for l in lines if l["cell"] == 0 and "start_phases" in l]

@@ -88,6 +88,7 @@ pub fn install(cache_dir: &Path, exe: &Path) -> std::io::Result<PathBuf> {
 
 /// Call first in `main`: when this process was started as the `mold` shim, runs it and exits.
 pub fn shim_hook() {
+    crate::racargo::hook();
     let mut args = std::env::args_os();
     let name = args.next().and_then(|a0| Path::new(&a0).file_name().map(|n| n.to_owned()));
     if name.as_deref() == Some(crate::celllink::LINKER_NAME.as_ref()) {
@@ -96,6 +97,8 @@ pub fn shim_hook() {
     if name.as_deref() != Some(SHIM_NAME.as_ref()) {
         return;
     }
+    // cargo and everything it runs must see the user's cargo home, not rust-analyzer's stand-in.
+    crate::racargo::restore_cargo_home();
     let rest: Vec<OsString> = args.collect();
     let code = match rest.split_first() {
         Some((flag, tail)) if flag == "-run" && !tail.is_empty() => shim_main(&tail[0], &tail[1..]),
@@ -401,7 +404,7 @@ fn replay(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> Result<i32, 
 /// arguments, the environment cargo reads (`CARGO*`, `RUST*`, PATH, HOME), the manifest and lock
 /// file, and every cargo configuration file that applies (the crate's folder and its ancestors,
 /// `$CARGO_HOME`). A fingerprint of all of it.
-fn metadata_key(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> String {
+fn metadata_key(crate_dir: &Path, cargo: &std::ffi::OsStr, args: &[OsString]) -> String {
     let file = |p: &Path| std::fs::read(p).map(|b| format!("{:x}", fnv(&b))).unwrap_or_default();
     // The folder of this shim on PATH differs between front ends (one per executable) and is
     // nothing cargo uses: left out, so the kernel and the REPL share answers.
@@ -450,7 +453,7 @@ fn path_dep_roots(crate_dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Runs `cargo metadata`, or gives the answer a run with the same inputs gave (see the module doc).
-fn metadata_cached(crate_dir: &Path, cargo: &OsString, args: &[OsString]) -> i32 {
+pub(crate) fn metadata_cached(crate_dir: &Path, cargo: &std::ffi::OsStr, args: &[OsString]) -> i32 {
     use std::io::Write;
     let key = metadata_key(crate_dir, cargo, args);
     let path = crate_dir.join(METADATA_FILE);

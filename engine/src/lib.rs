@@ -6,6 +6,7 @@
 //! Front ends only translate `Event`s and `CellResult`s into their own vocabulary; none of the
 //! Jupyter wire protocol (libzmq, tokio, hmac) is linked here, so the REPL does not carry it.
 
+pub mod analysis;
 pub mod buildlog;
 pub mod celllink;
 pub mod child;
@@ -13,6 +14,7 @@ pub mod fastbuild;
 pub mod jobctl;
 pub mod output;
 pub mod paths;
+pub mod racargo;
 pub mod scan;
 pub mod session;
 pub mod signal;

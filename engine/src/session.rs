@@ -115,6 +115,18 @@ fn prepare_process_env_inner(slot_dir: &Path, shim_exe: Option<&Path>) {
             None
         }
     };
+    // evcxr's rust-analyzer gets a cargo that hides the dependencies (`racargo`); it needs the
+    // build shim, through which evcxr's own cargo runs get the real `CARGO_HOME` back.
+    let ra_home = match (&shim_dir, shim_exe) {
+        (Some(dir), Some(exe)) if crate::racargo::own_analysis() => match crate::racargo::install(dir, exe) {
+            Ok(home) => Some(home),
+            Err(e) => {
+                eprintln!("pivot: rust-analyzer in evcxr sees the whole crate graph (cannot install its cargo: {e})");
+                None
+            }
+        },
+        _ => None,
+    };
     let mut path = std::env::var("PATH").unwrap_or_default();
     if let Some(dir) = &shim_dir {
         path = format!("{}:{path}", dir.display());
@@ -130,6 +142,12 @@ fn prepare_process_env_inner(slot_dir: &Path, shim_exe: Option<&Path>) {
         std::env::set_var("PATH", &path);
         if shim_dir.is_some() {
             std::env::set_var(SHIM_ON_ENV, "1");
+        }
+        if let Some(home) = &ra_home {
+            if std::env::var_os(crate::racargo::REAL_CARGO_HOME_ENV).is_none() {
+                std::env::set_var(crate::racargo::REAL_CARGO_HOME_ENV, std::env::var_os("CARGO_HOME").unwrap_or_default());
+            }
+            std::env::set_var("CARGO_HOME", home);
         }
     }
 }
@@ -165,6 +183,8 @@ pub struct CellResult {
     pub fixes: Vec<String>,
     /// Time the cell's own code ran in the child (evcxr's "Execution" phase), when it ran.
     pub run_time: Option<Duration>,
+    /// Variables whose types the engine wrote into the cell for evcxr (`analysis`).
+    pub typed: usize,
 }
 
 /// Sends interrupts to the running cell from any thread.
@@ -367,6 +387,19 @@ pub struct Session {
     settings: String,
     /// Time the start took (context creation + prelude build).
     pub startup: Duration,
+    /// Our analysis of cells (`analysis`): names the types of `let`s, answers completions.
+    analysis: Analysis,
+}
+
+/// The state of the engine's own analysis.
+enum Analysis {
+    /// `PIVOT_EVCXR_ANALYSIS`: evcxr's rust-analyzer does it all.
+    Off,
+    /// Loading in the background since the start.
+    Loading(std::thread::JoinHandle<anyhow::Result<crate::analysis::CellAnalysis>>),
+    Ready(crate::analysis::CellAnalysis),
+    /// The load failed for this Cargo.toml of the cell crate; tried again when it changes.
+    Failed { manifest: Vec<u8>, why: String },
 }
 
 
@@ -407,6 +440,7 @@ impl Session {
             }
         }
         cmd.env("LD_LIBRARY_PATH", ld).env("PIVOT_FRONTEND", opts.frontend.env_value());
+        crate::racargo::with_real_cargo_home(&mut cmd);
         let (ec, outputs) = catch(|| EvalContext::with_subprocess_command(cmd)).map_err(anyhow::Error::msg)?
             .map_err(|e| anyhow::anyhow!("cannot start the evcxr child process: {e}"))?;
         phases.done("context");
@@ -442,10 +476,18 @@ impl Session {
         }
         catch(|| ctx.execute(&setup)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
         phases.done("settings");
-        let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, settings: setup, startup: Duration::ZERO };
+        let analysis = if crate::racargo::own_analysis() && crate::racargo::real_cargo_home().is_some() { Analysis::Failed { manifest: Vec::new(), why: String::new() } } else { Analysis::Off };
+        let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, settings: setup, startup: Duration::ZERO, analysis };
         if session.opts.preload {
             session.load_prelude()?;
             phases.done("prelude_cell");
+        }
+        if matches!(session.analysis, Analysis::Failed { .. }) {
+            // The crate graph is what the prelude cell left in the slot's Cargo.toml; rust-analyzer
+            // reads it while the front end starts (a spare's warm-up, or the user's first cell,
+            // waits for it).
+            let slot = session.slot_dir();
+            session.analysis = Analysis::Loading(std::thread::spawn(move || crate::analysis::CellAnalysis::load(&slot)));
         }
         session.child_pid = child_pid(&session.ctx.process_handle());
         session.startup = started.elapsed();
@@ -542,6 +584,8 @@ impl Session {
         }
         let vars_before: Vec<String> = self.ctx.variables_and_types().map(|(n, _)| n.to_string()).collect();
         let cpu_before = cpu_seconds();
+        let annotations = self.annotations(code);
+        let typed_code = crate::analysis::annotated(code, &annotations);
         self.cell += 1;
         let st = &self.interrupter.inner;
         st.requested.store(false, Ordering::SeqCst);
@@ -559,8 +603,7 @@ impl Session {
         }
         let _ = self.pump.take_signals();
         st.executing.store(true, Ordering::SeqCst);
-        let result = {
-            let ctx = &mut self.ctx;
+        let run = |ctx: &mut CommandContext, code: &str| {
             catch(|| {
                 // The prelude's `runtime::input` sends `:` as U+A789 (evcxr cuts the prompt at the
                 // first `:`); give the front end the prompt as written.
@@ -568,6 +611,18 @@ impl Session {
                 ctx.execute_with_callbacks(code, &mut callbacks)
             })
         };
+        let mut result = run(&mut self.ctx, &typed_code);
+        let mut annotations = annotations;
+        if let Ok(Err(evcxr::Error::CompilationErrors(errors))) = &result {
+            if errors.iter().any(|e| error_in_annotation(e, code, &annotations)) {
+                // A type we wrote does not compile (a path rust-analyzer named that the cell crate
+                // cannot use): nothing ran, so the cell runs as the user wrote it.
+                annotations.clear();
+                result = run(&mut self.ctx, code);
+            }
+        }
+        let typed_code = crate::analysis::annotated(code, &annotations);
+        let st = &self.interrupter.inner;
         st.executing.store(false, Ordering::SeqCst);
         st.warned.store(false, Ordering::SeqCst);
         self.pump.flush();
@@ -578,7 +633,8 @@ impl Session {
         match result {
             Err(internal) => out.error = Some(internal_error(&internal)),
             Ok(Err(e)) => {
-                let (err, restarted) = self.translate_error(e, code, &vars_before, interrupted, killed);
+                let (mut err, restarted) = self.translate_error(e, &typed_code, &vars_before, interrupted, killed);
+                hide_annotations(&mut err, &annotations);
                 out.error = Some(err);
                 out.restarted = restarted;
             }
@@ -617,6 +673,7 @@ impl Session {
             self.pump.flush();
             self.allow_question_mark();
         }
+        out.typed = annotations.iter().map(|a| a.text.matches(" let ").count()).sum();
         out.duration = started.elapsed();
         if let Some(path) = std::env::var_os(CELL_STATS_ENV) {
             write_cell_stats(Path::new(&path), self.cell, &out, cpu_seconds() - cpu_before);
@@ -741,6 +798,14 @@ impl Session {
 
     /// Completions at a byte offset: (start byte, end byte, candidates with kinds).
     pub fn complete(&mut self, code: &str, pos: usize) -> (usize, usize, Vec<(String, String)>) {
+        let line = code[..pos.min(code.len())].rsplit('\n').next().unwrap_or("");
+        if !line.trim_start().starts_with(':') {
+            if let Some(ctx) = self.analysis_context() {
+                if let Some(Ok(found)) = self.ready_analysis().map(|a| a.completions(&ctx, code, pos)) {
+                    return found;
+                }
+            }
+        }
         match catch(|| self.ctx.completions(code, pos)) {
             Ok(Ok(c)) => (
                 c.start_offset,
@@ -751,11 +816,93 @@ impl Session {
         }
     }
 
+    /// Makes evcxr's own rust-analyzer analyse `code` (a completion at its end, whose answer is
+    /// dropped), so that its first inference is not paid by a user's cell.
+    pub fn warm_evcxr_analysis(&mut self, code: &str) {
+        let _ = catch(|| self.ctx.completions(code, code.len()));
+    }
+
     /// Documentation at a byte offset: (plain text, html), or None.
     pub fn inspect(&mut self, code: &str, pos: usize) -> Option<(String, String)> {
+        if let Some(ctx) = self.analysis_context().filter(|_| code.is_char_boundary(pos)) {
+            if let Some(Ok(found)) = self.ready_analysis().map(|a| a.hover(&ctx, code, pos)) {
+                return found.filter(|(plain, _)| !plain.trim().is_empty()).map(|(plain, md)| {
+                    let mut html = String::new();
+                    pulldown_cmark::html::push_html(&mut html, pulldown_cmark::Parser::new(&md));
+                    (plain, html)
+                });
+            }
+        }
         match catch(|| self.ctx.hover_at(code, pos)) {
             Ok(Ok((plain, html))) if !plain.trim().is_empty() && !plain.contains("No documentation found") => Some((plain, html)),
             _ => None,
+        }
+    }
+
+    /// The slot (evcxr's crate folder) this session builds in.
+    fn slot_dir(&self) -> PathBuf {
+        std::env::var_os("EVCXR_TMPDIR").map(PathBuf::from).unwrap_or_default()
+    }
+
+    /// Our analysis, once loaded (waits for the load begun at the start); None where it is off
+    /// or failed, which the front end then learns from evcxr's own messages.
+    fn ready_analysis(&mut self) -> Option<&mut crate::analysis::CellAnalysis> {
+        let state = std::mem::replace(&mut self.analysis, Analysis::Off);
+        self.analysis = match state {
+            Analysis::Loading(h) => match h.join() {
+                Ok(Ok(a)) => Analysis::Ready(a),
+                Ok(Err(e)) => Analysis::Failed { manifest: self.manifest(), why: format!("{e:#}") },
+                Err(_) => Analysis::Failed { manifest: self.manifest(), why: "the analysis panicked while loading".into() },
+            },
+            Analysis::Failed { manifest, .. } if manifest != self.manifest() => match crate::analysis::CellAnalysis::load(&self.slot_dir()) {
+                Ok(a) => Analysis::Ready(a),
+                Err(e) => Analysis::Failed { manifest: self.manifest(), why: format!("{e:#}") },
+            },
+            other => other,
+        };
+        if let Analysis::Failed { why, .. } = &self.analysis {
+            if !why.is_empty() {
+                eprintln!("pivot: the engine's type analysis is unavailable: {why}");
+                self.analysis = Analysis::Failed { manifest: self.manifest(), why: String::new() };
+            }
+        }
+        match &mut self.analysis {
+            Analysis::Ready(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    fn manifest(&self) -> Vec<u8> {
+        std::fs::read(self.slot_dir().join("Cargo.toml")).unwrap_or_default()
+    }
+
+    /// What the next cell sees of the earlier ones, for our analysis.
+    fn analysis_context(&self) -> Option<crate::analysis::EarlierCells> {
+        if matches!(self.analysis, Analysis::Off) {
+            return None;
+        }
+        let last = self.ctx.last_source().unwrap_or_default();
+        Some(crate::analysis::EarlierCells::from_last_source(&last, self.variables()))
+    }
+
+    /// The types to write into `code` for evcxr (none where our analysis is off, failed, or the
+    /// cell declares nothing).
+    fn annotations(&mut self, code: &str) -> Vec<crate::analysis::Annotation> {
+        if !code.contains("let") {
+            return Vec::new();
+        }
+        let Some(ctx) = self.analysis_context() else { return Vec::new() };
+        match self.ready_analysis().map(|a| catch(|| a.annotations(&ctx, code))) {
+            Some(Ok(Ok(found))) => found,
+            Some(Ok(Err(e))) => {
+                eprintln!("pivot: no types written into the cell: {e:#}");
+                Vec::new()
+            }
+            Some(Err(panic)) => {
+                eprintln!("pivot: no types written into the cell: the analysis panicked: {panic}");
+                Vec::new()
+            }
+            None => Vec::new(),
         }
     }
 
@@ -811,6 +958,7 @@ fn write_cell_stats(path: &Path, cell: u64, r: &CellResult, cpu: f64) {
         "overhead_s": run.map(|run| wall - run),
         "builds": r.builds,
         "fixes": r.fixes,
+        "typed": r.typed,
         "engine_cpu_s": cpu,
         "error": r.error.as_ref().map(|e| e.ename.clone()),
     });
@@ -954,9 +1102,99 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// Line and column (1-based, in characters) of byte `at` of `text`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().unwrap_or("").chars().count() + 1;
+    (line, col)
+}
+
+/// Where each annotation sits in the annotated cell: (line, first column, column after it),
+/// 1-based, in characters, as rustc's spans count (annotations hold no newline).
+fn annotation_spans(code: &str, annotations: &[crate::analysis::Annotation]) -> Vec<(usize, usize, usize)> {
+    let typed = crate::analysis::annotated(code, annotations);
+    let mut shift = 0;
+    annotations
+        .iter()
+        .map(|a| {
+            let start = a.at + shift;
+            shift += a.text.len();
+            let ((line, c0), (_, c1)) = (line_col(&typed, start), line_col(&typed, start + a.text.len()));
+            (line, c0, c1)
+        })
+        .collect()
+}
+
+/// True when the primary span of `e` (in the annotated cell) starts inside text we inserted.
+fn error_in_annotation(e: &evcxr::CompilationError, code: &str, annotations: &[crate::analysis::Annotation]) -> bool {
+    let Some(span) = e.primary_spanned_message().and_then(|m| m.span.clone()) else { return false };
+    annotation_spans(code, annotations).iter().any(|&(line, c0, c1)| span.start_line == line && (c0..c1).contains(&span.start_column))
+}
+
+/// Takes the types we wrote out of the source lines a compile error shows, where nothing but
+/// a comment follows them on the line (elsewhere the markers under the line point past them, so
+/// the line stays as it was compiled). ariadne colours each character on its own, so the text is
+/// found in the line without its colour codes and its characters are taken out between them.
+fn hide_annotations(err: &mut CellError, annotations: &[crate::analysis::Annotation]) {
+    for line in &mut err.traceback {
+        for a in annotations {
+            let visible = strip_ansi(line);
+            let Some(at) = visible.find(&a.text) else { continue };
+            let rest = visible[at + a.text.len()..].trim_start();
+            if !(rest.is_empty() || rest.starts_with("//")) {
+                continue;
+            }
+            let (first, count) = (visible[..at].chars().count(), a.text.chars().count());
+            *line = without_visible_chars(line, first, count);
+        }
+    }
+}
+
+/// `line` without its visible characters `first..first + count` (colour codes stay).
+fn without_visible_chars(line: &str, first: usize, count: usize) -> String {
+    let mut out = String::with_capacity(line.len());
+    let (mut chars, mut seen) = (line.chars().peekable(), 0);
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            out.push(c);
+            for c in chars.by_ref() {
+                out.push(c);
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+            continue;
+        }
+        if !(first..first + count).contains(&seen) {
+            out.push(c);
+        }
+        seen += 1;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn annotations_are_found_and_hidden_where_rustc_and_ariadne_put_them() {
+        use crate::analysis::Annotation;
+        let code = "let a = 1;\nlet (b, c) = (2, 'é'); b + 1";
+        let anns = vec![Annotation { at: 10, text: " let a: i32 = a;".into() }, Annotation { at: code.find(" b +").unwrap(), text: " let b: i32 = b; let c: char = c;".into() }];
+        // Line 2 of the typed cell: `let (b, c) = (2, 'é');` is 22 characters, so the text starts at column 23.
+        assert_eq!(annotation_spans(code, &anns), vec![(1, 11, 27), (2, 23, 56)]);
+        let mut err = CellError::new("CompileError", "x");
+        err.traceback = vec![" 1 │ let a = 1; let a: i32 = a;".into(), " 2 │ let (b, c) = (2, 'é'); let b: i32 = b; let c: char = c; b + 1".into()];
+        hide_annotations(&mut err, &anns);
+        assert_eq!(err.traceback, [" 1 │ let a = 1;", " 2 │ let (b, c) = (2, 'é'); let b: i32 = b; let c: char = c; b + 1"]);
+        // As ariadne writes it: each character in its own colour.
+        let paint = |s: &str| s.chars().map(|c| format!("\x1b[38;5;249m{c}\x1b[0m")).collect::<String>();
+        err.traceback = vec![format!("\x1b[38;5;246m1 │\x1b[0m {}", paint("let a = 1; let a: i32 = a; // one"))];
+        hide_annotations(&mut err, &anns);
+        assert_eq!(strip_ansi(&err.traceback[0]), "1 │ let a = 1; // one");
+    }
 
     #[test]
     fn a_process_is_seen_to_catch_a_signal_only_once_it_has_a_handler() {

@@ -1,7 +1,8 @@
 //! Pre-started engines ("spares"): a process that has already started a `Session` (evcxr context,
 //! `:dep pivot`, the prelude cell) and made rust-analyzer do its first type inference, waiting
-//! for a new kernel or REPL to adopt it. A warm start costs ~61 CPU-s, 53 of them inside
-//! rust-analyzer in evcxr, which we cannot change; a spare moves that cost off the critical path.
+//! for a new kernel or REPL to adopt it. A warm start cost ~61 CPU-s in session 13, 53 of them
+//! in rust-analyzer's first analysis of the prelude's crate graph (evcxr's then; since session 16
+//! the engine's own, `analysis`); a spare moves that cost off the critical path.
 //!
 //! Design, and why:
 //! - The spare does not hand its session to the new process (an evcxr context, its child process
@@ -239,8 +240,8 @@ impl SinkSwitch {
 }
 
 /// The code whose completion makes rust-analyzer infer `let`s of common types (std, tch, the
-/// prelude) the way evcxr's `fix_variable_types` does for a cell's first `let`s. Completion
-/// defines nothing, so no variable is left behind.
+/// prelude) the way a cell's first `let`s need them: in the engine's analysis (`analysis`) and in
+/// evcxr's. Completion defines nothing, so no variable is left behind.
 pub const WARMUP_COMPLETIONS: &[&str] = &[
     "let a = String::from(\"x\");\nlet b = 0.5_f64;\nlet c = 3usize;\nlet v = vec![1.0f32];\nlet t = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));\nlet n = a.len() + c;\nv.",
     "let lr = 3e-4;\nlet steps: usize = 20;\nlet run_name = String::from(\"warm\");\nlet p = std::path::PathBuf::from(&run_name);\nrun_name.",
@@ -280,6 +281,9 @@ pub fn warm_up(mut session: Session) -> anyhow::Result<Warm> {
     let (t0, c0) = (Instant::now(), cpu_seconds());
     for code in WARMUP_COMPLETIONS {
         let _ = session.complete(code, code.len());
+        // evcxr's own rust-analyzer still reads every cell (over the standard library only, where
+        // the engine's analysis answers for the rest): its first inference, too, before a user waits.
+        session.warm_evcxr_analysis(code);
     }
     let vars = session.variables();
     if !vars.is_empty() {

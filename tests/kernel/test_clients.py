@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -243,6 +244,42 @@ def test_tensor_value_shows_its_values(kernel):
     assert [r["content"]["data"]["text/plain"] for r in of_type(msgs, "execute_result")] == ["tensor([1, 2, 3], dtype=Int)"]
     reply, msgs = run(kc, "shown.size()")
     assert [r["content"]["data"]["text/plain"] for r in of_type(msgs, "execute_result")] == ["[3]"]
+
+
+def test_engine_types_lets_over_the_prelude(kernel):
+    """The engine's own analysis names the types of a cell's `let`s over the prelude (evcxr's
+    rust-analyzer sees only the standard library): a destructuring `let`, a `mut` one and a
+    shadowed one keep their variables, which later cells use; completion and hover know the
+    prelude; a compile error on the line of a typed `let` shows the line as the user wrote it."""
+    _, kc = kernel
+    reply, _ = run(kc, "let (typed_t, typed_n) = (Tensor::ones([2, 3], (Kind::Float, Device::Cpu)), 3usize);\n"
+                       "let mut typed_v = vec![typed_t.shallow_clone()];\nlet typed_n = typed_n as f64 * 0.5;")
+    assert reply["status"] == "ok", reply
+    reply, msgs = run(kc, "typed_v.push(typed_t.shallow_clone());\n(typed_v.len(), typed_n, typed_t.size())")
+    assert reply["status"] == "ok", reply
+    assert [r["content"]["data"]["text/plain"] for r in of_type(msgs, "execute_result")] == ["(2, 1.5, [2, 3])"]
+    reply, msgs = run(kc, ":vars")
+    listing = text_of(msgs) + "".join(r["content"]["data"].get("text/plain", "") for r in of_type(msgs, "display_data") + of_type(msgs, "execute_result"))
+    for name, ty in [("typed_t", "Tensor"), ("typed_n", "f64"), ("typed_v", "Vec<Tensor>")]:
+        assert name in listing and ty in listing, listing
+
+    code = "typed_t.si"
+    msg_id = kc.complete(code, len(code))
+    reply = kc.get_shell_msg(timeout=60)
+    assert reply["parent_header"]["msg_id"] == msg_id
+    content = reply["content"]
+    assert content["status"] == "ok" and "size" in [m.split("(")[0] for m in content["matches"]], content
+    assert (content["cursor_start"], content["cursor_end"]) == (len("typed_t."), len(code))
+    code = "Tensor::ones"
+    kc.inspect(code, len(code))
+    reply = kc.get_shell_msg(timeout=60)["content"]
+    assert reply["status"] == "ok" and reply["found"], reply
+    assert "ones" in reply["data"]["text/plain"], reply
+
+    reply, _ = run(kc, "let typed_s = typed_t.size();\nlet typed_bad: u8 = typed_s;")
+    assert reply["status"] == "error" and "mismatched types" in reply["evalue"], reply
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(reply["traceback"]))
+    assert "2 │ let typed_bad: u8 = typed_s;\n" in shown and "= typed_bad;" not in shown, shown
 
 
 def test_comms_and_unknown_targets(kernel):
