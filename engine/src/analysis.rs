@@ -79,6 +79,8 @@ impl EarlierCells {
 pub struct Annotation {
     pub at: usize,
     pub text: String,
+    /// The variables it types.
+    pub variables: usize,
 }
 
 /// The cell's text with the annotations inserted.
@@ -161,7 +163,7 @@ impl CellAnalysis {
                 if end <= offset || end > offset + cell.len() {
                     continue;
                 }
-                let mut text = String::new();
+                let (mut text, mut variables) = (String::new(), 0);
                 let binds: Vec<ast::IdentPat> = match &pat {
                     ast::Pat::IdentPat(p) => vec![p.clone()],
                     _ => pat.syntax().descendants().filter_map(ast::IdentPat::cast).collect(),
@@ -180,9 +182,10 @@ impl CellAnalysis {
                     let m = if bind.mut_token().is_some() { "mut " } else { "" };
                     let n = name.text();
                     text.push_str(&format!(" let {m}{n}: {name_of_ty} = {n};"));
+                    variables += 1;
                 }
                 if !text.is_empty() {
-                    out.push(Annotation { at: end - offset, text });
+                    out.push(Annotation { at: end - offset, text, variables });
                 }
             }
         });
@@ -430,7 +433,7 @@ mod tests {
     fn annotations_go_in_after_their_let() {
         let cell = "let x = f();\nlet (a, b) = g(); // pair\nx";
         let at = cell.find("; //").unwrap() + 1;
-        let a = [Annotation { at: 12, text: " let x: T = x;".into() }, Annotation { at, text: " let a: A = a; let b: B = b;".into() }];
+        let a = [Annotation { at: 12, text: " let x: T = x;".into(), variables: 1 }, Annotation { at, text: " let a: A = a; let b: B = b;".into(), variables: 2 }];
         assert_eq!(annotated(cell, &a), "let x = f(); let x: T = x;\nlet (a, b) = g(); let a: A = a; let b: B = b; // pair\nx");
         assert_eq!(annotated(cell, &[]), cell);
     }
@@ -497,10 +500,10 @@ mod tests {
         assert_eq!(
             anns,
             vec![
-                Annotation { at: after("Model::new();"), text: " let m: Model = m;".into() },
-                Annotation { at: after("m.pair();"), text: " let a: Model = a; let n: u8 = n;".into() },
-                Annotation { at: after("Vec::new();"), text: " let mut v: Vec<u8> = v;".into() },
-                Annotation { at: after("as f64;"), text: " let s: f64 = s;".into() },
+                Annotation { at: after("Model::new();"), text: " let m: Model = m;".into(), variables: 1 },
+                Annotation { at: after("m.pair();"), text: " let a: Model = a; let n: u8 = n;".into(), variables: 2 },
+                Annotation { at: after("Vec::new();"), text: " let mut v: Vec<u8> = v;".into(), variables: 1 },
+                Annotation { at: after("as f64;"), text: " let s: f64 = s;".into(), variables: 1 },
             ]
         );
         let earlier = EarlierCells::from_last_source(last, vec![("lr".into(), "f64".into()), ("m".into(), "Model".into())]);

@@ -395,6 +395,8 @@ pub struct Session {
 enum Analysis {
     /// `PIVOT_EVCXR_ANALYSIS`: evcxr's rust-analyzer does it all.
     Off,
+    /// Not loaded yet: `start` begins the load once the prelude cell has written the crate graph.
+    Unloaded,
     /// Loading in the background since the start.
     Loading(std::thread::JoinHandle<anyhow::Result<crate::analysis::CellAnalysis>>),
     Ready(crate::analysis::CellAnalysis),
@@ -476,13 +478,14 @@ impl Session {
         }
         catch(|| ctx.execute(&setup)).map_err(anyhow::Error::msg)?.map_err(|e| anyhow::anyhow!("evcxr setup failed: {e}"))?;
         phases.done("settings");
-        let analysis = if crate::racargo::own_analysis() && crate::racargo::real_cargo_home().is_some() { Analysis::Failed { manifest: Vec::new(), why: String::new() } } else { Analysis::Off };
+        // Our analysis is only needed where evcxr's rust-analyzer does not see the dependencies.
+        let analysis = if crate::racargo::own_analysis() && crate::racargo::real_cargo_home().is_some() { Analysis::Unloaded } else { Analysis::Off };
         let mut session = Session { ctx, pump, interrupter, opts, child_pid: None, cell: 0, settings: setup, startup: Duration::ZERO, analysis };
         if session.opts.preload {
             session.load_prelude()?;
             phases.done("prelude_cell");
         }
-        if matches!(session.analysis, Analysis::Failed { .. }) {
+        if matches!(session.analysis, Analysis::Unloaded) {
             // The crate graph is what the prelude cell left in the slot's Cargo.toml; rust-analyzer
             // reads it while the front end starts (a spare's warm-up, or the user's first cell,
             // waits for it).
@@ -673,7 +676,7 @@ impl Session {
             self.pump.flush();
             self.allow_question_mark();
         }
-        out.typed = annotations.iter().map(|a| a.text.matches(" let ").count()).sum();
+        out.typed = annotations.iter().map(|a| a.variables).sum();
         out.duration = started.elapsed();
         if let Some(path) = std::env::var_os(CELL_STATS_ENV) {
             write_cell_stats(Path::new(&path), self.cell, &out, cpu_seconds() - cpu_before);
@@ -853,6 +856,10 @@ impl Session {
                 Ok(Ok(a)) => Analysis::Ready(a),
                 Ok(Err(e)) => Analysis::Failed { manifest: self.manifest(), why: format!("{e:#}") },
                 Err(_) => Analysis::Failed { manifest: self.manifest(), why: "the analysis panicked while loading".into() },
+            },
+            Analysis::Unloaded => match crate::analysis::CellAnalysis::load(&self.slot_dir()) {
+                Ok(a) => Analysis::Ready(a),
+                Err(e) => Analysis::Failed { manifest: self.manifest(), why: format!("{e:#}") },
             },
             Analysis::Failed { manifest, .. } if manifest != self.manifest() => match crate::analysis::CellAnalysis::load(&self.slot_dir()) {
                 Ok(a) => Analysis::Ready(a),
@@ -1182,7 +1189,7 @@ mod tests {
     fn annotations_are_found_and_hidden_where_rustc_and_ariadne_put_them() {
         use crate::analysis::Annotation;
         let code = "let a = 1;\nlet (b, c) = (2, 'é'); b + 1";
-        let anns = vec![Annotation { at: 10, text: " let a: i32 = a;".into() }, Annotation { at: code.find(" b +").unwrap(), text: " let b: i32 = b; let c: char = c;".into() }];
+        let anns = vec![Annotation { at: 10, text: " let a: i32 = a;".into(), variables: 1 }, Annotation { at: code.find(" b +").unwrap(), text: " let b: i32 = b; let c: char = c;".into(), variables: 2 }];
         // Line 2 of the typed cell: `let (b, c) = (2, 'é');` is 22 characters, so the text starts at column 23.
         assert_eq!(annotation_spans(code, &anns), vec![(1, 11, 27), (2, 23, 56)]);
         let mut err = CellError::new("CompileError", "x");
