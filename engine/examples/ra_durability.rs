@@ -13,7 +13,7 @@
 //! benchmark's three kinds and, given a notebook, its code cells in order, each with the variables
 //! the cells before it defined as parameters, typed as this analysis named them.
 //!
-//! It measures a design (our own type analysis for the engine); the kernel does not use it.
+//! It measured the design that `pivot_engine::analysis` (session 16) builds; the kernel does not run it.
 use anyhow::{Context, Result, anyhow};
 use ra_ap_base_db::SourceRoot;
 use ra_ap_hir::{HirDisplay, Semantics};
