@@ -15,15 +15,12 @@
 //!
 //! It measured the design that `pivot_engine::analysis` (session 16) builds; the kernel does not run it.
 use anyhow::{Context, Result, anyhow};
-use ra_ap_base_db::SourceRoot;
+use pivot_engine::analysis::{Roots, load_host};
 use ra_ap_hir::{HirDisplay, Semantics};
 use ra_ap_ide::{AnalysisHost, Edition};
-use ra_ap_ide_db::FxHashMap;
 use ra_ap_paths::AbsPathBuf;
-use ra_ap_project_model::{CargoConfig, ProjectManifest, ProjectWorkspace, RustLibSource};
 use ra_ap_syntax::ast::{self, AstNode, HasModuleItem, HasName};
-use ra_ap_vfs::loader::{self, Handle, LoadingProgress};
-use ra_ap_vfs::{FileId, Vfs, VfsPath, file_set::FileSetConfig};
+use ra_ap_vfs::FileId;
 use std::time::{Duration, Instant};
 
 const WRAPPER: &str = "pivot_analysis_wrapper";
@@ -35,58 +32,9 @@ struct Analysis {
 }
 
 impl Analysis {
-    /// Loads the crate in `dir`; `cell_only_local`: only `dir` is a local root, the rest library.
+    /// Loads the crate in `dir`; `cell_only_local`: only the cell is a local root, the rest library.
     fn load(dir: &AbsPathBuf, cell_only_local: bool) -> Result<Analysis> {
-        let manifest = ProjectManifest::from_manifest_file(dir.join("Cargo.toml"))?;
-        let config = CargoConfig { sysroot: Some(RustLibSource::Discover), ..CargoConfig::default() };
-        let workspace = ProjectWorkspace::load(manifest, &config, &|_| {})?;
-        let roots = workspace.to_roots();
-
-        let (sender, receiver) = crossbeam_channel::unbounded();
-        let mut loader = ra_ap_vfs_notify::NotifyHandle::spawn(sender);
-        let load = roots
-            .iter()
-            .map(|r| loader::Entry::Directories(loader::Directories { extensions: vec!["rs".into()], include: r.include.clone(), exclude: r.exclude.clone() }))
-            .collect();
-        loader.set_config(loader::Config { version: 1, load, watch: vec![] });
-        let mut vfs = Vfs::default();
-        for message in &receiver {
-            match message {
-                loader::Message::Progress { n_done: LoadingProgress::Finished, .. } => break,
-                loader::Message::Progress { .. } => {}
-                loader::Message::Loaded { files } | loader::Message::Changed { files } => {
-                    for (path, contents) in files {
-                        vfs.set_file_contents(path.to_path_buf().into(), contents);
-                    }
-                }
-            }
-        }
-        let cell_path: VfsPath = dir.join("src/lib.rs").into();
-        let (cell_file, _) = vfs.file_id(&cell_path).ok_or_else(|| anyhow!("{cell_path} was not loaded"))?;
-
-        let mut change = ra_ap_hir::ChangeWithProcMacros::default();
-        for (file_id, changed) in vfs.take_changes() {
-            let text = match changed.change {
-                ra_ap_vfs::Change::Create(v, _) | ra_ap_vfs::Change::Modify(v, _) => String::from_utf8(v).ok(),
-                ra_ap_vfs::Change::Delete => None,
-            };
-            change.change_file(file_id, text);
-        }
-        // One file set for the cell's folder, then everything else: evcxr's layout makes both
-        // local, the IDE's makes the second a library.
-        let mut sets = FileSetConfig::builder();
-        sets.add_file_set(vec![VfsPath::from(dir.clone())]);
-        let partition = sets.build().partition(&vfs);
-        let source_roots = partition
-            .into_iter()
-            .enumerate()
-            .map(|(i, set)| if i == 0 || !cell_only_local { SourceRoot::new_local(set) } else { SourceRoot::new_library(set) })
-            .collect();
-        change.set_roots(source_roots);
-        let (graph, _) = workspace.to_crate_graph(&mut |path| vfs.file_id(&path.to_path_buf().into()).map(|(id, _)| id), &FxHashMap::default());
-        change.set_crate_graph(graph);
-        let mut host = AnalysisHost::default();
-        host.apply_change(change);
+        let (host, cell_file) = load_host(dir, if cell_only_local { Roots::CellLocal } else { Roots::AllLocal })?;
         Ok(Analysis { host, cell_file })
     }
 
@@ -158,6 +106,9 @@ fn median(mut v: Vec<Duration>) -> f64 {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let (dylib, lock) = (args.get(1).context("PRELUDE_DYLIB_DIR")?, args.get(2).context("LOCKFILE")?);
+    // The cell crate lives in a temporary folder: a relative path would resolve from there.
+    let dylib = std::fs::canonicalize(dylib).with_context(|| format!("{dylib} is not a folder"))?;
+    let dylib = dylib.display();
     let cells: usize = args.get(3).map(|s| s.parse()).transpose()?.unwrap_or(10);
     let notebook = args.get(4).map(|p| notebook_cells(p)).transpose()?;
     let dir = std::env::temp_dir().join(format!("pivot-ra-durability-{}", std::process::id()));

@@ -96,6 +96,9 @@ pub fn annotated(cell: &str, annotations: &[Annotation]) -> String {
     out
 }
 
+/// Completions: the byte range of the cell they replace (start, end), and each candidate's code and kind.
+pub type Completions = (usize, usize, Vec<(String, String)>);
+
 /// rust-analyzer over the slot's cell crate (module doc).
 pub struct CellAnalysis {
     host: AnalysisHost,
@@ -110,7 +113,7 @@ impl CellAnalysis {
     pub fn load(slot: &Path) -> Result<CellAnalysis> {
         let manifest = std::fs::read(slot.join("Cargo.toml")).with_context(|| format!("reading {}", slot.join("Cargo.toml").display()))?;
         let dir = AbsPathBuf::try_from(slot.to_str().context("the slot's path is not UTF-8")?).map_err(|p| anyhow!("{p} is not absolute"))?;
-        let (host, cell_file) = load_host(&dir)?;
+        let (host, cell_file) = load_host(&dir, Roots::CellLocal)?;
         Ok(CellAnalysis { host, cell_file, slot: slot.to_path_buf(), manifest })
     }
 
@@ -193,7 +196,7 @@ impl CellAnalysis {
     }
 
     /// Completions at byte `pos` of `cell`: (start, end, candidates as (code, kind)).
-    pub fn completions(&mut self, ctx: &EarlierCells, cell: &str, pos: usize) -> Result<(usize, usize, Vec<(String, String)>)> {
+    pub fn completions(&mut self, ctx: &EarlierCells, cell: &str, pos: usize) -> Result<Completions> {
         let offset = self.set_source(ctx, cell)?;
         let config = completion_config();
         let position = FilePosition { file_id: self.cell_file, offset: ((offset + pos) as u32).into() };
@@ -245,9 +248,18 @@ impl CellAnalysis {
     }
 }
 
-/// The cell crate in `dir`, its dependencies and the standard library: the cell's folder is the
-/// one local root.
-fn load_host(dir: &AbsPathBuf) -> Result<(AnalysisHost, FileId)> {
+/// How the files of a crate graph are given to rust-analyzer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Roots {
+    /// The cell's `src/` local, everything else library (high durability): this module's layout.
+    CellLocal,
+    /// Every file local, as evcxr gives them (for measurements: `examples/ra_durability.rs`).
+    AllLocal,
+}
+
+/// The cell crate in `dir` (its `src/lib.rs`), its dependencies and the standard library, loaded
+/// into a rust-analyzer database; returns it and the cell file's id.
+pub fn load_host(dir: &AbsPathBuf, roots: Roots) -> Result<(AnalysisHost, FileId)> {
     let manifest = ProjectManifest::from_manifest_file(dir.join("Cargo.toml"))?;
     let mut extra_env = FxHashMap::default();
     extra_env.insert(crate::racargo::FULL_GRAPH_ENV.to_string(), Some("1".to_string()));
@@ -292,7 +304,7 @@ fn load_host(dir: &AbsPathBuf) -> Result<(AnalysisHost, FileId)> {
         .partition(&vfs)
         .into_iter()
         .enumerate()
-        .map(|(i, set)| if i == 0 { SourceRoot::new_local(set) } else { SourceRoot::new_library(set) })
+        .map(|(i, set)| if i == 0 || roots == Roots::AllLocal { SourceRoot::new_local(set) } else { SourceRoot::new_library(set) })
         .collect();
     change.set_roots(roots);
     let (graph, _) = workspace.to_crate_graph(&mut |path| vfs.file_id(&path.to_path_buf().into()).map(|(id, _)| id), &FxHashMap::default());
