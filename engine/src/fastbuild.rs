@@ -75,15 +75,22 @@ pub fn install(cache_dir: &Path, exe: &Path) -> std::io::Result<PathBuf> {
     let dir = cache_dir.join("fastbuild-bin").join(format!("{:x}", fnv(exe.as_os_str().as_encoded_bytes())));
     std::fs::create_dir_all(&dir)?;
     for name in [SHIM_NAME, crate::celllink::LINKER_NAME] {
-        let link = dir.join(name);
-        if std::fs::read_link(&link).ok().as_deref() != Some(exe.as_path()) {
-            let tmp = dir.join(format!(".{name}.{}", std::process::id()));
-            let _ = std::fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(&exe, &tmp)?;
-            std::fs::rename(&tmp, &link)?;
-        }
+        link_executable(&dir, name, &exe)?;
     }
     Ok(dir)
+}
+
+/// Makes `dir/name` a symbolic link to `exe` (canonical), unless it is one already. The link is
+/// made beside it and renamed into place, so a process starting it never finds it half-made.
+pub(crate) fn link_executable(dir: &Path, name: &str, exe: &Path) -> std::io::Result<()> {
+    let link = dir.join(name);
+    if std::fs::read_link(&link).ok().as_deref() != Some(exe) {
+        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(exe, &tmp)?;
+        std::fs::rename(&tmp, &link)?;
+    }
+    Ok(())
 }
 
 /// Call first in `main`: when this process was started as the `mold` shim, runs it and exits.

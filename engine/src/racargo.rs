@@ -45,13 +45,7 @@ pub fn install(shim_dir: &Path, exe: &Path) -> std::io::Result<PathBuf> {
     let home = shim_dir.join("cargo-home");
     let bin = home.join("bin");
     std::fs::create_dir_all(&bin)?;
-    let link = bin.join("cargo");
-    if std::fs::read_link(&link).ok().as_deref() != Some(exe.as_path()) {
-        let tmp = bin.join(format!(".cargo.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&exe, &tmp)?;
-        std::fs::rename(&tmp, &link)?;
-    }
+    crate::fastbuild::link_executable(&bin, "cargo", &exe)?;
     Ok(home)
 }
 

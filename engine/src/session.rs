@@ -588,7 +588,7 @@ impl Session {
         let vars_before: Vec<String> = self.ctx.variables_and_types().map(|(n, _)| n.to_string()).collect();
         let cpu_before = cpu_seconds();
         let annotations = self.annotations(code);
-        let typed_code = crate::analysis::annotated(code, &annotations);
+        let mut typed_code = crate::analysis::annotated(code, &annotations);
         self.cell += 1;
         let st = &self.interrupter.inner;
         st.requested.store(false, Ordering::SeqCst);
@@ -617,14 +617,15 @@ impl Session {
         let mut result = run(&mut self.ctx, &typed_code);
         let mut annotations = annotations;
         if let Ok(Err(evcxr::Error::CompilationErrors(errors))) = &result {
-            if errors.iter().any(|e| error_in_annotation(e, code, &annotations)) {
+            let spans = annotation_spans(code, &annotations);
+            if errors.iter().any(|e| error_in_annotation(e, &spans)) {
                 // A type we wrote does not compile (a path rust-analyzer named that the cell crate
                 // cannot use): nothing ran, so the cell runs as the user wrote it.
                 annotations.clear();
+                typed_code = code.to_string();
                 result = run(&mut self.ctx, code);
             }
         }
-        let typed_code = crate::analysis::annotated(code, &annotations);
         let st = &self.interrupter.inner;
         st.executing.store(false, Ordering::SeqCst);
         st.warned.store(false, Ordering::SeqCst);
@@ -1133,10 +1134,11 @@ fn annotation_spans(code: &str, annotations: &[crate::analysis::Annotation]) -> 
         .collect()
 }
 
-/// True when the primary span of `e` (in the annotated cell) starts inside text we inserted.
-fn error_in_annotation(e: &evcxr::CompilationError, code: &str, annotations: &[crate::analysis::Annotation]) -> bool {
+/// True when the primary span of `e` (in the annotated cell) starts inside text we inserted, whose
+/// places `annotation_spans` gave.
+fn error_in_annotation(e: &evcxr::CompilationError, spans: &[(usize, usize, usize)]) -> bool {
     let Some(span) = e.primary_spanned_message().and_then(|m| m.span.clone()) else { return false };
-    annotation_spans(code, annotations).iter().any(|&(line, c0, c1)| span.start_line == line && (c0..c1).contains(&span.start_column))
+    spans.iter().any(|&(line, c0, c1)| span.start_line == line && (c0..c1).contains(&span.start_column))
 }
 
 /// Takes the types we wrote out of the source lines a compile error shows, where nothing but
